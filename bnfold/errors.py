@@ -1,0 +1,29 @@
+"""Errors bnfold raises for input it cannot use.
+
+Each carries the offending path so the CLI can print one line, ``PATH: problem``,
+and exit with code 2. Anything else escaping the library is a bug.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class BnfoldError(Exception):
+    """A problem with the user's input or environment, not a bug in bnfold."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: Optional[PathLike] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class MissingDependencyError(BnfoldError):
+    """An optional dependency (ONNX Runtime) is needed but not installed."""

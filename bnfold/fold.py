@@ -1,0 +1,516 @@
+"""The fold driver: find every BatchNormalization, fold it or say why not.
+
+For each inference-mode BN (in the main graph, control-flow bodies and model-local
+functions) the driver:
+
+1. checks what every fold needs: inference mode, per-channel constant parameters
+   with sane values (:func:`_bn_affine`);
+2. tries the op *before* it (:func:`_fold_backward`): a host from
+   :data:`bnfold.hosts.BACKWARD_HOSTS`, possibly behind a constant ``Add`` and a
+   ``Reshape``/``Flatten`` that provably keeps the feature axis on BN's axis 1;
+3. otherwise tries the op *after* it (:func:`_fold_forward`);
+4. repeats until nothing changes, so chains (Conv -> BN -> BN) fold completely.
+
+Every BN left in place gets a :class:`BNRecord` with a :class:`Reason` and a
+sentence naming the node. Weights are computed in float64 and rounded once to the
+host's dtype; a fold whose result would overflow that dtype is refused.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+from onnx import ModelProto, NodeProto, helper
+
+from . import __version__, numerics
+from .graph import (FLOAT_TENSOR_TYPES, Constant, ModelIndex, NotConstant, Scope, attr,
+                    is_default_domain)
+from .hosts import ACTIVATIONS, BACKWARD_HOSTS, FORWARD_HOSTS, LAYOUT_OPS, BackwardHost, Refusal
+from .reasons import Reason
+
+PROVENANCE_KEY = "bnfold"
+
+INTO_PRECEDING = "into_preceding"
+INTO_FOLLOWING = "into_following"
+
+
+@dataclass(frozen=True)
+class BNRecord:
+    """What happened to one BatchNormalization node."""
+
+    node: str
+    """The BN's name (``BatchNormalization#i`` for an unnamed node, ``i`` its position)."""
+    graph: str
+    """Where it lives: ``main graph``, a body such as ``If_0.then_branch``, or ``function dom.Name``."""
+    folded: bool
+    direction: Optional[str] = None
+    """``into_preceding`` or ``into_following`` when folded."""
+    host: Optional[str] = None
+    """Name of the node it was folded into."""
+    host_op: Optional[str] = None
+    reason: Optional[Reason] = None
+    """Why it was kept (None when folded)."""
+    detail: str = ""
+    """One sentence for people."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reason"] = None if self.reason is None else self.reason.value
+        return d
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    bn_count: int
+    node_count: int
+    size_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FuseResult:
+    """The folded model and a record for every BatchNormalization it had."""
+
+    model: ModelProto
+    records: List[BNRecord]
+    before: ModelStats
+    after: ModelStats
+    source: Optional[str] = None
+    source_external_data: bool = False
+    """Whether the source file kept its weights in external data."""
+
+    @property
+    def folded(self) -> List[BNRecord]:
+        return [r for r in self.records if r.folded]
+
+    @property
+    def kept(self) -> List[BNRecord]:
+        return [r for r in self.records if not r.folded]
+
+    def to_dict(self) -> dict:
+        return {
+            "bnfold_version": __version__,
+            "source": self.source,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "folded": len(self.folded),
+            "kept": len(self.kept),
+            "records": [r.to_dict() for r in self.records],
+        }
+
+
+def count(model: ModelProto) -> ModelStats:
+    """BN count, node count (all graphs and functions) and serialized size."""
+    bn = nodes = 0
+
+    def walk(graph_nodes):
+        nonlocal bn, nodes
+        for n in graph_nodes:
+            nodes += 1
+            bn += n.op_type == "BatchNormalization" and is_default_domain(n)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g.node)
+                for g in a.graphs:
+                    walk(g.node)
+
+    walk(model.graph.node)
+    for f in model.functions:
+        walk(f.node)
+    return ModelStats(bn, nodes, model.ByteSize())
+
+
+def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_overridable: bool = False,
+         inplace: bool = False) -> FuseResult:
+    """Fold every foldable inference-mode BatchNormalization of a model.
+
+    ``model_or_path`` is a ``ModelProto`` (copied unless ``inplace``) or a path.
+    ``allow_overridable`` treats initializers that are also graph inputs (IR >= 4)
+    as constants, as most exporters intend. Returns the folded model and a record
+    per BN; nothing is written to disk.
+    """
+    source = None
+    external = False
+    if isinstance(model_or_path, ModelProto):
+        model = model_or_path if inplace else copy.deepcopy(model_or_path)
+    else:
+        from .modelio import load_model_info
+        source = os.fspath(model_or_path)
+        model, external = load_model_info(source)
+    before = count(model)
+    index = ModelIndex(model, allow_overridable=allow_overridable)
+    records = _fold_all(index)
+    if any(r.folded for r in records):
+        index.finish()
+        _stamp(model, records)
+    return FuseResult(model, records, before, count(model), source, external)
+
+
+def _stamp(model: ModelProto, records: List[BNRecord]) -> None:
+    """Record provenance in metadata_props (replacing an earlier bnfold entry)."""
+    n = sum(r.folded for r in records)
+    text = f"fuse {__version__}: folded {n} of {len(records)} BatchNormalization"
+    for p in model.metadata_props:
+        if p.key == PROVENANCE_KEY:
+            p.value = f"{p.value}; {text}"
+            return
+    model.metadata_props.add(key=PROVENANCE_KEY, value=text)
+
+
+def _fold_all(index: ModelIndex) -> List[BNRecord]:
+    outcome: dict = {}
+    order: List[Tuple[Scope, NodeProto]] = [
+        (scope, node) for scope in index.scopes for node in scope.nodes
+        if node.op_type == "BatchNormalization" and is_default_domain(node)
+    ]
+    progress = True
+    while progress:
+        progress = False
+        for scope, bn in order:
+            key = id(bn)
+            if key in outcome and outcome[key].folded:
+                continue
+            outcome[key] = record = _fold_one(scope, bn)
+            progress |= record.folded
+    return [outcome[id(bn)] for _, bn in order]
+
+
+def _fold_one(scope: Scope, bn: NodeProto) -> BNRecord:
+    label = scope.label_of(bn)
+    affine = _bn_affine(scope, bn)
+    if isinstance(affine, Refusal):
+        return _kept(scope, bn, affine)
+    s, t = affine
+    back = _fold_backward(scope, bn, s, t)
+    if isinstance(back, NodeProto):
+        return BNRecord(label, scope.label, True, INTO_PRECEDING, scope.label_of(back), back.op_type,
+                        detail=f"folded into the preceding {back.op_type} '{scope.label_of(back)}'")
+    fwd = _fold_forward(scope, bn, s, t)
+    if isinstance(fwd, NodeProto):
+        return BNRecord(label, scope.label, True, INTO_FOLLOWING, scope.label_of(fwd), fwd.op_type,
+                        detail=f"folded into the following {fwd.op_type} '{scope.label_of(fwd)}'")
+    if back.reason == Reason.NO_HOST and isinstance(fwd, Refusal):
+        return _kept(scope, bn, fwd)
+    if back.reason == Reason.NO_HOST:
+        return _kept(scope, bn, Refusal(Reason.NO_HOST, f"{back.detail}, and {fwd}"))
+    return _kept(scope, bn, back)
+
+
+def _kept(scope: Scope, bn: NodeProto, refusal: Refusal) -> BNRecord:
+    label = scope.label_of(bn)
+    return BNRecord(label, scope.label, False, reason=refusal.reason,
+                    detail=f"BatchNormalization '{label}' kept: {refusal.detail}")
+
+
+# -- the checks every fold shares ----------------------------------------------------------
+
+PARAM_NAMES = ("scale", "B", "mean", "var")
+
+
+def _bn_affine(scope: Scope, bn: NodeProto) -> Union[Tuple[np.ndarray, np.ndarray], Refusal]:
+    """The BN as ``(s, t)`` in float64, or why it cannot be folded at all."""
+    if attr(bn, "training_mode", 0):
+        return Refusal(Reason.TRAINING_MODE, "training_mode=1: it normalises with batch statistics")
+    extra = [o for o in bn.output[1:] if o]
+    if extra:
+        return Refusal(Reason.TRAINING_MODE,
+                       f"it outputs running or saved statistics ({', '.join(extra)}), which only training produces")
+    if len(bn.input) < 5 or not all(bn.input[:5]):
+        return Refusal(Reason.INVALID_PARAMETERS, "it does not have the 5 inputs X, scale, B, mean, var")
+    params = []
+    for pname, name in zip(PARAM_NAMES, bn.input[1:5]):
+        c = scope.index.resolve(scope, name)
+        if isinstance(c, NotConstant):
+            reason = Reason.QUANTIZED_WEIGHT if c.reason == Reason.QUANTIZED_WEIGHT else c.reason
+            return Refusal(reason, f"its {pname} {c.why}")
+        if c.data_type not in FLOAT_TENSOR_TYPES:
+            return Refusal(Reason.UNSUPPORTED_DTYPE, f"its {pname} '{name}' is not a float tensor")
+        params.append(c.value)
+    if int(attr(bn, "spatial", 1)) == 0 and any(p.ndim != 1 for p in params):
+        return Refusal(Reason.SPATIAL_PER_ACTIVATION,
+                       "spatial=0 with per-activation parameters: no per-channel affine map exists")
+    shapes = {p.shape for p in params}
+    if len(shapes) != 1 or params[0].ndim != 1:
+        return Refusal(Reason.INVALID_PARAMETERS,
+                       f"its parameters are not 1-D vectors of one length (shapes {sorted(shapes)})")
+    eps = float(attr(bn, "epsilon", 1e-5))
+    var = params[3].astype(np.float64)
+    if not all(np.isfinite(p.astype(np.float64)).all() for p in params) or not (var + eps > 0).all():
+        return Refusal(Reason.INVALID_PARAMETERS, "its parameters hold non-finite values or var + epsilon <= 0")
+    return numerics.bn_affine(params[0], params[1], params[2], var, eps)
+
+
+def _weight(scope: Scope, node: NodeProto, index: int, what: str) -> Union[Constant, Refusal]:
+    name = node.input[index] if index < len(node.input) else ""
+    if not name:
+        return Refusal(Reason.UNSUPPORTED_HOST, f"{node.op_type} '{scope.label_of(node)}' has no {what}")
+    c = scope.index.resolve(scope, name)
+    if isinstance(c, NotConstant):
+        reason = c.reason if c.reason != Reason.NOT_CONSTANT else Reason.HOST_WEIGHT_NOT_CONSTANT
+        return Refusal(reason, f"the {what} of {node.op_type} '{scope.label_of(node)}': {c.why}")
+    if c.data_type not in FLOAT_TENSOR_TYPES:
+        return Refusal(Reason.UNSUPPORTED_DTYPE,
+                       f"the {what} of {node.op_type} '{scope.label_of(node)}' is not a float tensor")
+    return c
+
+
+def _feeds_only(scope: Scope, tensor: str, node: NodeProto, nxt: NodeProto) -> Optional[Refusal]:
+    """Refuse unless ``tensor`` (made by ``node``) is read only by ``nxt``."""
+    if scope.only_consumer(tensor) is nxt:
+        return None
+    others = scope.uses(tensor) - 1
+    where = "is a graph output" if tensor in scope.outputs else f"also feeds {others} other node(s)"
+    return Refusal(Reason.HOST_OUTPUT_IN_USE,
+                   f"'{tensor}', the output of {node.op_type} '{scope.label_of(node)}', {where}")
+
+
+def _constant_operand(scope: Scope, node: NodeProto) -> Optional[int]:
+    """Index of the single constant input of a binary node, if exactly one is constant."""
+    if len(node.input) != 2:
+        return None
+    consts = [i for i in (0, 1) if isinstance(scope.index.resolve(scope, node.input[i]), Constant)]
+    return consts[0] if len(consts) == 1 else None
+
+
+# -- folding into the op before the BN -----------------------------------------------------
+
+@dataclass
+class _Path:
+    host: NodeProto
+    add: Optional[NodeProto] = None
+    add_const: int = -1
+    layout: Optional[NodeProto] = None
+    chain: List[NodeProto] = field(default_factory=list)  # host .. last node before the BN
+
+
+def _find_host(scope: Scope, bn: NodeProto) -> Union[_Path, Refusal]:
+    x = bn.input[0]
+    node = scope.producer.get(x)
+    if node is None:
+        where = "an input of the " + scope.label if x in scope.inputs else "defined outside the " + scope.label
+        return Refusal(Reason.NO_HOST, f"its input '{x}' is {where}")
+    layout = add = None
+    add_const = -1
+    if node.op_type in ("Reshape", "Flatten") and is_default_domain(node):
+        layout, node = node, scope.producer.get(node.input[0])
+    if node is not None and node.op_type == "Add" and is_default_domain(node):
+        k = _constant_operand(scope, node)
+        if k is not None:
+            add, add_const, node = node, k, scope.producer.get(node.input[1 - k])
+    first = layout or add
+    if node is None or node.op_type not in BACKWARD_HOSTS or not is_default_domain(node):
+        shown = node if node is not None and first is None else first
+        return _no_host(scope, shown if shown is not None else scope.producer[x])
+    host_rule = BACKWARD_HOSTS[node.op_type]
+    if first is not None and not host_rule.feature_last:
+        return Refusal(Reason.NO_HOST if first is add else Reason.CHANNEL_AXIS_MISMATCH,
+                       f"a {first.op_type} '{scope.label_of(first)}' sits between {node.op_type} "
+                       f"'{scope.label_of(node)}' and the BN")
+    chain = [n for n in (node, add, layout) if n is not None]
+    for a, b in zip(chain, chain[1:] + [bn]):
+        refusal = _feeds_only(scope, a.output[0], a, b)
+        if refusal:
+            return refusal
+    return _Path(node, add, add_const, layout, chain)
+
+
+def _no_host(scope: Scope, node: NodeProto) -> Refusal:
+    label = f"{node.op_type} '{scope.label_of(node)}'"
+    upstream = scope.producer.get(node.input[0]) if node.input else None
+    behind = upstream is not None and upstream.op_type in BACKWARD_HOSTS
+    if node.op_type in ACTIVATIONS and behind:
+        return Refusal(Reason.ACTIVATION_BETWEEN,
+                       f"the non-linearity {label} sits between {upstream.op_type} "
+                       f"'{scope.label_of(upstream)}' and the BN")
+    if node.op_type in LAYOUT_OPS and behind:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"{label} between {upstream.op_type} '{scope.label_of(upstream)}' and the BN "
+                       "may move the feature axis off BN's axis 1")
+    return Refusal(Reason.NO_HOST, f"its input comes from {label}, which is not a foldable linear op")
+
+
+def _check_feature_axis(scope: Scope, path: _Path, n_out: int) -> Optional[Refusal]:
+    """For Gemm/MatMul hosts: prove BN's axis 1 is the host's last (feature) axis."""
+    host, layout = path.host, path.layout
+    index = scope.index
+    host_label = f"{host.op_type} '{scope.label_of(host)}'"
+    if layout is None:
+        if host.op_type == "Gemm":
+            return None
+        ranks = [index.rank(host.input[0]), index.rank(host.input[1])]
+        out_rank = index.rank(host.output[0])
+        if out_rank is None and None not in ranks:
+            out_rank = max(ranks)
+        if out_rank == 2:
+            return None
+        if out_rank is None:
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                           f"the rank of {host_label}'s output is unknown, so BN's axis 1 cannot be "
+                           "proven to be its feature axis")
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"{host_label} produces a {out_rank}-D tensor with features on the last axis, "
+                       "but BN normalises axis 1")
+    lay_label = f"{layout.op_type} '{scope.label_of(layout)}'"
+    in_rank = index.rank(layout.input[0])
+    if layout.op_type == "Reshape":
+        shape = index.resolve(scope, layout.input[1]) if len(layout.input) > 1 else None
+        if not isinstance(shape, Constant):
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"{lay_label} has a shape computed at run time")
+        target = [int(v) for v in np.asarray(shape.value).reshape(-1)]
+        keeps = len(target) == 2 and (target[1] == n_out or (
+            target[1] == 0 and in_rank == 2 and not attr(layout, "allowzero", 0)))
+        if keeps:
+            return None
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"{lay_label} to {target} does not keep {host_label}'s {n_out} features on axis 1")
+    if in_rank is None:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"the rank of {lay_label}'s input is unknown")
+    axis = int(attr(layout, "axis", 1))
+    if axis % max(in_rank, 1) == in_rank - 1 and axis < in_rank:
+        return None
+    return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                   f"{lay_label} with axis={axis} merges {host_label}'s features with other axes")
+
+
+def _check_add_bias(scope: Scope, path: _Path, n_out: int) -> Union[np.ndarray, None, Refusal]:
+    """The constant of an Add between host and BN, if it broadcasts along features only."""
+    if path.add is None:
+        return None
+    c = _weight(scope, path.add, path.add_const, "constant operand")
+    if isinstance(c, Refusal):
+        return c
+    b = c.value
+    core = b.shape
+    while core and core[0] == 1:
+        core = core[1:]
+    out_rank = scope.index.rank(path.host.output[0]) if b.ndim > 2 else 2
+    if core not in ((), (n_out,)) or out_rank is None or b.ndim > out_rank:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"Add '{scope.label_of(path.add)}' adds a constant of shape {list(b.shape)}, "
+                       "not a per-feature bias")
+    return b
+
+
+def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> Union[NodeProto, Refusal]:
+    path = _find_host(scope, bn)
+    if isinstance(path, Refusal):
+        return path
+    host = path.host
+    rule: BackwardHost = BACKWARD_HOSTS[host.op_type]
+    refusal = rule.check(scope, host)
+    if refusal:
+        return refusal
+    w = _weight(scope, host, rule.weight_index, "weight")
+    if isinstance(w, Refusal):
+        return w
+    w_val = w.value
+    if w_val.ndim < 2:
+        return Refusal(Reason.UNSUPPORTED_HOST, f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
+    n_out = rule.out_channels(host, w_val)
+    if n_out != s.shape[0]:
+        return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
+                       f"{host.op_type} '{scope.label_of(host)}' has {n_out} output channels, the BN {s.shape[0]}")
+    if rule.feature_last:
+        refusal = _check_feature_axis(scope, path, n_out)
+        if refusal:
+            return refusal
+    add_bias = _check_add_bias(scope, path, n_out)
+    if isinstance(add_bias, Refusal):
+        return add_bias
+    host_bias = None
+    has_bias_slot = rule.bias_index is not None
+    if has_bias_slot and len(host.input) > rule.bias_index and host.input[rule.bias_index]:
+        c = _weight(scope, host, rule.bias_index, "bias")
+        if isinstance(c, Refusal):
+            return c
+        host_bias = rule.effective_bias(host, c.value)
+    dtype = w_val.dtype
+    new_host_bias = new_add = None
+    try:
+        new_w = numerics.round_to(rule.scale_weight(host, w_val, s), dtype, "the folded weight")
+        if path.add is not None:  # the Add carries the shift; the host's own bias is only scaled
+            new_add = numerics.round_to(numerics.fold_bias(add_bias, s, t), dtype, "the folded bias")
+            if host_bias is not None:
+                new_host_bias = numerics.round_to(host_bias * s, dtype, "the folded bias")
+        elif has_bias_slot:
+            new_host_bias = numerics.round_to(numerics.fold_bias(host_bias, s, t), dtype, "the folded bias")
+        else:
+            new_add = numerics.round_to(t, dtype, "the folded bias")
+    except numerics.FoldOverflow as e:
+        return Refusal(Reason.OVERFLOW, f"folding into {host.op_type} '{scope.label_of(host)}': {e}")
+
+    host_label = scope.label_of(host)
+    scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold")
+    if new_host_bias is not None:
+        scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
+        rule.after_fold(host)
+    chain = path.chain
+    if path.add is not None:
+        scope.write_constant(path.add, path.add_const, new_add, f"{host_label}_bias_bnfold")
+    elif not has_bias_slot:
+        _insert_bias_add(scope, host, new_add, chain)
+    last = chain[-1]
+    scope.remove_node(bn)
+    scope.rename_output(last, 0, bn.output[0])
+    return host
+
+
+def _insert_bias_add(scope: Scope, host: NodeProto, bias: np.ndarray, chain: List[NodeProto]) -> None:
+    """Give a MatMul a following ``Add`` carrying the folded bias."""
+    label = scope.label_of(host)
+    out = host.output[0]
+    scope.rename_output(host, 0, scope.index.fresh_name(f"{out}_matmul"))
+    add = helper.make_node("Add", [host.output[0], ""], [out], name=scope.index.fresh_name(f"{label}_bias_add"))
+    scope.add_node_after(host, add)
+    scope.write_constant(add, 1, bias, f"{label}_bias_bnfold")
+    chain.insert(1, add)
+
+
+# -- folding into the op after the BN ------------------------------------------------------
+
+def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> Union[NodeProto, Refusal, str]:
+    """Fold into the single following Conv/Gemm; a string says why there is no candidate."""
+    y = bn.output[0]
+    nxt = scope.only_consumer(y)
+    if nxt is None:
+        n = scope.uses(y)
+        return "its output is a graph output" if y in scope.outputs else f"its output feeds {n} nodes"
+    rule = FORWARD_HOSTS.get(nxt.op_type) if is_default_domain(nxt) else None
+    if rule is None or nxt.input[0] != y or y in nxt.input[1:]:
+        return f"its output feeds {nxt.op_type} '{scope.label_of(nxt)}', not the data input of a Conv or Gemm"
+    w = _weight(scope, nxt, 1, "weight")
+    if isinstance(w, Refusal):
+        return w
+    w_val = w.value
+    refusal = rule.check(scope, nxt, w_val)
+    if refusal:
+        return refusal
+    if rule.in_channels(nxt, w_val) != s.shape[0]:
+        return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
+                       f"{nxt.op_type} '{scope.label_of(nxt)}' reads {rule.in_channels(nxt, w_val)} channels, "
+                       f"the BN has {s.shape[0]}")
+    bias = None
+    if len(nxt.input) > 2 and nxt.input[2]:
+        c = _weight(scope, nxt, 2, "bias")
+        if isinstance(c, Refusal):
+            return c
+        bias = c.value
+    dtype = w_val.dtype
+    try:
+        w64, b64 = rule.fold(nxt, w_val, bias, s, t)
+        new_w = numerics.round_to(w64, dtype, "the folded weight")
+        new_b = numerics.round_to(b64, dtype, "the folded bias")
+    except numerics.FoldOverflow as e:
+        return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")
+    label = scope.label_of(nxt)
+    scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold")
+    scope.write_constant(nxt, 2, new_b, f"{label}_bias_bnfold")
+    rule.after_fold(nxt)
+    scope.set_input(nxt, 0, bn.input[0])
+    scope.remove_node(bn)
+    return nxt

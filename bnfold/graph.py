@@ -1,0 +1,434 @@
+"""An index over one ONNX model: producers, consumers, constants and fresh names.
+
+The fold driver asks questions here (``scope.producer``, ``scope.consumers``,
+``index.resolve``) and makes every edit through the methods below, so that the
+bookkeeping (use counts, orphaned tensors, node order) lives in one place.
+
+Scopes are the main graph, every control-flow body (If/Loop/Scan ...), whose
+names may refer to outer scopes, and every model-local function, which sees only
+its own names.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Set, Union
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
+
+from .reasons import Reason
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+FLOAT_TENSOR_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def is_default_domain(node: NodeProto) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+def attr(node: NodeProto, name: str, default=None):
+    """The value of attribute ``name`` of ``node`` or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def subgraphs(node: NodeProto) -> Iterator[tuple]:
+    """``(attribute name, GraphProto)`` for every body graph of ``node``."""
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+def _names_read(graph: GraphProto) -> Set[str]:
+    """Every name read anywhere inside ``graph`` (over-approximates its free names)."""
+    names: Set[str] = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for _, g in subgraphs(node):
+            names |= _names_read(g)
+    return names
+
+
+def node_label(node: NodeProto, position: int) -> str:
+    """A stable, human name for a node: its name, or ``Op#position`` when unnamed."""
+    return node.name if node.name else f"{node.op_type}#{position}"
+
+
+@dataclass
+class Constant:
+    """A constant tensor a node reads: an initializer or the output of a Constant node."""
+
+    name: str
+    scope: "Scope"
+    tensor: Optional[TensorProto]
+    node: Optional[NodeProto] = None  # the Constant node, when it is one
+
+    @property
+    def value(self) -> np.ndarray:
+        if self.tensor is not None:
+            return numpy_helper.to_array(self.tensor)
+        # Constant node with value_float / value_floats / value_int(s)
+        for key in ("value_float", "value_floats", "value_int", "value_ints"):
+            v = attr(self.node, key)
+            if v is not None:
+                dtype = np.float32 if "float" in key else np.int64
+                return np.asarray(v, dtype=dtype)
+        raise ValueError(f"unsupported Constant node '{self.node.name}'")
+
+    @property
+    def data_type(self) -> int:
+        if self.tensor is not None:
+            return self.tensor.data_type
+        return TensorProto.FLOAT if attr(self.node, "value_float") is not None or attr(
+            self.node, "value_floats") is not None else TensorProto.INT64
+
+
+@dataclass
+class NotConstant:
+    """Why a name is not a usable constant, as a reason code and a phrase."""
+
+    reason: Reason
+    why: str
+
+
+class Scope:
+    """One graph or function body and the name lookups inside it."""
+
+    def __init__(self, index: "ModelIndex", container: Union[GraphProto, FunctionProto],
+                 label: str, parent: Optional["Scope"]) -> None:
+        self.index = index
+        self.container = container
+        self.label = label
+        self.parent = parent
+        self.is_function = isinstance(container, FunctionProto)
+        self.nodes: List[NodeProto] = list(container.node)
+        self.position = {id(n): i for i, n in enumerate(self.nodes)}
+        self.producer: Dict[str, NodeProto] = {}
+        self.consumers: Dict[str, List[NodeProto]] = defaultdict(list)
+        if self.is_function:
+            self.initializers: Dict[str, TensorProto] = {}
+            self.inputs = set(container.input)
+            self.outputs = set(container.output)
+        else:
+            self.initializers = {t.name: t for t in container.initializer}
+            self.inputs = {v.name for v in container.input}
+            self.outputs = {v.name for v in container.output}
+        for node in self.nodes:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            read = {i for i in node.input if i}
+            for _, g in subgraphs(node):
+                read |= _names_read(g)
+            for name in read:
+                self.consumers[name].append(node)
+        self.removed: Set[int] = set()
+        self.insert_before: Dict[int, List[NodeProto]] = defaultdict(list)
+        self.insert_after: Dict[int, List[NodeProto]] = defaultdict(list)
+        self.changed = False
+
+    # -- queries ---------------------------------------------------------------------
+    def label_of(self, node: NodeProto) -> str:
+        return node_label(node, self.position.get(id(node), -1))
+
+    def live_nodes(self) -> List[NodeProto]:
+        return [n for n in self.nodes if id(n) not in self.removed]
+
+    def uses(self, name: str) -> int:
+        """How many nodes of this scope read ``name``, plus one if it is an output here."""
+        return len(self.consumers.get(name, ())) + (name in self.outputs)
+
+    def only_consumer(self, name: str) -> Optional[NodeProto]:
+        """The single node reading ``name`` when nothing else (nor a graph output) does."""
+        users = self.consumers.get(name, ())
+        if len(users) == 1 and name not in self.outputs:
+            return users[0]
+        return None
+
+    @property
+    def opset(self) -> int:
+        imports = self.container.opset_import if self.is_function else self.index.model.opset_import
+        for op in imports:
+            if op.domain in DEFAULT_DOMAINS:
+                return op.version
+        return self.index.default_opset
+
+    # -- edits -----------------------------------------------------------------------
+    def set_input(self, node: NodeProto, i: int, name: str) -> None:
+        """Point input ``i`` of ``node`` at ``name`` (appending empty slots as needed)."""
+        while len(node.input) <= i:
+            node.input.append("")
+        old = node.input[i]
+        if old == name:
+            return
+        if old:
+            self._drop_use(old, node)
+        node.input[i] = name
+        if name:
+            self.consumers[name].append(node)
+            self.index.refs[name] += 1
+        self.changed = True
+
+    def _drop_use(self, name: str, node: NodeProto) -> None:
+        users = self.consumers.get(name)
+        if users:
+            for k, u in enumerate(users):
+                if u is node:
+                    del users[k]
+                    break
+        self.index.refs[name] -= 1
+        self.index.maybe_orphaned.add(name)
+
+    def rename_output(self, node: NodeProto, i: int, name: str) -> None:
+        """Make ``node`` produce ``name`` as output ``i`` (the old name disappears)."""
+        old = node.output[i]
+        self.producer.pop(old, None)
+        self.index.vanished.add(old)
+        node.output[i] = name
+        self.producer[name] = node
+        self.index.vanished.discard(name)
+        self.changed = True
+
+    def remove_node(self, node: NodeProto) -> None:
+        for name in node.input:
+            if name:
+                self._drop_use(name, node)
+        for name in node.output:
+            if name and self.producer.get(name) is node:
+                del self.producer[name]
+                self.index.vanished.add(name)
+        self.removed.add(id(node))
+        self.changed = True
+
+    def add_node_after(self, anchor: NodeProto, node: NodeProto) -> None:
+        self.insert_after[id(anchor)].append(node)
+        self._register(node)
+
+    def add_node_before(self, anchor: NodeProto, node: NodeProto) -> None:
+        self.insert_before[id(anchor)].append(node)
+        self._register(node)
+
+    def _register(self, node: NodeProto) -> None:
+        self.position[id(node)] = -1
+        for o in node.output:
+            self.producer[o] = node
+            self.index.vanished.discard(o)
+        for name in node.input:
+            if name:
+                self.consumers[name].append(node)
+                self.index.refs[name] += 1
+        self.changed = True
+
+    def write_constant(self, node: NodeProto, i: int, value: np.ndarray, base: str) -> str:
+        """Make input ``i`` of ``node`` read the constant ``value``.
+
+        Rewrites the old tensor in place when nothing else reads it and its shape
+        does not change; otherwise stores ``value`` under a fresh name (a shared
+        tensor is never modified).
+        """
+        old = node.input[i] if i < len(node.input) else ""
+        if old:
+            current = self.index.resolve(self, old)
+            if (isinstance(current, Constant) and self.index.refs[old] == 1
+                    and old not in current.scope.outputs
+                    and current.tensor is not None
+                    and tuple(current.tensor.dims) == tuple(value.shape)):
+                fresh = numpy_helper.from_array(value, old)
+                fresh.doc_string = current.tensor.doc_string
+                current.tensor.CopyFrom(fresh)
+                self.changed = True
+                return old
+        name = self.index.fresh_name(base)
+        tensor = numpy_helper.from_array(value, name)
+        if self.is_function or (self.parent is not None and self.index.model.ir_version < 4):
+            # Functions have no initializers; IR<4 subgraphs may not list inputs freely.
+            const = onnx.helper.make_node("Constant", [], [name], name=self.index.fresh_name(name + "_const"))
+            const.attribute.append(onnx.helper.make_attribute("value", tensor))
+            self.add_node_before(node, const)
+        else:
+            self.container.initializer.append(tensor)
+            self.initializers[name] = self.container.initializer[-1]
+            if self.index.model.ir_version < 4:
+                # IR < 4: every initializer must also be a graph input.
+                self.container.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, value.shape))
+                self.inputs.add(name)
+        self.set_input(node, i, name)
+        return name
+
+    def rebuild(self) -> None:
+        """Write the node list back in order, with removals and insertions applied."""
+        if not (self.removed or self.insert_after or self.insert_before):
+            return
+        ordered: List[NodeProto] = []
+        for n in self.nodes:
+            ordered.extend(self.insert_before.get(id(n), ()))
+            if id(n) not in self.removed:
+                ordered.append(n)
+            ordered.extend(self.insert_after.get(id(n), ()))
+        del self.container.node[:]
+        self.container.node.extend(ordered)
+
+
+class ModelIndex:
+    """All scopes of a model plus the model-wide use counts and name table."""
+
+    def __init__(self, model: ModelProto, allow_overridable: bool = False) -> None:
+        self.model = model
+        self.allow_overridable = allow_overridable
+        self.default_opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+        self.refs: Counter = Counter()
+        self.names: Set[str] = set()
+        self.maybe_orphaned: Set[str] = set()
+        self.vanished: Set[str] = set()
+        self._fresh_counter = itertools.count()
+        self.scopes: List[Scope] = []
+        self.main = self._add_graph(model.graph, "main graph", None)
+        for f in model.functions:
+            self._add_function(f)
+        self._ranks: Optional[Dict[str, int]] = None
+
+    def _add_graph(self, graph: GraphProto, label: str, parent: Optional[Scope]) -> Scope:
+        scope = Scope(self, graph, label, parent)
+        self.scopes.append(scope)
+        for v in itertools.chain(graph.input, graph.output, graph.value_info):
+            self.names.add(v.name)
+        for t in graph.initializer:
+            self.names.add(t.name)
+        for v in graph.output:
+            self.refs[v.name] += 1
+        for node in graph.node:
+            self._add_node_names(node)
+            for aname, g in subgraphs(node):
+                self._add_graph(g, f"{scope.label_of(node)}.{aname}", scope)
+        return scope
+
+    def _add_function(self, f: FunctionProto) -> None:
+        scope = Scope(self, f, f"function {f.domain}.{f.name}", None)
+        self.scopes.append(scope)
+        self.names.update(f.input)
+        self.names.update(f.output)
+        for o in f.output:
+            self.refs[o] += 1
+        for node in f.node:
+            self._add_node_names(node)
+            for aname, g in subgraphs(node):
+                self._add_graph(g, f"{scope.label_of(node)}.{aname}", scope)
+
+    def _add_node_names(self, node: NodeProto) -> None:
+        self.names.add(node.name)
+        self.names.update(node.output)
+        for i in node.input:
+            if i:
+                self.names.add(i)
+                self.refs[i] += 1
+
+    # -- names -----------------------------------------------------------------------
+    def fresh_name(self, base: str) -> str:
+        """A name used nowhere in the model (tensors, nodes, all scopes)."""
+        name = base
+        while name in self.names:
+            name = f"{base}_{next(self._fresh_counter)}"
+        self.names.add(name)
+        return name
+
+    # -- constants -------------------------------------------------------------------
+    def resolve(self, scope: Scope, name: str) -> Union[Constant, NotConstant]:
+        """Find what ``name`` refers to as seen from ``scope``."""
+        s: Optional[Scope] = scope
+        while s is not None:
+            node = s.producer.get(name)
+            if node is not None:
+                if node.op_type == "Constant" and is_default_domain(node):
+                    if attr(node, "sparse_value") is not None or attr(node, "value_string") is not None:
+                        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
+                    return Constant(name, s, attr(node, "value"), node)
+                if node.op_type == "DequantizeLinear":
+                    return NotConstant(Reason.QUANTIZED_WEIGHT,
+                                       f"'{name}' is de-quantized at run time by DequantizeLinear '{s.label_of(node)}'")
+                return NotConstant(Reason.NOT_CONSTANT,
+                                   f"'{name}' is computed at run time by {node.op_type} '{s.label_of(node)}'")
+            if name in s.initializers:
+                if (name in s.inputs and self.model.ir_version >= 4 and not self.allow_overridable):
+                    return NotConstant(Reason.OVERRIDABLE_PARAMETER,
+                                       f"'{name}' is an initializer that is also a graph input, so callers may override it")
+                return Constant(name, s, s.initializers[name])
+            if name in s.inputs:
+                return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is an input of the {s.label}")
+            s = s.parent
+        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is not defined in the {scope.label}")
+
+    # -- shapes ----------------------------------------------------------------------
+    def rank(self, name: str) -> Optional[int]:
+        """The rank of tensor ``name`` if declared or inferable, else None."""
+        if self._ranks is None:
+            self._ranks = self._infer_ranks()
+        return self._ranks.get(name)
+
+    def _infer_ranks(self) -> Dict[str, int]:
+        # Shape inference on a skeleton: big initializers keep dims but not data, so
+        # this stays cheap on large models.
+        skeleton = ModelProto()
+        skeleton.ir_version = self.model.ir_version
+        skeleton.opset_import.extend(self.model.opset_import)
+        skeleton.functions.extend(self.model.functions)
+        g = skeleton.graph
+        src = self.model.graph
+        for field in ("node", "input", "output", "value_info"):
+            getattr(g, field).extend(getattr(src, field))
+        for t in src.initializer:
+            if len(t.raw_data) <= 1024 and t.data_location != TensorProto.EXTERNAL:
+                g.initializer.append(t)
+            else:
+                g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        ranks: Dict[str, int] = {}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+            values = itertools.chain(inferred.graph.input, inferred.graph.output, inferred.graph.value_info)
+        except Exception:  # inference is a bonus: fall back to what is declared
+            values = itertools.chain(src.input, src.output, src.value_info)
+        for v in values:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+        for t in src.initializer:
+            ranks[t.name] = len(t.dims)
+        return ranks
+
+    # -- finishing -------------------------------------------------------------------
+    def finish(self) -> None:
+        """Drop tensors that folding orphaned, stale value_info, and write node lists back."""
+        orphans = {n for n in self.maybe_orphaned if self.refs[n] <= 0}
+        for scope in self.scopes:
+            for node in scope.live_nodes():
+                if (node.op_type == "Constant" and len(node.output) == 1 and node.output[0] in orphans):
+                    scope.remove_node(node)
+        gone = orphans | self.vanished
+        for scope in reversed(self.scopes):  # children before parents: rebuild copies nodes
+            if not scope.is_function:
+                g = scope.container
+                dead = [i for i, t in enumerate(g.initializer) if t.name in orphans]
+                for i in reversed(dead):
+                    del g.initializer[i]
+                    scope.changed = True
+                inputs_to_drop = [i for i, v in enumerate(g.input) if v.name in orphans and v.name in scope.initializers]
+                for i in reversed(inputs_to_drop):
+                    del g.input[i]
+                stale = [i for i, v in enumerate(g.value_info) if v.name in gone]
+                for i in reversed(stale):
+                    del g.value_info[i]
+            scope.rebuild()

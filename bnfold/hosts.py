@@ -1,0 +1,202 @@
+"""The linear ops a BatchNormalization folds into, one small class each.
+
+A host describes only what is particular to it: where its weight is, along which
+weight axis the BN's channels run, where its bias lives and any extra checks.
+Checks every fold shares (BN parameters, single consumers, dtypes, overflow) live
+in :mod:`bnfold.fuse`.
+
+Backward hosts (``host -> BN``), computing ``W' = W * s`` along the output-channel
+axis and ``b' = b * s + t``:
+
+- Conv: weight ``[C_out, C_in/group, k...]``, output channels on axis 0.
+- ConvTranspose: weight ``[C_in, C_out/group, k...]``; channel ``g*(C_out/group)+j``
+  is column ``j`` of group ``g``'s rows.
+- Gemm: ``alpha * A' @ B' + beta * C``; ``B`` is ``[K, N]`` (transB=0) or
+  ``[N, K]`` (transB=1); the new ``C`` is ``beta * C * s + t`` and beta becomes 1.
+- MatMul: weight ``B`` ``[..., K, N]``, channels on the last axis; its bias is a
+  following ``Add`` with a constant (created when absent).
+
+Forward hosts (``BN -> host``), exact because the host sees every shifted input
+value exactly once per output: Conv without padding, and Gemm (transA=0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+from onnx import NodeProto
+
+from . import numerics
+from .graph import Scope, attr, set_attr
+from .reasons import Reason
+
+
+@dataclass
+class Refusal:
+    """A fold that does not apply: the reason code and a sentence saying why."""
+
+    reason: Reason
+    detail: str
+
+
+class BackwardHost:
+    """Base for ops a BN *after* them folds into."""
+
+    op_type = ""
+    weight_index = 1
+    bias_index: Optional[int] = 2
+    feature_last = False  # channels on the last output axis (Gemm/MatMul) vs axis 1
+
+    def check(self, scope: Scope, node: NodeProto) -> Optional[Refusal]:
+        return None
+
+    def out_channels(self, node: NodeProto, w: np.ndarray) -> int:
+        return w.shape[0]
+
+    def scale_weight(self, node: NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return numerics.scale_axis(w, s, 0)
+
+    def effective_bias(self, node: NodeProto, c: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """The bias the op adds, in float64, given the stored bias tensor (or None)."""
+        return None if c is None else np.asarray(c, dtype=np.float64)
+
+    def after_fold(self, node: NodeProto) -> None:
+        """Attribute changes the rewritten bias needs."""
+
+
+class ConvHost(BackwardHost):
+    op_type = "Conv"
+
+
+class ConvTransposeHost(BackwardHost):
+    op_type = "ConvTranspose"
+
+    def out_channels(self, node, w):
+        return w.shape[1] * int(attr(node, "group", 1))
+
+    def scale_weight(self, node, w, s):
+        return numerics.scale_conv_transpose(w, s, int(attr(node, "group", 1)))
+
+
+class GemmHost(BackwardHost):
+    op_type = "Gemm"
+    feature_last = True
+
+    def out_channels(self, node, w):
+        return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+
+    def scale_weight(self, node, w, s):
+        return numerics.scale_axis(w, s, 0 if attr(node, "transB", 0) else 1)
+
+    def effective_bias(self, node, c):
+        if c is None:
+            return None
+        return float(attr(node, "beta", 1.0)) * np.asarray(c, dtype=np.float64)
+
+    def after_fold(self, node):
+        set_attr(node, "beta", 1.0)
+
+
+class MatMulHost(BackwardHost):
+    op_type = "MatMul"
+    bias_index = None  # the bias is a following Add
+    feature_last = True
+
+    def out_channels(self, node, w):
+        return w.shape[-1]
+
+    def scale_weight(self, node, w, s):
+        return numerics.scale_axis(w, s, -1)
+
+
+BACKWARD_HOSTS: Dict[str, BackwardHost] = {h.op_type: h for h in (ConvHost(), ConvTransposeHost(), GemmHost(), MatMulHost())}
+
+
+class ForwardHost:
+    """Base for ops a BN *before* them folds into (the BN feeds their input 0)."""
+
+    op_type = ""
+
+    def check(self, scope: Scope, node: NodeProto, w: np.ndarray) -> Optional[Refusal]:
+        return None
+
+    def in_channels(self, node: NodeProto, w: np.ndarray) -> int:
+        raise NotImplementedError
+
+    def fold(self, node: NodeProto, w: np.ndarray, bias: Optional[np.ndarray], s: np.ndarray, t: np.ndarray):
+        """Return ``(W', b')`` in float64 for ``op(s * x + t) == op'(x)``."""
+        raise NotImplementedError
+
+    def after_fold(self, node: NodeProto) -> None:
+        pass
+
+
+def conv_pads_input(node: NodeProto, kernel_shape) -> bool:
+    """True when the Conv reads padding (where a BN shift would not be applied)."""
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return False
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return any(k != 1 for k in kernel_shape)  # a 1-wide kernel never needs padding
+    return any(p != 0 for p in attr(node, "pads", []) or [])
+
+
+class ConvForward(ForwardHost):
+    op_type = "Conv"
+
+    def check(self, scope, node, w):
+        if conv_pads_input(node, w.shape[2:]):
+            return Refusal(Reason.FOLLOWING_CONV_PADDED,
+                           f"the following Conv '{scope.label_of(node)}' pads its input, and padded zeros "
+                           "would not receive the BN's shift")
+        return None
+
+    def in_channels(self, node, w):
+        return w.shape[1] * int(attr(node, "group", 1))
+
+    def fold(self, node, w, bias, s, t):
+        group = int(attr(node, "group", 1))
+        w_new = numerics.scale_conv_input(w, s, group)
+        shift = numerics.conv_input_shift(w, t, group)
+        b_new = shift if bias is None else np.asarray(bias, dtype=np.float64) + shift
+        return w_new, b_new
+
+
+class GemmForward(ForwardHost):
+    op_type = "Gemm"
+
+    def check(self, scope, node, w):
+        if attr(node, "transA", 0):
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                           f"the following Gemm '{scope.label_of(node)}' transposes its input (transA=1)")
+        return None
+
+    def in_channels(self, node, w):
+        return w.shape[1] if attr(node, "transB", 0) else w.shape[0]
+
+    def fold(self, node, w, bias, s, t):
+        trans_b = attr(node, "transB", 0)
+        alpha = float(attr(node, "alpha", 1.0))
+        beta = float(attr(node, "beta", 1.0))
+        w64 = np.asarray(w, dtype=np.float64)
+        b_kn = w64.T if trans_b else w64  # [K, N]
+        w_new = numerics.scale_axis(w64, s, 1 if trans_b else 0)
+        shift = alpha * (t @ b_kn)
+        b_new = shift if bias is None else beta * np.asarray(bias, dtype=np.float64) + shift
+        return w_new, b_new
+
+    def after_fold(self, node):
+        set_attr(node, "beta", 1.0)
+
+
+FORWARD_HOSTS: Dict[str, ForwardHost] = {h.op_type: h for h in (ConvForward(), GemmForward())}
+
+# Element-wise non-linearities: a BN after one of these never folds across it.
+ACTIVATIONS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "Tanh", "Clip", "HardSwish", "Elu", "Selu",
+    "Celu", "Gelu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Swish", "Exp", "Abs", "Sqrt", "Erf",
+})
+# Ops that only move data around: they may hide the channel axis.
+LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})

@@ -1,0 +1,138 @@
+"""Model inputs for verification: shapes, seeded random data, or the user's files.
+
+Dynamic dimensions take, in order: ``--shape INPUT=AxBxC`` for the whole input,
+``--dim NAME=VALUE`` for a named symbolic dimension, else the defaults
+:data:`DEFAULT_BATCH` for axis 0 and :data:`DEFAULT_DIM` for any other axis.
+Random values: floats from a standard normal, signed integers in [0, 10) (safe as
+indices), uint8 in [0, 256), bools fair coins; one generator seeded per sample.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .errors import BnfoldError
+
+DEFAULT_BATCH = 2
+DEFAULT_DIM = 32
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    elem_type: int
+    dims: Tuple[object, ...]  # int, str (symbolic) or None (unknown)
+
+    @property
+    def dtype(self) -> np.dtype:
+        from onnx import helper
+
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+
+def input_specs(model) -> List[InputSpec]:
+    """The inputs a caller must feed: graph inputs that have no initializer."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        dims: Tuple[object, ...] = ()
+        if tt.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        specs.append(InputSpec(v.name, tt.elem_type, dims))
+    return specs
+
+
+def resolve_shapes(specs: List[InputSpec], dims: Mapping[str, int],
+                   shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[Dict[str, Tuple[int, ...]], List[str]]:
+    """Concrete shapes for every input, and notes on each default that was applied."""
+    out: Dict[str, Tuple[int, ...]] = {}
+    notes: List[str] = []
+    for spec in specs:
+        if spec.name in shapes:
+            out[spec.name] = tuple(shapes[spec.name])
+            continue
+        shape = []
+        for axis, d in enumerate(spec.dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif isinstance(d, str) and d in dims:
+                shape.append(int(dims[d]))
+            else:
+                value = DEFAULT_BATCH if axis == 0 else DEFAULT_DIM
+                shape.append(value)
+                notes.append(f"{spec.name} axis {axis} ({d or 'unknown'}) = {value} by default")
+        out[spec.name] = tuple(shape)
+    return out, notes
+
+
+def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], seed: int) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = shapes[spec.name]
+        dt = spec.dtype
+        if dt.kind == "f" or dt.name == "bfloat16":
+            arr = rng.standard_normal(shape).astype(dt)
+        elif dt.kind == "b":
+            arr = rng.random(shape) < 0.5
+        elif dt == np.uint8:
+            arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        elif dt.kind in "iu":
+            arr = rng.integers(0, 10, size=shape).astype(dt)
+        else:
+            raise BnfoldError(f"cannot generate data for input '{spec.name}' of type {dt}; pass --inputs")
+        feeds[spec.name] = arr
+    return feeds
+
+
+def load_feeds(path: os.PathLike, specs: List[InputSpec]) -> Dict[str, np.ndarray]:
+    """Feeds from a ``.npz`` (keys = input names) or a ``.npy`` (single-input models)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BnfoldError("no such file", p)
+    try:
+        if p.suffix == ".npy":
+            if len(specs) != 1:
+                raise BnfoldError(f"a .npy file feeds one input, but the model has {len(specs)}; use .npz", p)
+            feeds = {specs[0].name: np.load(p, allow_pickle=False)}
+        else:
+            with np.load(p, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+    except BnfoldError:
+        raise
+    except Exception as e:
+        raise BnfoldError(f"cannot be read as numpy data ({e})", p) from None
+    missing = [s.name for s in specs if s.name not in feeds]
+    if missing:
+        raise BnfoldError(f"has no array for input(s) {', '.join(missing)}", p)
+    for s in specs:
+        feeds[s.name] = np.asarray(feeds[s.name]).astype(s.dtype, copy=False)
+    return {s.name: feeds[s.name] for s in specs}
+
+
+def parse_assignments(values, what: str, parse) -> Dict[str, object]:
+    """``["a=1", "b=2"]`` into a dict, with a clear error for malformed items."""
+    out = {}
+    for item in values or ():
+        name, sep, value = item.rpartition("=")
+        if not sep or not name:
+            raise BnfoldError(f"{what} '{item}' is not of the form NAME=VALUE")
+        try:
+            out[name] = parse(value)
+        except ValueError:
+            raise BnfoldError(f"{what} '{item}' has an invalid value") from None
+    return out
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
+    if not dims or any(d < 0 for d in dims):
+        raise ValueError(text)
+    return dims

@@ -1,0 +1,264 @@
+"""Reading models safely and writing them atomically.
+
+Loading refuses what is not a usable ONNX model with a :class:`BnfoldError` that
+names the file; it never follows external-data locations outside the model's
+folder. Saving writes to a temporary file in the destination folder and renames
+it into place, so an interrupted or failed write leaves any old output intact and
+no partial file behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import onnx
+from onnx import ModelProto, TensorProto
+from onnx.external_data_helper import load_external_data_for_model
+
+from .errors import BnfoldError, PathLike
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Above this size the output goes to external data even when the input had none.
+EXTERNAL_THRESHOLD = 2**31 - 2**26
+
+
+def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto that can hold weights: initializers and tensor attributes, all scopes."""
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for sp in graph.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for node in graph.node:
+            yield from node_tensors(node)
+
+    def node_tensors(node):
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from graph_tensors(a.g)
+            for g in a.graphs:
+                yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+    for f in model.functions:
+        for node in f.node:
+            yield from node_tensors(node)
+
+
+def uses_external_data(model: ModelProto) -> bool:
+    return any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model))
+
+
+def load_model(path: PathLike, *, load_external: bool = True) -> ModelProto:
+    """Load an ONNX model from ``path``, validating it enough to work on safely."""
+    return load_model_info(path, load_external=load_external)[0]
+
+
+def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[ModelProto, bool]:
+    """Like :func:`load_model`, also saying whether the file used external data."""
+    p = Path(path)
+    if not p.exists():
+        raise BnfoldError("no such file", p)
+    if p.is_dir():
+        raise BnfoldError("is a directory, not an ONNX file", p)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BnfoldError(f"cannot be read ({e.strerror or e})", p) from None
+    if not data:
+        raise BnfoldError("is empty, not an ONNX model", p)
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:
+        raise BnfoldError("is not an ONNX model (it does not parse as ONNX protobuf: truncated or another format?)",
+                          p) from None
+    del data
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise BnfoldError("is not an ONNX model (no IR version or no graph)", p)
+    check_versions(model, p)
+    external = uses_external_data(model)
+    if load_external and external:
+        check_external_data(model, p)
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as e:
+            raise BnfoldError(f"cannot read its external data ({e})", p) from None
+    return model, external
+
+
+def check_versions(model: ModelProto, path: PathLike) -> None:
+    """Refuse IR and opset versions newer than the installed onnx understands."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise BnfoldError(f"IR version {model.ir_version} is newer than onnx {onnx.__version__} supports "
+                          f"(up to {onnx.IR_VERSION}); upgrade onnx", path)
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise BnfoldError(f"opset {op.version} is newer than onnx {onnx.__version__} supports "
+                              f"(up to {newest}); upgrade onnx", path)
+
+
+def check_external_data(model: ModelProto, path: PathLike) -> None:
+    """Refuse external data that is missing, short, or outside the model's folder."""
+    base = Path(path).parent.resolve()
+    sizes = {}
+    for t in iter_tensors(model):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"tensor '{t.name}' external data location '{loc}'"
+        if not loc:
+            raise BnfoldError(f"tensor '{t.name}' has external data without a location", path)
+        if os.path.isabs(loc) or ".." in Path(loc).parts or "\\" in loc:
+            raise BnfoldError(f"{where} is absolute or contains '..': refused", path)
+        full = (base / loc).resolve()
+        if base != full and base not in full.parents:
+            raise BnfoldError(f"{where} resolves outside the model's folder: refused", path)
+        if not full.is_file():
+            raise BnfoldError(f"{where}: file is missing", path)
+        if full not in sizes:
+            sizes[full] = full.stat().st_size
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        need = tensor_nbytes(t)
+        if length is not None and need is not None and int(length) < need:
+            raise BnfoldError(f"{where}: length {length} is less than the {need} bytes its dims need", path)
+        end = offset + (int(length) if length is not None else (need or 0))
+        if end > sizes[full]:
+            raise BnfoldError(f"{where}: file is {sizes[full]} bytes, shorter than the {end} bytes it should hold",
+                              path)
+
+
+def tensor_nbytes(t: TensorProto) -> Optional[int]:
+    """Bytes the tensor's dims and dtype call for (None for strings and sub-byte types)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        return None
+    if t.data_type in (TensorProto.STRING,) or itemsize == 0:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * itemsize
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    p = Path(path)
+    _check_writable_folder(p)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", p) from None
+        raise
+
+
+def _check_writable_folder(p: Path) -> None:
+    folder = p.parent
+    if not folder.is_dir():
+        raise BnfoldError(f"output folder '{folder}' does not exist", p)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BnfoldError(f"output folder '{folder}' is not writable", p)
+    if p.is_dir():
+        raise BnfoldError("output path is a directory", p)
+
+
+class StagedModel:
+    """A model written to a private folder beside its destination, not yet visible.
+
+    ``path`` can be loaded and verified as the final file would be (external data
+    included); :meth:`commit` renames the files into place, :meth:`discard` (or
+    leaving the ``with`` block uncommitted) removes them.
+    """
+
+    def __init__(self, target: Path, tmpdir: str, files: Tuple[str, ...]) -> None:
+        self.target = target
+        self.tmpdir = tmpdir
+        self.files = files
+        self.path = os.path.join(tmpdir, target.name)
+
+    def commit(self) -> None:
+        mode = 0o666 & ~_umask()
+        try:
+            for name in self.files:  # data before the model that refers to it
+                src = os.path.join(self.tmpdir, name)
+                os.chmod(src, mode)
+                os.replace(src, self.target.parent / name)
+        except OSError as e:
+            raise BnfoldError(f"could not be written ({e.strerror or e})", self.target) from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "StagedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None) -> StagedModel:
+    """Write ``model`` for ``path`` into a temporary folder beside it (see :class:`StagedModel`).
+
+    With ``external_data`` (or when the model would pass protobuf's 2 GB limit) the
+    weights go to ``<name>.data`` beside it. Note that this converts the tensors of
+    ``model`` in place to refer to that file.
+    """
+    p = Path(path)
+    _check_writable_folder(p)
+    if external_data is None:
+        external_data = model.ByteSize() > EXTERNAL_THRESHOLD
+    tmpdir = tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        if external_data:
+            data_name = p.name + ".data"
+            onnx.save_model(model, os.path.join(tmpdir, p.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            files = tuple(n for n in (data_name, p.name) if os.path.exists(os.path.join(tmpdir, n)))
+        else:
+            with open(os.path.join(tmpdir, p.name), "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+            files = (p.name,)
+    except BaseException as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", p) from None
+        raise
+    return StagedModel(p, tmpdir, files)
+
+
+def save_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None) -> None:
+    """Write ``model`` to ``path`` atomically (see :func:`stage_model`)."""
+    stage_model(model, path, external_data=external_data).commit()

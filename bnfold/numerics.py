@@ -1,0 +1,120 @@
+"""Batch-norm fold arithmetic: pure numpy, float64 throughout, rounded once.
+
+BN in inference mode is ``y = s * x + t`` per channel with
+``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``. Folding it into a
+linear op multiplies the op's weight along its output-channel axis by ``s`` and
+maps its bias ``b`` to ``b * s + t``; folding it into the *following* op scales
+the weight along the input-channel axis and adds the weight applied to ``t``.
+
+Nothing here knows about ONNX graphs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+FLOAT64 = np.float64
+
+
+class FoldOverflow(ValueError):
+    """The folded values do not fit the target dtype."""
+
+    def __init__(self, what: str, dtype: np.dtype, max_abs: float) -> None:
+        super().__init__(f"{what} reaches {max_abs:.6g}, beyond the range of {np.dtype(dtype).name}")
+        self.what = what
+        self.dtype = np.dtype(dtype)
+        self.max_abs = max_abs
+
+
+def bn_affine(
+    scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Return ``(s, t)`` in float64 such that ``BN(x) == s * x + t`` per channel."""
+    gamma = np.asarray(scale, dtype=FLOAT64)
+    beta = np.asarray(bias, dtype=FLOAT64)
+    mu = np.asarray(mean, dtype=FLOAT64)
+    denom = np.sqrt(np.asarray(var, dtype=FLOAT64) + FLOAT64(epsilon))
+    s = gamma / denom
+    return s, beta - mu * s
+
+
+def compose_affine(
+    first: Tuple[np.ndarray, np.ndarray], second: Tuple[np.ndarray, np.ndarray]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``second(first(x))`` for per-channel affine maps given as ``(s, t)``."""
+    s1, t1 = first
+    s2, t2 = second
+    return s1 * s2, t1 * s2 + t2
+
+
+def _along(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def scale_axis(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
+    """Multiply ``w`` by ``s`` along ``axis`` (float64 result)."""
+    w64 = np.asarray(w, dtype=FLOAT64)
+    return w64 * _along(np.asarray(s, dtype=FLOAT64), axis % w64.ndim, w64.ndim)
+
+
+def scale_conv_transpose(w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """Scale a ConvTranspose weight ``[C_in, C_out/group, k...]`` by output channel.
+
+    Output channel ``g * (C_out/group) + j`` is column ``j`` of the rows that belong
+    to group ``g``, so the scale is laid out as ``[group, 1, C_out/group, 1...]``.
+    """
+    w64 = np.asarray(w, dtype=FLOAT64)
+    c_in, c_out_g = w64.shape[0], w64.shape[1]
+    k = w64.shape[2:]
+    s_g = np.asarray(s, dtype=FLOAT64).reshape((group, 1, c_out_g) + (1,) * len(k))
+    return (w64.reshape((group, c_in // group, c_out_g) + k) * s_g).reshape(w64.shape)
+
+
+def scale_conv_input(w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """Scale a Conv weight ``[C_out, C_in/group, k...]`` by *input* channel.
+
+    Output channel ``o`` belongs to group ``o // (C_out/group)`` and reads input
+    channels ``g * (C_in/group) + i``.
+    """
+    w64 = np.asarray(w, dtype=FLOAT64)
+    c_out, c_in_g = w64.shape[0], w64.shape[1]
+    k = w64.shape[2:]
+    s_g = np.asarray(s, dtype=FLOAT64).reshape((group, 1, c_in_g) + (1,) * len(k))
+    return (w64.reshape((group, c_out // group, c_in_g) + k) * s_g).reshape(w64.shape)
+
+
+def conv_input_shift(w: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
+    """Per-output-channel constant a Conv produces from a per-input-channel shift ``t``.
+
+    Exact only when the Conv does not pad (every window sees real input).
+    """
+    w64 = np.asarray(w, dtype=FLOAT64)
+    c_out, c_in_g = w64.shape[0], w64.shape[1]
+    k = w64.shape[2:]
+    t_g = np.asarray(t, dtype=FLOAT64).reshape((group, 1, c_in_g) + (1,) * len(k))
+    per_out = (w64.reshape((group, c_out // group, c_in_g) + k) * t_g).reshape(c_out, -1)
+    return per_out.sum(axis=1)
+
+
+def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Round float64 ``values`` once to ``dtype``; raise :class:`FoldOverflow` on overflow.
+
+    A finite value that becomes infinite in the target dtype is an overflow; values
+    that were already non-finite are left as they are.
+    """
+    v64 = np.asarray(values, dtype=FLOAT64)
+    out = v64.astype(dtype)
+    overflowed = ~np.isfinite(out.astype(FLOAT64)) & np.isfinite(v64)
+    if overflowed.any():
+        raise FoldOverflow(what, dtype, float(np.abs(v64[overflowed]).max()))
+    return out
+
+
+def fold_bias(bias: Optional[np.ndarray], s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """New bias ``b * s + t`` (``t`` alone when there was no bias), broadcast on the last axis."""
+    if bias is None:
+        return np.asarray(t, dtype=FLOAT64).copy()
+    return np.asarray(bias, dtype=FLOAT64) * s + t
