@@ -412,13 +412,13 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     if w_val.ndim < 2:
         return Refusal(Reason.UNSUPPORTED_HOST, f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
     n_out = rule.out_channels(host, w_val)
-    if n_out != s.shape[0]:
-        return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
-                       f"{host.op_type} '{scope.label_of(host)}' has {n_out} output channels, the BN {s.shape[0]}")
     if rule.feature_last:
         refusal = _check_feature_axis(scope, path, n_out)
         if refusal:
             return refusal
+    if n_out != s.shape[0]:
+        return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
+                       f"{host.op_type} '{scope.label_of(host)}' has {n_out} output channels, the BN {s.shape[0]}")
     add_bias = _check_add_bias(scope, path, n_out)
     if isinstance(add_bias, Refusal):
         return add_bias
@@ -444,7 +444,7 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {host.op_type} '{scope.label_of(host)}': {e}")
 
-    host_label = scope.label_of(host)
+    host_label = _name_base(host)
     scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold")
     if new_host_bias is not None:
         scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
@@ -460,9 +460,14 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     return host
 
 
+def _name_base(node: NodeProto) -> str:
+    """Prefix for tensors generated for ``node``: its name, else its output's."""
+    return node.name or node.output[0]
+
+
 def _insert_bias_add(scope: Scope, host: NodeProto, bias: np.ndarray, chain: List[NodeProto]) -> None:
     """Give a MatMul a following ``Add`` carrying the folded bias."""
-    label = scope.label_of(host)
+    label = _name_base(host)
     out = host.output[0]
     scope.rename_output(host, 0, scope.index.fresh_name(f"{out}_matmul"))
     add = helper.make_node("Add", [host.output[0], ""], [out], name=scope.index.fresh_name(f"{label}_bias_add"))
@@ -507,7 +512,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
         new_b = numerics.round_to(b64, dtype, "the folded bias")
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")
-    label = scope.label_of(nxt)
+    label = _name_base(nxt)
     scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold")
     scope.write_constant(nxt, 2, new_b, f"{label}_bias_bnfold")
     rule.after_fold(nxt)

@@ -106,7 +106,8 @@ def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     that were already non-finite are left as they are.
     """
     v64 = np.asarray(values, dtype=FLOAT64)
-    out = v64.astype(dtype)
+    with np.errstate(over="ignore"):
+        out = v64.astype(dtype)
     overflowed = ~np.isfinite(out.astype(FLOAT64)) & np.isfinite(v64)
     if overflowed.any():
         raise FoldOverflow(what, dtype, float(np.abs(v64[overflowed]).max()))

@@ -1,0 +1,100 @@
+"""The pure fold arithmetic against plain float64 numpy written out index by index."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnfold import numerics
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.load_profile("ci")
+
+
+@st.composite
+def grouped(draw):
+    group = draw(st.integers(1, 4))
+    c_in_g = draw(st.integers(1, 3))
+    c_out_g = draw(st.integers(1, 3))
+    rank = draw(st.integers(0, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    seed = draw(st.integers(0, 2**31))
+    return group, c_in_g, c_out_g, kernel, np.random.default_rng(seed)
+
+
+def test_bn_affine_matches_the_definition():
+    rng = np.random.default_rng(0)
+    g, b, m = rng.normal(size=(3, 7))
+    v = 10.0 ** rng.uniform(-4, 3, 7)
+    s, t = numerics.bn_affine(g, b, m, v, 1e-3)
+    x = rng.normal(size=(5, 7))
+    np.testing.assert_allclose(s * x + t, g * (x - m) / np.sqrt(v + 1e-3) + b, rtol=1e-13, atol=1e-13)
+
+
+@given(grouped())
+def test_conv_transpose_scales_each_output_channel(case):
+    group, c_in_g, c_out_g, kernel, rng = case
+    w = rng.normal(size=(group * c_in_g, c_out_g) + kernel)
+    s = rng.normal(size=group * c_out_g)
+    got = numerics.scale_conv_transpose(w, s, group)
+    expected = w.copy()
+    for i in range(group * c_in_g):
+        for j in range(c_out_g):
+            expected[i, j] *= s[(i // c_in_g) * c_out_g + j]
+    np.testing.assert_array_equal(got, expected)
+
+
+@given(grouped())
+def test_conv_input_scaling_and_shift(case):
+    group, c_in_g, c_out_g, kernel, rng = case
+    w = rng.normal(size=(group * c_out_g, c_in_g) + kernel)
+    s = rng.normal(size=group * c_in_g)
+    t = rng.normal(size=group * c_in_g)
+    got_w = numerics.scale_conv_input(w, s, group)
+    got_b = numerics.conv_input_shift(w, t, group)
+    exp_w = w.copy()
+    exp_b = np.zeros(group * c_out_g)
+    for o in range(group * c_out_g):
+        for i in range(c_in_g):
+            c = (o // c_out_g) * c_in_g + i
+            exp_w[o, i] *= s[c]
+            exp_b[o] += w[o, i].sum() * t[c]
+    np.testing.assert_array_equal(got_w, exp_w)
+    np.testing.assert_allclose(got_b, exp_b, rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**31))
+def test_scale_axis(ndim, n, seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(1, 4, ndim))
+    axis = int(rng.integers(0, ndim))
+    shape = shape[:axis] + (n,) + shape[axis + 1:]
+    w = rng.normal(size=shape)
+    s = rng.normal(size=n)
+    got = numerics.scale_axis(w, s, axis)
+    for idx in itertools.product(*map(range, shape)):
+        assert got[idx] == w[idx] * s[idx[axis]]
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float16, 7e4), (np.float32, 4e38)])
+def test_round_to_refuses_overflow(dtype, big):
+    with pytest.raises(numerics.FoldOverflow) as e:
+        numerics.round_to(np.array([1.0, big]), dtype, "w")
+    assert np.dtype(dtype).name in str(e.value)
+    ok = numerics.round_to(np.array([1.0, 65000.0]), np.float16, "w")
+    assert ok.dtype == np.float16 and np.isfinite(ok).all()
+
+
+@given(st.lists(st.floats(-6e4, 6e4, allow_nan=False), min_size=1, max_size=20))
+def test_round_to_rounds_once_to_nearest(values):
+    v = np.array(values)
+    got = numerics.round_to(v, np.float16, "w")
+    # nearest float16: no representable float16 is strictly closer
+    up = np.nextafter(got, np.float16(np.inf))
+    down = np.nextafter(got, np.float16(-np.inf))
+    err = np.abs(got.astype(np.float64) - v)
+    assert np.all(err <= np.abs(up.astype(np.float64) - v) + 0)
+    assert np.all(err <= np.abs(down.astype(np.float64) - v) + 0)
