@@ -168,6 +168,8 @@ class _Accumulator:
             diff[np.isnan(diff)] = np.inf  # NaN on one side only, or inf - inf of opposite signs
             bound = np.maximum(atol, rtol * np.abs(a))
             fail = (diff > atol) & (diff > rtol * np.abs(a))
+            # NaN must meet NaN and an infinity the same infinity, whatever the tolerances
+            fail |= ~(np.isfinite(a) & np.isfinite(b)) & (diff > 0)
             rel = diff / np.maximum(np.abs(a), np.finfo(np.float64).tiny)
             rel[diff == 0] = 0.0
         n_fail = int(fail.sum())
