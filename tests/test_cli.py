@@ -1,0 +1,176 @@
+"""The command line: outputs, exit codes, messages and JSON, through click's CliRunner."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from bnfold import numerics, runner
+from bnfold.cli import main
+from bnfold.errors import MissingDependencyError
+from conftest import MODELS, ROOT, assert_equivalent, bn_count, check
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "net.onnx"
+    shutil.copy(MODELS / "resnet_mini.onnx", path)
+    return path
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(main, [str(a) for a in args], **kw)
+
+
+def test_fuse_writes_beside_input_and_leaves_input_untouched(model):
+    before = model.read_bytes()
+    res = run("fuse", model)
+    assert res.exit_code == 0, res.output
+    out = model.with_name("net.fused.onnx")
+    assert model.read_bytes() == before
+    folded = onnx.load(str(out))
+    check(folded)
+    assert bn_count(folded) == 0
+    assert_equivalent(onnx.load(str(model)), folded)
+    assert "BatchNormalization 13 -> 0" in res.output and "EQUIVALENT" in res.output
+    assert not [p for p in model.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_fuse_output_option_and_in_place(model, tmp_path):
+    res = run("fuse", model, "-o", tmp_path / "x.onnx", "--no-verify")
+    assert res.exit_code == 0 and (tmp_path / "x.onnx").exists()
+    res = run("fuse", model, "--in-place", "--no-verify")
+    assert res.exit_code == 0 and bn_count(onnx.load(str(model))) == 0
+
+
+def test_fuse_refuses_to_overwrite_input(model):
+    res = run("fuse", model, "-o", model)
+    assert res.exit_code == 2
+    assert "output path is the input model" in res.output and "Traceback" not in res.output
+    res = run("fuse", model, "-o", model, "--in-place")
+    assert res.exit_code == 2
+
+
+def test_report_json_and_stdout_json(model, tmp_path):
+    res = run("fuse", model, "--report", tmp_path / "r.json", "--json")
+    assert res.exit_code == 0
+    printed = json.loads(res.output)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert printed == saved
+    assert set(saved) == {"bnfold_version", "source", "output", "before", "after", "folded", "kept", "records",
+                          "verification"}
+    assert saved["before"]["bn_count"] == 13 and saved["after"]["bn_count"] == 0 and saved["folded"] == 13
+    rec = saved["records"][0]
+    assert set(rec) == {"node", "graph", "folded", "direction", "host", "host_op", "reason", "detail"}
+    assert saved["verification"]["equivalent"] is True
+
+
+def test_inspect_writes_nothing_and_lists_reasons(tmp_path):
+    path = tmp_path / "m.onnx"
+    model = onnx.load(str(MODELS / "resnet_mini.onnx"))
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.attribute.append(onnx.helper.make_attribute("training_mode", 1))
+    path.write_bytes(model.SerializeToString())
+    res = run("inspect", path)
+    assert res.exit_code == 0
+    assert "TRAINING_MODE" in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_bytes(b"\xff" * 64), "is not an ONNX model"),
+    (lambda p: p.write_bytes((MODELS / "resnet_mini.onnx").read_bytes()[:5000]), "is not an ONNX model"),
+    (lambda p: p.write_text("hello, I am text\n"), "is not an ONNX model"),
+])
+@pytest.mark.parametrize("command", ["fuse", "inspect"])
+def test_unusable_input_exits_2_with_one_line(tmp_path, make, message, command):
+    path = tmp_path / "bad.onnx"
+    make(path)
+    res = run(command, path)
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and message in res.output and str(path) in res.output
+    assert "Traceback" not in res.output
+
+
+def test_newer_ir_version_is_refused(tmp_path):
+    model = onnx.load(str(MODELS / "mlp_bn1d.onnx"))
+    model.ir_version = onnx.IR_VERSION + 1
+    path = tmp_path / "new.onnx"
+    path.write_bytes(model.SerializeToString())
+    res = run("fuse", path)
+    assert res.exit_code == 2 and "newer than onnx" in res.output
+
+
+def test_missing_output_folder(model, tmp_path):
+    res = run("fuse", model, "-o", tmp_path / "nope" / "x.onnx")
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_failed_verification_writes_nothing_unless_forced(model, monkeypatch):
+    real = numerics.bn_affine
+
+    def drop_mean(scale, bias, mean, var, eps):  # a planted fold bug
+        return real(scale, bias, np.zeros_like(mean), var, eps)
+
+    monkeypatch.setattr(numerics, "bn_affine", drop_mean)
+    out = model.with_name("net.fused.onnx")
+    res = run("fuse", model)
+    assert res.exit_code == 1 and "not written" in res.output and "NOT EQUIVALENT" in res.output
+    assert not out.exists()
+    res = run("fuse", model, "--force")
+    assert res.exit_code == 0 and out.exists() and "--force" in res.output
+
+
+def test_without_onnxruntime_fuse_warns_and_verify_says_how_to_install(model, monkeypatch):
+    def missing():
+        raise MissingDependencyError(f"ONNX Runtime is not installed: {runner.INSTALL_HINT}")
+
+    monkeypatch.setattr(runner, "ort", missing)
+    res = run("fuse", model)
+    assert res.exit_code == 0 and "not verified" in res.output and "bnfold[cpu]" in res.output
+    assert model.with_name("net.fused.onnx").exists()
+    res = run("fuse", model, "--verify")
+    assert res.exit_code == 2 and "pip install" in res.output
+    res = run("verify", model, model)
+    assert res.exit_code == 2 and "pip install" in res.output
+
+
+def test_verify_exit_codes_and_junit(model, tmp_path):
+    assert run("fuse", model, "-q").exit_code == 0
+    fused = model.with_name("net.fused.onnx")
+    res = run("verify", model, fused, "--junit", tmp_path / "j.xml")
+    assert res.exit_code == 0 and "EQUIVALENT" in res.output and (tmp_path / "j.xml").exists()
+    other = MODELS / "mobilenet_mini.onnx"
+    res = run("verify", model, other, "--json", "--localize")
+    assert res.exit_code == 1 and json.loads(res.output)["equivalent"] is False
+    res = run("verify", model, tmp_path / "missing.onnx")
+    assert res.exit_code == 2 and "no such file" in res.output
+    res = run("verify", model, fused, "--providers", "tpu")
+    assert res.exit_code == 2 and "--providers" in res.output
+    res = run("verify", model, fused, "--dim", "oops")
+    assert res.exit_code == 2 and "NAME=VALUE" in res.output
+
+
+def test_help_and_module_entry_point():
+    res = run("--help")
+    assert res.exit_code == 0 and "fuse" in res.output and "verify" in res.output
+    for cmd in ("fuse", "verify", "inspect"):
+        assert run(cmd, "--help").exit_code == 0
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "bnfold" in proc.stdout
+
+
+def test_help_does_not_import_onnx_or_onnxruntime():
+    code = ("import sys; from click.testing import CliRunner; from bnfold.cli import main; "
+            "CliRunner().invoke(main, ['fuse', '--help']); "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
