@@ -26,7 +26,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto, helper
 
 from . import __version__, numerics
-from .graph import (FLOAT_TENSOR_TYPES, Constant, ModelIndex, NotConstant, Scope, attr,
+from .graph import (FLOAT_TENSOR_TYPES, Constant, ModelIndex, NotConstant, Scope, attr, has_attribute_refs,
                     is_default_domain)
 from .hosts import ACTIVATIONS, BACKWARD_HOSTS, FORWARD_HOSTS, LAYOUT_OPS, BackwardHost, Refusal
 from .reasons import Reason
@@ -181,6 +181,16 @@ def _fold_all(index: ModelIndex) -> List[BNRecord]:
 
 
 def _fold_one(scope: Scope, bn: NodeProto) -> BNRecord:
+    try:
+        return _try_fold(scope, bn)
+    except (ValueError, IndexError, TypeError, KeyError) as e:
+        # Malformed graphs must get a reason, never a traceback. Analysis precedes every
+        # edit, so a failure here leaves the model as it was.
+        return _kept(scope, bn, Refusal(Reason.UNSUPPORTED_HOST,
+                                        f"bnfold could not analyse it ({type(e).__name__}: {e})"))
+
+
+def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
     label = scope.label_of(bn)
     affine = _bn_affine(scope, bn)
     if isinstance(affine, Refusal):
@@ -214,6 +224,8 @@ PARAM_NAMES = ("scale", "B", "mean", "var")
 
 def _bn_affine(scope: Scope, bn: NodeProto) -> Union[Tuple[np.ndarray, np.ndarray], Refusal]:
     """The BN as ``(s, t)`` in float64, or why it cannot be folded at all."""
+    if has_attribute_refs(bn):
+        return Refusal(Reason.NOT_CONSTANT, "its attributes are set by the calling function")
     if attr(bn, "training_mode", 0):
         return Refusal(Reason.TRAINING_MODE, "training_mode=1: it normalises with batch statistics")
     extra = [o for o in bn.output[1:] if o]
@@ -257,6 +269,14 @@ def _weight(scope: Scope, node: NodeProto, index: int, what: str) -> Union[Const
         return Refusal(Reason.UNSUPPORTED_DTYPE,
                        f"the {what} of {node.op_type} '{scope.label_of(node)}' is not a float tensor")
     return c
+
+
+def _attribute_refs(scope: Scope, nodes: List[NodeProto]) -> Optional[Refusal]:
+    for node in nodes:
+        if has_attribute_refs(node):
+            return Refusal(Reason.UNSUPPORTED_HOST, f"{node.op_type} '{scope.label_of(node)}' takes attributes "
+                                                    "from the calling function")
+    return None
 
 
 def _feeds_only(scope: Scope, tensor: str, node: NodeProto, nxt: NodeProto) -> Optional[Refusal]:
@@ -402,7 +422,7 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
         return path
     host = path.host
     rule: BackwardHost = BACKWARD_HOSTS[host.op_type]
-    refusal = rule.check(scope, host)
+    refusal = _attribute_refs(scope, path.chain) or rule.check(scope, host)
     if refusal:
         return refusal
     w = _weight(scope, host, rule.weight_index, "weight")
@@ -448,7 +468,7 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold")
     if new_host_bias is not None:
         scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
-        rule.after_fold(host)
+        rule.after_fold(scope, host)
     chain = path.chain
     if path.add is not None:
         scope.write_constant(path.add, path.add_const, new_add, f"{host_label}_bias_bnfold")
@@ -471,6 +491,8 @@ def _insert_bias_add(scope: Scope, host: NodeProto, bias: np.ndarray, chain: Lis
     out = host.output[0]
     scope.rename_output(host, 0, scope.index.fresh_name(f"{out}_matmul"))
     add = helper.make_node("Add", [host.output[0], ""], [out], name=scope.index.fresh_name(f"{label}_bias_add"))
+    if scope.opset < 7:
+        add.attribute.append(helper.make_attribute("broadcast", 1))  # Add-6 broadcasts only when told to
     scope.add_node_after(host, add)
     scope.write_constant(add, 1, bias, f"{label}_bias_bnfold")
     chain.insert(1, add)
@@ -488,7 +510,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     rule = FORWARD_HOSTS.get(nxt.op_type) if is_default_domain(nxt) else None
     if rule is None or nxt.input[0] != y or y in nxt.input[1:]:
         return f"its output feeds {nxt.op_type} '{scope.label_of(nxt)}', not the data input of a Conv or Gemm"
-    w = _weight(scope, nxt, 1, "weight")
+    w = _attribute_refs(scope, [nxt]) or _weight(scope, nxt, 1, "weight")
     if isinstance(w, Refusal):
         return w
     w_val = w.value
@@ -515,7 +537,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     label = _name_base(nxt)
     scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold")
     scope.write_constant(nxt, 2, new_b, f"{label}_bias_bnfold")
-    rule.after_fold(nxt)
+    rule.after_fold(scope, nxt)
     scope.set_input(nxt, 0, bn.input[0])
     scope.remove_node(bn)
     return nxt

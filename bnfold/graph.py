@@ -37,6 +37,11 @@ def attr(node: NodeProto, name: str, default=None):
     return default
 
 
+def has_attribute_refs(node: NodeProto) -> bool:
+    """True when an attribute is a reference to a function attribute (its value is the caller's)."""
+    return any(a.ref_attr_name for a in node.attribute)
+
+
 def set_attr(node: NodeProto, name: str, value) -> None:
     for i, a in enumerate(node.attribute):
         if a.name == name:
@@ -355,6 +360,8 @@ class ModelIndex:
             node = s.producer.get(name)
             if node is not None:
                 if node.op_type == "Constant" and is_default_domain(node):
+                    if has_attribute_refs(node):
+                        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is set by the calling function")
                     if attr(node, "sparse_value") is not None or attr(node, "value_string") is not None:
                         return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
                     return Constant(name, s, attr(node, "value"), node)

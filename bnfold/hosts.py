@@ -61,8 +61,18 @@ class BackwardHost:
         """The bias the op adds, in float64, given the stored bias tensor (or None)."""
         return None if c is None else np.asarray(c, dtype=np.float64)
 
-    def after_fold(self, node: NodeProto) -> None:
+    def after_fold(self, scope: Scope, node: NodeProto) -> None:
         """Attribute changes the rewritten bias needs."""
+
+
+def _group_check(scope: Scope, node: NodeProto) -> Optional[Refusal]:
+    group = attr(node, "group", 1)
+    w = scope.index.resolve(scope, node.input[1]) if len(node.input) > 1 else None
+    dims = getattr(getattr(w, "tensor", None), "dims", None)
+    if not isinstance(group, int) or group < 1 or (dims and dims[0] % group):
+        return Refusal(Reason.UNSUPPORTED_HOST, f"{node.op_type} '{scope.label_of(node)}' has group={group}, "
+                                                "which does not divide its weight")
+    return None
 
 
 class ConvHost(BackwardHost):
@@ -71,6 +81,9 @@ class ConvHost(BackwardHost):
 
 class ConvTransposeHost(BackwardHost):
     op_type = "ConvTranspose"
+
+    def check(self, scope, node):
+        return _group_check(scope, node)
 
     def out_channels(self, node, w):
         return w.shape[1] * int(attr(node, "group", 1))
@@ -94,8 +107,15 @@ class GemmHost(BackwardHost):
             return None
         return float(attr(node, "beta", 1.0)) * np.asarray(c, dtype=np.float64)
 
-    def after_fold(self, node):
-        set_attr(node, "beta", 1.0)
+    def after_fold(self, scope, node):
+        gemm_bias_rewritten(scope, node)
+
+
+def gemm_bias_rewritten(scope: Scope, node: NodeProto) -> None:
+    """The new C already includes beta; Gemm-6 and older broadcast C only when told to."""
+    set_attr(node, "beta", 1.0)
+    if scope.opset < 7:
+        set_attr(node, "broadcast", 1)
 
 
 class MatMulHost(BackwardHost):
@@ -128,7 +148,7 @@ class ForwardHost:
         """Return ``(W', b')`` in float64 for ``op(s * x + t) == op'(x)``."""
         raise NotImplementedError
 
-    def after_fold(self, node: NodeProto) -> None:
+    def after_fold(self, scope: Scope, node: NodeProto) -> None:
         pass
 
 
@@ -147,6 +167,9 @@ class ConvForward(ForwardHost):
     op_type = "Conv"
 
     def check(self, scope, node, w):
+        refusal = _group_check(scope, node)
+        if refusal:
+            return refusal
         if conv_pads_input(node, w.shape[2:]):
             return Refusal(Reason.FOLLOWING_CONV_PADDED,
                            f"the following Conv '{scope.label_of(node)}' pads its input, and padded zeros "
@@ -187,8 +210,8 @@ class GemmForward(ForwardHost):
         b_new = shift if bias is None else beta * np.asarray(bias, dtype=np.float64) + shift
         return w_new, b_new
 
-    def after_fold(self, node):
-        set_attr(node, "beta", 1.0)
+    def after_fold(self, scope, node):
+        gemm_bias_rewritten(scope, node)
 
 
 FORWARD_HOSTS: Dict[str, ForwardHost] = {h.op_type: h for h in (ConvForward(), GemmForward())}

@@ -249,3 +249,44 @@ def test_every_reason_code_is_documented_in_readme():
     readme = (ROOT / "README.md").read_text()
     for reason in Reason:
         assert f"`{reason.value}`" in readme, reason
+
+
+def test_conv_attributes_from_calling_function_are_not_guessed():
+    from onnx import helper
+
+    p = bn_params(4)
+    body = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in p.items()]
+    body.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(rand(4, 2, 1, 1), "W")))
+    conv = helper.make_node("Conv", ["x", "W"], ["c"])
+    conv.attribute.append(helper.make_attribute_ref("group", onnx.AttributeProto.INT))
+    body += [conv, helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    fn = helper.make_function("local", "ConvBn", ["x"], ["y"], body, [helper.make_opsetid("", 15)], ["group"])
+    call = helper.make_node("ConvBn", ["x"], ["y"], domain="local", group=2)
+    graph = helper.make_graph([call], "g", [helper.make_tensor_value_info("x", 1, ["N", 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 4, 3, 3])])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 15),
+                                                                   helper.make_opsetid("local", 1)])
+    model.ir_version = 8
+    rec = kept(model, Reason.UNSUPPORTED_HOST)
+    assert "calling function" in rec.detail
+
+
+def test_group_that_does_not_divide_the_weight_does_not_crash():
+    model = conv_then("y = BatchNormalization (c, s, b, m, v)", W=rand(4, 4, 3, 3))
+    model.graph.node[0].op_type = "ConvTranspose"
+    model.graph.node[0].attribute.append(onnx.helper.make_attribute("group", 3))
+    kept(model, Reason.UNSUPPORTED_HOST, valid=False)
+
+
+def test_old_opset_gemm_gets_broadcast_for_its_new_bias():
+    model = build("""<ir_version: 3, opset_import: ["" : 6]>
+    g (float[3,5] a, float[5,6] W, float[3,6] C, float[6] s, float[6] b, float[6] m, float[6] v)
+      => (float[3,6] y) {
+        c = Gemm (a, W, C)
+        y = BatchNormalization <is_test = 1> (c, s, b, m, v)
+    }""", W=rand(5, 6), C=rand(3, 6), **bn_params(6))
+    result = fuse(model)
+    check(result.model)
+    gemm = result.model.graph.node[0]
+    assert bn_count(result.model) == 0
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}["broadcast"] == 1
