@@ -250,7 +250,7 @@ class Scope:
         old = node.input[i] if i < len(node.input) else ""
         if old:
             current = self.index.resolve(self, old)
-            if (isinstance(current, Constant) and self.index.refs[old] == 1
+            if (isinstance(current, Constant) and current.name == old and self.index.refs[old] == 1
                     and old not in current.scope.outputs
                     and current.tensor is not None
                     and tuple(current.tensor.dims) == tuple(value.shape)):
@@ -365,6 +365,8 @@ class ModelIndex:
                     if attr(node, "sparse_value") is not None or attr(node, "value_string") is not None:
                         return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
                     return Constant(name, s, attr(node, "value"), node)
+                if node.op_type == "Identity" and is_default_domain(node) and node.input:
+                    return self.resolve(s, node.input[0])  # exporters route shared weights through Identity
                 if node.op_type == "DequantizeLinear":
                     return NotConstant(Reason.QUANTIZED_WEIGHT,
                                        f"'{name}' is de-quantized at run time by DequantizeLinear '{s.label_of(node)}'")
@@ -373,7 +375,8 @@ class ModelIndex:
             if name in s.initializers:
                 if (name in s.inputs and self.model.ir_version >= 4 and not self.allow_overridable):
                     return NotConstant(Reason.OVERRIDABLE_PARAMETER,
-                                       f"'{name}' is an initializer that is also a graph input, so callers may override it")
+                                       f"'{name}' is an initializer that is also a graph input, so callers may "
+                                       "override it (allow_overridable / --allow-overridable treats it as constant)")
                 return Constant(name, s, s.initializers[name])
             if name in s.inputs:
                 return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is an input of the {s.label}")
@@ -419,11 +422,15 @@ class ModelIndex:
     # -- finishing -------------------------------------------------------------------
     def finish(self) -> None:
         """Drop tensors that folding orphaned, stale value_info, and write node lists back."""
-        orphans = {n for n in self.maybe_orphaned if self.refs[n] <= 0}
-        for scope in self.scopes:
-            for node in scope.live_nodes():
-                if (node.op_type == "Constant" and len(node.output) == 1 and node.output[0] in orphans):
-                    scope.remove_node(node)
+        while True:  # Constant/Identity nodes feeding only what folding removed go too, transitively
+            orphans = {n for n in self.maybe_orphaned if self.refs[n] <= 0}
+            dead = [(scope, node) for scope in self.scopes for node in scope.live_nodes()
+                    if node.op_type in ("Constant", "Identity") and is_default_domain(node)
+                    and len(node.output) == 1 and node.output[0] in orphans]
+            if not dead:
+                break
+            for scope, node in dead:
+                scope.remove_node(node)
         gone = orphans | self.vanished
         for scope in reversed(self.scopes):  # children before parents: rebuild copies nodes
             if not scope.is_function:

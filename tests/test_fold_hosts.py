@@ -345,3 +345,18 @@ def test_bfloat16_weights_fold_rounded_once(fold):
     expected = w.astype(np.float64) * s
     # rounded once to bfloat16: within half a bfloat16 ulp (2**-8 relative)
     assert np.all(np.abs(new_w.astype(np.float64) - expected) <= np.abs(expected) * 2.0 ** -8)
+
+
+def test_weight_behind_identity_is_copied_not_rewritten(fold):
+    """Exporters route shared parameters through Identity; the shared tensor must stay intact."""
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y, float[N,4,6,6] z) {{
+        Wi = Identity (W)
+        c = Conv <pads = [1, 1, 1, 1]> (x, Wi)
+        y = BatchNormalization (c, s, b, m, v)
+        z = Conv <pads = [1, 1, 1, 1]> (x, W)
+    }}""", W=rand(4, 4, 3, 3), **bn_params(4))
+    _, folded = fold(model)
+    assert bn_count(folded) == 0
+    assert_equivalent(model, folded)
+    assert "Identity" not in [n.op_type for n in folded.graph.node]
