@@ -283,7 +283,7 @@ def _feeds_only(scope: Scope, tensor: str, node: NodeProto, nxt: NodeProto) -> O
     """Refuse unless ``tensor`` (made by ``node``) is read only by ``nxt``."""
     if scope.only_consumer(tensor) is nxt:
         return None
-    others = scope.uses(tensor) - 1
+    others = scope.uses(tensor) - 1 - len(scope.shape_readers(tensor))
     where = "is a graph output" if tensor in scope.outputs else f"also feeds {others} other node(s)"
     return Refusal(Reason.HOST_OUTPUT_IN_USE,
                    f"'{tensor}', the output of {node.op_type} '{scope.label_of(node)}', {where}")
@@ -475,6 +475,7 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     elif not has_bias_slot:
         _insert_bias_add(scope, host, new_add, chain)
     last = chain[-1]
+    scope.redirect_shape_readers(last.output[0], bn.output[0])
     scope.remove_node(bn)
     scope.rename_output(last, 0, bn.output[0])
     return host
@@ -538,6 +539,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold")
     scope.write_constant(nxt, 2, new_b, f"{label}_bias_bnfold")
     rule.after_fold(scope, nxt)
+    scope.redirect_shape_readers(bn.output[0], bn.input[0])
     scope.set_input(nxt, 0, bn.input[0])
     scope.remove_node(bn)
     return nxt

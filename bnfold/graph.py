@@ -22,6 +22,11 @@ from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProt
 from .reasons import Reason
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops that read only a tensor's shape: folding changes values, never shapes, so they
+# may keep reading a tensor a fold rewrites.
+SHAPE_READERS = frozenset({"Shape", "Size"})
+# Pure ops on constants that resolve() evaluates, and finish() removes once dead.
+CONSTANT_OPS = frozenset({"Constant", "Identity", "Transpose"})
 FLOAT_TENSOR_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
@@ -83,9 +88,12 @@ class Constant:
     scope: "Scope"
     tensor: Optional[TensorProto]
     node: Optional[NodeProto] = None  # the Constant node, when it is one
+    derived: Optional[np.ndarray] = None  # value computed from ``tensor`` (e.g. transposed)
 
     @property
     def value(self) -> np.ndarray:
+        if self.derived is not None:
+            return self.derived
         if self.tensor is not None:
             return numpy_helper.to_array(self.tensor)
         # Constant node with value_float / value_floats / value_int(s)
@@ -160,11 +168,24 @@ class Scope:
         return len(self.consumers.get(name, ())) + (name in self.outputs)
 
     def only_consumer(self, name: str) -> Optional[NodeProto]:
-        """The single node reading ``name`` when nothing else (nor a graph output) does."""
-        users = self.consumers.get(name, ())
+        """The single node reading ``name``'s values when nothing else (nor a graph output) does.
+
+        Nodes that read only its shape (:data:`SHAPE_READERS`) do not count.
+        """
+        shape_readers = self.shape_readers(name)
+        users = [u for u in self.consumers.get(name, ()) if u not in shape_readers]
         if len(users) == 1 and name not in self.outputs:
             return users[0]
         return None
+
+    def shape_readers(self, name: str) -> List[NodeProto]:
+        return [u for u in self.consumers.get(name, ())
+                if u.op_type in SHAPE_READERS and is_default_domain(u) and list(u.input) == [name]]
+
+    def redirect_shape_readers(self, old: str, new: str) -> None:
+        """Point nodes reading only the shape of ``old`` at ``new`` (same shape)."""
+        for reader in self.shape_readers(old):
+            self.set_input(reader, 0, new)
 
     @property
     def opset(self) -> int:
@@ -250,7 +271,8 @@ class Scope:
         old = node.input[i] if i < len(node.input) else ""
         if old:
             current = self.index.resolve(self, old)
-            if (isinstance(current, Constant) and current.name == old and self.index.refs[old] == 1
+            if (isinstance(current, Constant) and current.name == old and current.derived is None
+                    and self.index.refs[old] == 1
                     and old not in current.scope.outputs
                     and current.tensor is not None
                     and tuple(current.tensor.dims) == tuple(value.shape)):
@@ -367,6 +389,13 @@ class ModelIndex:
                     return Constant(name, s, attr(node, "value"), node)
                 if node.op_type == "Identity" and is_default_domain(node) and node.input:
                     return self.resolve(s, node.input[0])  # exporters route shared weights through Identity
+                if node.op_type == "Transpose" and is_default_domain(node) and node.input:
+                    src = self.resolve(s, node.input[0])  # exporters without constant folding keep W^T
+                    if isinstance(src, Constant):
+                        perm = attr(node, "perm")
+                        value = np.transpose(src.value, perm if perm else None)
+                        return Constant(name, src.scope, src.tensor, src.node, derived=value)
+                    return src
                 if node.op_type == "DequantizeLinear":
                     return NotConstant(Reason.QUANTIZED_WEIGHT,
                                        f"'{name}' is de-quantized at run time by DequantizeLinear '{s.label_of(node)}'")
@@ -422,10 +451,10 @@ class ModelIndex:
     # -- finishing -------------------------------------------------------------------
     def finish(self) -> None:
         """Drop tensors that folding orphaned, stale value_info, and write node lists back."""
-        while True:  # Constant/Identity nodes feeding only what folding removed go too, transitively
+        while True:  # constant ops feeding only what folding removed go too, transitively
             orphans = {n for n in self.maybe_orphaned if self.refs[n] <= 0}
             dead = [(scope, node) for scope in self.scopes for node in scope.live_nodes()
-                    if node.op_type in ("Constant", "Identity") and is_default_domain(node)
+                    if node.op_type in CONSTANT_OPS and is_default_domain(node)
                     and len(node.output) == 1 and node.output[0] in orphans]
             if not dead:
                 break

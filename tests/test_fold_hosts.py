@@ -360,3 +360,35 @@ def test_weight_behind_identity_is_copied_not_rewritten(fold):
     assert bn_count(folded) == 0
     assert_equivalent(model, folded)
     assert "Identity" not in [n.op_type for n in folded.graph.node]
+
+
+@pytest.mark.parametrize("pre_transposed", [False, True])
+def test_levit_style_linear_bn1d_with_shape_reader(pre_transposed, fold):
+    """LeViT exports Linear+BatchNorm1d as MatMul -> Flatten -> BN -> Reshape(Shape(MatMul)),
+    with the weight as Transpose(W) when exported without constant folding."""
+    weight = "Wt = Transpose <perm = [1, 0]> (W)\n        mm = MatMul (x, Wt)" if not pre_transposed \
+        else "mm = MatMul (x, W)"
+    model = build(f"""{HEAD}
+    g (float[N,4,5] x) => (float[N,4,6] y) {{
+        {weight}
+        flat = Flatten <axis = 2> (mm)
+        z = BatchNormalization (flat, s, b, m, v)
+        shape = Shape (mm)
+        y = Reshape (z, shape)
+    }}""", W=rand(6, 5) if not pre_transposed else rand(5, 6), **bn_params(6))
+    _, folded = fold(model)
+    assert bn_count(folded) == 0
+    assert "Transpose" not in [n.op_type for n in folded.graph.node]
+    assert_equivalent(model, folded)
+
+
+def test_conv_output_shape_reader_is_redirected(fold):
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y, int64[4] sh) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, W)
+        sh = Shape (c)
+        y = BatchNormalization (c, s, b, m, v)
+    }}""", W=rand(4, 4, 3, 3), **bn_params(4))
+    _, folded = fold(model)
+    assert bn_count(folded) == 0
+    assert_equivalent(model, folded)
