@@ -49,7 +49,7 @@ def export(name: str, out: Path, batch: int = 8) -> Path:
     path = out / f"{name}.onnx"
     x = torch.randn(1, *size)
     torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                      do_constant_folding=False, opset_version=17, input_names=["input"], output_names=["logits"],
+                      opset_version=17, input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return path
 

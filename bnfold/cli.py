@@ -56,7 +56,7 @@ def render_fuse(result, output: Optional[str], verbose: int) -> str:
     if output:
         lines.append(f"{result.source} -> {output}")
     lines.append(f"BatchNormalization {b.bn_count} -> {a.bn_count}   nodes {b.node_count} -> {a.node_count}   "
-                 f"size {_human_size(b.size_bytes)} -> {_human_size(a.size_bytes)}")
+                 f"weights {_human_size(b.weight_bytes)} -> {_human_size(a.weight_bytes)}")
     rows = [r for r in result.records if verbose > 0 or not r.folded or len(result.records) <= 40]
     if rows:
         w_node = max(len("BatchNormalization"), *(len(r.node) for r in rows))
@@ -220,7 +220,6 @@ def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optiona
     """
     from .errors import MissingDependencyError
     from .fold import fuse as fuse_model
-    from .modelio import stage_model
 
     if in_place and output is not None:
         raise click.UsageError("--in-place and --output are mutually exclusive")
@@ -230,7 +229,7 @@ def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optiona
     kwargs = _verify_kwargs(**verify_opts)
     result = fuse_model(model, allow_overridable=allow_overridable)
     report = None
-    with stage_model(result.model, target, external_data=result.source_external_data or None) as staged:
+    with result.stage(target, external_data=result.source_external_data or None) as staged:
         if do_verify is not False and result.folded:
             try:
                 report = _run_verify(model, Path(staged.path), kwargs, junit_path)

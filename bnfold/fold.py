@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import ModelProto, NodeProto, helper
@@ -66,23 +66,50 @@ class BNRecord:
 class ModelStats:
     bn_count: int
     node_count: int
-    size_bytes: int
+    weight_bytes: int
+    """Bytes of tensor data: initializers and tensor attributes, all scopes."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass
 class FuseResult:
     """The folded model and a record for every BatchNormalization it had."""
 
-    model: ModelProto
-    records: List[BNRecord]
-    before: ModelStats
-    after: ModelStats
-    source: Optional[str] = None
-    source_external_data: bool = False
-    """Whether the source file kept its weights in external data."""
+    def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
+                 before: ModelStats, after: ModelStats, source: Optional[str] = None,
+                 source_external_data: bool = False) -> None:
+        self._model = model
+        self._replacements = replacements
+        self.records = records
+        self.before = before
+        self.after = after
+        self.source = source
+        self.source_external_data = source_external_data
+        """Whether the source file kept its weights in external data."""
+
+    @property
+    def model(self) -> ModelProto:
+        """The folded model. Folded initializers are written into it on first access;
+        :meth:`save` writes them straight to disk instead, sparing that memory."""
+        if self._replacements:
+            from .graph import overwrite_tensor
+
+            for t in self._model.graph.initializer:
+                if t.name in self._replacements:
+                    overwrite_tensor(t, self._replacements.pop(t.name))
+            self._replacements = {}
+        return self._model
+
+    def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None):
+        """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`)."""
+        from .modelio import stage_model
+
+        return stage_model(self._model, path, external_data=external_data, replacements=self._replacements)
+
+    def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
+        """Write the folded model to ``path`` atomically."""
+        self.stage(path, external_data=external_data).commit()
 
     @property
     def folded(self) -> List[BNRecord]:
@@ -105,7 +132,12 @@ class FuseResult:
 
 
 def count(model: ModelProto) -> ModelStats:
-    """BN count, node count (all graphs and functions) and serialized size."""
+    """BN count, node count and weight bytes, over all graphs and functions.
+
+    (``ModelProto.ByteSize`` would cost as much as serializing the model.)
+    """
+    from .modelio import iter_tensors, tensor_nbytes
+
     bn = nodes = 0
 
     def walk(graph_nodes):
@@ -122,7 +154,8 @@ def count(model: ModelProto) -> ModelStats:
     walk(model.graph.node)
     for f in model.functions:
         walk(f.node)
-    return ModelStats(bn, nodes, model.ByteSize())
+    weight_bytes = sum(tensor_nbytes(t) or 0 for t in iter_tensors(model))
+    return ModelStats(bn, nodes, weight_bytes)
 
 
 def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_overridable: bool = False,
@@ -145,10 +178,12 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     before = count(model)
     index = ModelIndex(model, allow_overridable=allow_overridable)
     records = _fold_all(index)
+    replacements: Dict[str, np.ndarray] = {}
     if any(r.folded for r in records):
+        replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records)
-    return FuseResult(model, records, before, count(model), source, external)
+    return FuseResult(model, replacements, records, before, count(model), source, external)
 
 
 def _stamp(model: ModelProto, records: List[BNRecord]) -> None:

@@ -11,6 +11,7 @@ its own names.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Set, Union
@@ -75,6 +76,18 @@ def _names_read(graph: GraphProto) -> Set[str]:
     return names
 
 
+def overwrite_tensor(tensor: TensorProto, value: np.ndarray) -> None:
+    """Replace the data of ``tensor`` (same dims) by ``value``, keeping its name and doc."""
+    if sys.byteorder == "little" and onnx.helper.np_dtype_to_tensor_dtype(value.dtype) == tensor.data_type:
+        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(f)
+        tensor.raw_data = np.ascontiguousarray(value).tobytes()
+        return
+    fresh = numpy_helper.from_array(value, tensor.name)
+    fresh.doc_string = tensor.doc_string
+    tensor.CopyFrom(fresh)
+
+
 def node_label(node: NodeProto, position: int) -> str:
     """A stable, human name for a node: its name, or ``Op#position`` when unnamed."""
     return node.name if node.name else f"{node.op_type}#{position}"
@@ -95,6 +108,9 @@ class Constant:
         if self.derived is not None:
             return self.derived
         if self.tensor is not None:
+            pending = self.scope.index.pending.get(id(self.tensor))
+            if pending is not None:
+                return pending[1]
             return numpy_helper.to_array(self.tensor)
         # Constant node with value_float / value_floats / value_int(s)
         for key in ("value_float", "value_floats", "value_int", "value_ints"):
@@ -276,9 +292,9 @@ class Scope:
                     and old not in current.scope.outputs
                     and current.tensor is not None
                     and tuple(current.tensor.dims) == tuple(value.shape)):
-                fresh = numpy_helper.from_array(value, old)
-                fresh.doc_string = current.tensor.doc_string
-                current.tensor.CopyFrom(fresh)
+                # Recorded, not written: replacing a field's bytes inside a loaded protobuf keeps the
+                # old bytes alive in its arena. Main-graph initializers are written straight to disk.
+                self.index.pending[id(current.tensor)] = (current.tensor, value)
                 self.changed = True
                 return old
         name = self.index.fresh_name(base)
@@ -324,6 +340,7 @@ class ModelIndex:
         self.maybe_orphaned: Set[str] = set()
         self.vanished: Set[str] = set()
         self._fresh_counter = itertools.count()
+        self.pending: Dict[int, tuple] = {}  # id(tensor) -> (tensor, new value), see write_constant
         self.scopes: List[Scope] = []
         self.main = self._add_graph(model.graph, "main graph", None)
         for f in model.functions:
@@ -449,6 +466,18 @@ class ModelIndex:
         return ranks
 
     # -- finishing -------------------------------------------------------------------
+    def take_replacements(self) -> Dict[str, np.ndarray]:
+        """New values of main-graph initializers, by name; every other pending edit is applied."""
+        main = self.main.initializers
+        out: Dict[str, np.ndarray] = {}
+        for tensor, value in self.pending.values():
+            if main.get(tensor.name) is tensor:
+                out[tensor.name] = value
+            else:
+                overwrite_tensor(tensor, value)
+        self.pending.clear()
+        return out
+
     def finish(self) -> None:
         """Drop tensors that folding orphaned, stale value_info, and write node lists back."""
         while True:  # constant ops feeding only what folding removed go too, transitively

@@ -12,15 +12,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+import sys
+from typing import Dict, Iterator, Optional, Tuple
 
+import numpy as np
 import onnx
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto, TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
 from .errors import BnfoldError, PathLike
 
 PROTOBUF_LIMIT = 2**31 - 1
+# Sub-byte and string types: their raw_data length does not follow from dims x itemsize.
+_PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
+                                        ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}
 # Above this size the output goes to external data even when the input had none.
 EXTERNAL_THRESHOLD = 2**31 - 2**26
 
@@ -227,27 +232,35 @@ class StagedModel:
         self.discard()
 
 
-def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None) -> StagedModel:
+def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None,
+                replacements: Optional[Dict[str, np.ndarray]] = None) -> StagedModel:
     """Write ``model`` for ``path`` into a temporary folder beside it (see :class:`StagedModel`).
 
-    With ``external_data`` (or when the model would pass protobuf's 2 GB limit) the
-    weights go to ``<name>.data`` beside it. Note that this converts the tensors of
-    ``model`` in place to refer to that file.
+    ``replacements`` gives new data for main-graph initializers by name; they are
+    streamed to disk without entering the model. With ``external_data`` (or when the
+    weights pass protobuf's 2 GB limit) the weights go to ``<name>.data`` beside it;
+    that converts the tensors of ``model`` in place to refer to that file.
     """
     p = Path(path)
     _check_writable_folder(p)
+    replacements = dict(replacements or {})
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_THRESHOLD
+        external_data = sum(tensor_nbytes(t) or 0 for t in iter_tensors(model)) > EXTERNAL_THRESHOLD
     tmpdir = tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.")
     try:
         if external_data:
+            from .graph import overwrite_tensor
+
+            for t in model.graph.initializer:
+                if t.name in replacements:
+                    overwrite_tensor(t, replacements.pop(t.name))
             data_name = p.name + ".data"
             onnx.save_model(model, os.path.join(tmpdir, p.name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             files = tuple(n for n in (data_name, p.name) if os.path.exists(os.path.join(tmpdir, n)))
         else:
             with open(os.path.join(tmpdir, p.name), "wb") as f:
-                f.write(model.SerializeToString())
+                write_model(model, f, replacements)
                 f.flush()
                 os.fsync(f.fileno())
             files = (p.name,)
@@ -259,6 +272,103 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
     return StagedModel(p, tmpdir, files)
 
 
+# -- streaming serialization ---------------------------------------------------------------
+# A model is written piece by piece: everything but the main graph's initializers as
+# ordinary protobuf, then each initializer as a length-delimited field whose raw bytes
+# come straight from the tensor (or its replacement). Protobuf parsers accept fields in
+# any order and append repeated fields, so the result parses to the same model, without
+# a second in-memory copy of all weights.
+
+_GRAPH = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+def _copy_except(msg, skip: str):
+    head = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(head, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(head, fd.name).CopyFrom(value)
+        else:
+            setattr(head, fd.name, value)
+    return head
+
+
+def _tensor_pieces(t: TensorProto, replacement: Optional[np.ndarray]):
+    """(head bytes, raw-data length or None) for one initializer."""
+    if replacement is not None:
+        if onnx.helper.np_dtype_to_tensor_dtype(replacement.dtype) != t.data_type or sys.byteorder != "little":
+            fresh = numpy_helper.from_array(replacement, t.name)
+            fresh.doc_string = t.doc_string
+            return fresh.SerializeToString(), None
+        head = _copy_except(t, "raw_data")
+        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            head.ClearField(f)
+        return head.SerializeToString(), replacement.nbytes
+    n = tensor_nbytes(t)
+    if t.HasField("raw_data") and n is not None and t.data_type not in _PACKED_TYPES:
+        return _copy_except(t, "raw_data").SerializeToString(), n
+    return t.SerializeToString(), None
+
+
+def write_model(model: ModelProto, f, replacements: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """Serialize ``model`` to the binary file ``f``, streaming the main graph's initializers."""
+    replacements = replacements or {}
+    f.write(_copy_except(model, "graph").SerializeToString())
+    graph = model.graph
+    graph_head = _copy_except(graph, "initializer").SerializeToString()
+    pieces = []
+    total = len(graph_head)
+    for t in graph.initializer:
+        head, n = _tensor_pieces(t, replacements.get(t.name))
+        body = len(head) + (0 if n is None else len(_key(_RAW_DATA)) + len(_varint(n)) + n)
+        total += len(_key(_INITIALIZER)) + len(_varint(body)) + body
+        pieces.append((t, head, n, body))
+    f.write(_key(_GRAPH) + _varint(total))
+    f.write(graph_head)
+    for t, head, n, body in pieces:
+        f.write(_key(_INITIALIZER) + _varint(body))
+        f.write(head)
+        if n is None:
+            continue
+        value = replacements.get(t.name)
+        data = memoryview(np.ascontiguousarray(value)).cast("B") if value is not None else t.raw_data
+        if len(data) != n:
+            raise ValueError(f"tensor '{t.name}' holds {len(data)} bytes, its dims call for {n}")
+        f.write(_key(_RAW_DATA) + _varint(n))
+        f.write(data)
+
+
 def save_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None) -> None:
     """Write ``model`` to ``path`` atomically (see :func:`stage_model`)."""
     stage_model(model, path, external_data=external_data).commit()
+
+
+def serialize(model: ModelProto) -> bytes:
+    """The bytes :func:`write_model` writes (for tests and small models)."""
+    import io
+
+    buf = io.BytesIO()
+    write_model(model, buf)
+    return buf.getvalue()

@@ -108,6 +108,8 @@ def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     v64 = np.asarray(values, dtype=FLOAT64)
     with np.errstate(over="ignore"):
         out = v64.astype(dtype)
+    if np.isfinite(out).all():  # the common case: one pass over the small result
+        return out
     overflowed = ~np.isfinite(out.astype(FLOAT64)) & np.isfinite(v64)
     if overflowed.any():
         raise FoldOverflow(what, dtype, float(np.abs(v64[overflowed]).max()))
