@@ -230,9 +230,11 @@ def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optiona
     result = fuse_model(model, allow_overridable=allow_overridable)
     report = None
     with result.stage(target, external_data=result.source_external_data or None) as staged:
+        result.release_model()  # written: free it before ONNX Runtime loads both models
         if do_verify is not False and result.folded:
             try:
-                report = _run_verify(model, Path(staged.path), kwargs, junit_path)
+                # fuse has just loaded (and so checked) MODEL, and wrote the candidate itself
+                report = _run_verify(model, Path(staged.path), kwargs, junit_path, validated=True)
                 report.candidate = str(target)
             except MissingDependencyError as e:
                 if do_verify:
@@ -250,11 +252,11 @@ def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optiona
         click.echo(f"bnfold: warning: {target} written with --force although verification failed", err=True)
 
 
-def _run_verify(reference: Path, candidate: Path, kwargs: dict, junit_path: Optional[Path]):
+def _run_verify(reference: Path, candidate: Path, kwargs: dict, junit_path: Optional[Path], validated=False):
     from .modelio import write_bytes_atomic
     from .verification import verify
 
-    report = verify(reference, candidate, **kwargs)
+    report = verify(reference, candidate, validated=validated, **kwargs)
     if junit_path is not None:
         write_bytes_atomic(junit_path, report.to_junit().encode())
     return report

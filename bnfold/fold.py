@@ -92,6 +92,8 @@ class FuseResult:
     def model(self) -> ModelProto:
         """The folded model. Folded initializers are written into it on first access;
         :meth:`save` writes them straight to disk instead, sparing that memory."""
+        if self._model is None:
+            raise ValueError("the model was released (release_model) after saving")
         if self._replacements:
             from .graph import overwrite_tensor
 
@@ -110,6 +112,11 @@ class FuseResult:
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
         self.stage(path, external_data=external_data).commit()
+
+    def release_model(self) -> None:
+        """Free the model's memory once it is saved; records and statistics stay."""
+        self._model = None
+        self._replacements = {}
 
     @property
     def folded(self) -> List[BNRecord]:

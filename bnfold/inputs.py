@@ -24,18 +24,14 @@ DEFAULT_DIM = 32
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    elem_type: int
+    dtype: np.dtype
     dims: Tuple[object, ...]  # int, str (symbolic) or None (unknown)
-
-    @property
-    def dtype(self) -> np.dtype:
-        from onnx import helper
-
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
 
 
 def input_specs(model) -> List[InputSpec]:
     """The inputs a caller must feed: graph inputs that have no initializer."""
+    from onnx import helper
+
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for v in model.graph.input:
@@ -45,8 +41,21 @@ def input_specs(model) -> List[InputSpec]:
         dims: Tuple[object, ...] = ()
         if tt.HasField("shape"):
             dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(v.name, tt.elem_type, dims))
+        specs.append(InputSpec(v.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
     return specs
+
+
+def dtype_of_ort_type(type_str: str) -> np.dtype:
+    """numpy dtype for an ONNX Runtime type string such as ``tensor(float16)``."""
+    from onnx import TensorProto, helper
+
+    name = type_str[len("tensor("):-1] if type_str.startswith("tensor(") else type_str
+    onnx_names = {"float": "FLOAT", "double": "DOUBLE"}
+    try:
+        elem = getattr(TensorProto, onnx_names.get(name, name.upper()))
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    except (AttributeError, KeyError, TypeError):
+        raise BnfoldError(f"inputs of type {type_str} are not supported") from None
 
 
 def resolve_shapes(specs: List[InputSpec], dims: Mapping[str, int],

@@ -89,6 +89,7 @@ class Runner:
     session: object = None
     reference_fallback: bool = False
     output_names: Sequence[str] = ()
+    inputs: Sequence[object] = ()  # InputSpec: what a caller must feed
 
     def run(self, feeds: Dict[str, np.ndarray], outputs: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
         names = list(outputs or self.output_names)
@@ -117,15 +118,19 @@ def open_runner(path: str, provider: str) -> Runner:
         if provider == CPU and no_kernel and os.path.getsize(path) <= REFERENCE_FALLBACK_BYTES:
             return _reference_runner(path)
         raise BnfoldError(f"ONNX Runtime cannot load it ({msg})", path) from None
-    return Runner(os.fspath(path), provider, sess, False, [o.name for o in sess.get_outputs()])
+    from .inputs import InputSpec, dtype_of_ort_type
+
+    specs = [InputSpec(i.name, dtype_of_ort_type(i.type), tuple(i.shape)) for i in sess.get_inputs()]
+    return Runner(os.fspath(path), provider, sess, False, [o.name for o in sess.get_outputs()], specs)
 
 
 def _reference_runner(path: str) -> Runner:
-    import onnx
     from onnx.reference import ReferenceEvaluator
 
     from .modelio import load_model
 
+    from .inputs import input_specs
+
     model = load_model(path)
     ev = ReferenceEvaluator(model)
-    return Runner(os.fspath(path), CPU, ev, True, [o.name for o in model.graph.output])
+    return Runner(os.fspath(path), CPU, ev, True, [o.name for o in model.graph.output], input_specs(model))

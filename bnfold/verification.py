@@ -230,40 +230,24 @@ def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "
            seed: int = 0, dims: Optional[Mapping[str, int]] = None,
            shapes: Optional[Mapping[str, Tuple[int, ...]]] = None, inputs: Optional[os.PathLike] = None,
            rtol: Optional[float] = None, atol: Optional[float] = None,
-           output_tolerances: Optional[Mapping[str, Tolerance]] = None, localize: bool = False) -> VerifyReport:
+           output_tolerances: Optional[Mapping[str, Tolerance]] = None, localize: bool = False,
+           validated: bool = False) -> VerifyReport:
     """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
 
     Models are passed to ONNX Runtime by path. Raises :class:`BnfoldError` when a
     model cannot be loaded or run, or the providers asked for are not usable.
+    ``validated`` skips bnfold's own checks of the files (format, versions, external
+    data locations) for callers that just made or checked them.
     """
-    from .modelio import load_model
-
     t0 = time.perf_counter()
     ref_path, cand_path = os.fspath(reference), os.fspath(candidate)
-    ref_model = load_model(ref_path, load_external=False)
-    cand_model = load_model(cand_path, load_external=False)
-    specs = inputs_mod.input_specs(ref_model)
-    cand_specs = {s.name: s for s in inputs_mod.input_specs(cand_model)}
-    missing = [s.name for s in specs if s.name not in cand_specs]
-    if missing:
-        raise BnfoldError(f"lacks the reference's input(s) {', '.join(missing)}", cand_path)
+    if not validated:
+        from .modelio import load_model
+
+        for p in (ref_path, cand_path):  # clear messages for unusable files, external data checked
+            load_model(p, load_external=False)
     use, skipped = parse_providers(providers)
     notes: List[str] = []
-    if inputs is not None:
-        feeds_list = [inputs_mod.load_feeds(inputs, specs)]
-        input_info = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "source": os.fspath(inputs)}
-                      for k, v in feeds_list[0].items()}
-    else:
-        shape_map, notes = inputs_mod.resolve_shapes(specs, dims or {}, shapes or {})
-        feeds_list = [inputs_mod.random_feeds(specs, shape_map, seed + k) for k in range(max(samples, 1))]
-        input_info = {s.name: {"shape": list(shape_map[s.name]), "dtype": str(s.dtype), "source": "random"}
-                      for s in specs}
-    base = Tolerance(rtol, atol)
-    per_output = dict(output_tolerances or {})
-    out_names = [o.name for o in ref_model.graph.output]
-    cand_outs = {o.name for o in cand_model.graph.output}
-    del ref_model, cand_model
-
     runners: Dict[Tuple[str, str], runner.Runner] = {}
 
     def get(path: str, provider: str) -> runner.Runner:
@@ -273,6 +257,27 @@ def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "
             if runners[key].reference_fallback:
                 notes.append(f"{Path(path).name}: ONNX Runtime has no kernel for it; used onnx.reference")
         return runners[key]
+
+    ref_runner = get(ref_path, use[0])
+    specs = list(ref_runner.inputs)
+    cand_specs = {s.name for s in get(cand_path, use[-1]).inputs}
+    missing = [s.name for s in specs if s.name not in cand_specs]
+    if missing:
+        raise BnfoldError(f"lacks the reference's input(s) {', '.join(missing)}", cand_path)
+    if inputs is not None:
+        feeds_list = [inputs_mod.load_feeds(inputs, specs)]
+        input_info = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "source": os.fspath(inputs)}
+                      for k, v in feeds_list[0].items()}
+    else:
+        shape_map, shape_notes = inputs_mod.resolve_shapes(specs, dims or {}, shapes or {})
+        notes.extend(shape_notes)
+        feeds_list = [inputs_mod.random_feeds(specs, shape_map, seed + k) for k in range(max(samples, 1))]
+        input_info = {s.name: {"shape": list(shape_map[s.name]), "dtype": str(s.dtype), "source": "random"}
+                      for s in specs}
+    base = Tolerance(rtol, atol)
+    per_output = dict(output_tolerances or {})
+    out_names = list(ref_runner.output_names)
+    cand_outs = set(get(cand_path, use[-1]).output_names)
 
     comparisons: List[Comparison] = []
     infer_s = 0.0
