@@ -241,6 +241,8 @@ def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optiona
                     raise
                 if not quiet:
                     click.echo(f"bnfold: warning: not verified: {e}", err=True)
+            except BnfoldError as e:
+                raise BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)", e.path) from None
         failed = report is not None and not report.equivalent
         if failed and not force:
             _emit(result, None, report_path, as_json, verbose, quiet, report)

@@ -4,7 +4,9 @@ Dynamic dimensions take, in order: ``--shape INPUT=AxBxC`` for the whole input,
 ``--dim NAME=VALUE`` for a named symbolic dimension, else the defaults
 :data:`DEFAULT_BATCH` for axis 0 and :data:`DEFAULT_DIM` for any other axis.
 Random values: floats from a standard normal, signed integers in [0, 10) (safe as
-indices), uint8 in [0, 256), bools fair coins; one generator seeded per sample.
+indices), uint8 in [0, 256), bools fair coins, except scalar bools (branch
+conditions), which alternate True/False from sample to sample; one generator
+seeded per sample.
 """
 from __future__ import annotations
 
@@ -81,7 +83,10 @@ def resolve_shapes(specs: List[InputSpec], dims: Mapping[str, int],
     return out, notes
 
 
-def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], seed: int) -> Dict[str, np.ndarray]:
+def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], seed: int,
+                 sample: int = 0) -> Dict[str, np.ndarray]:
+    """Seeded random feeds. A scalar bool (a branch condition) alternates True/False by
+    ``sample``, so that two samples take both branches."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
@@ -90,14 +95,14 @@ def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], 
         if dt.kind == "f" or dt.name == "bfloat16":
             arr = rng.standard_normal(shape).astype(dt)
         elif dt.kind == "b":
-            arr = rng.random(shape) < 0.5
+            arr = (sample % 2 == 0) if shape == () else rng.random(shape) < 0.5
         elif dt == np.uint8:
             arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
         elif dt.kind in "iu":
             arr = rng.integers(0, 10, size=shape).astype(dt)
         else:
             raise BnfoldError(f"cannot generate data for input '{spec.name}' of type {dt}; pass --inputs")
-        feeds[spec.name] = arr
+        feeds[spec.name] = np.asarray(arr, dtype=dt)  # 0-d inputs come back from numpy as scalars
     return feeds
 
 

@@ -271,7 +271,7 @@ def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "
     else:
         shape_map, shape_notes = inputs_mod.resolve_shapes(specs, dims or {}, shapes or {})
         notes.extend(shape_notes)
-        feeds_list = [inputs_mod.random_feeds(specs, shape_map, seed + k) for k in range(max(samples, 1))]
+        feeds_list = [inputs_mod.random_feeds(specs, shape_map, seed + k, k) for k in range(max(samples, 1))]
         input_info = {s.name: {"shape": list(shape_map[s.name]), "dtype": str(s.dtype), "source": "random"}
                       for s in specs}
     base = Tolerance(rtol, atol)

@@ -310,3 +310,18 @@ def test_real_cuda_provider(pair):
     assert [c.name for c in report.comparisons] == ["cuda", "cpu-vs-cuda"]
     bug = verify(ref, pair(dropped_mean(onnx.load(str(ref))), "bug.onnx"), providers="cuda")
     assert not bug.equivalent
+
+
+def test_scalar_inputs(pair):
+    text = """<ir_version: 8, opset_import: ["" : 15]>
+    g (bool c, float k, float[N,3] x) => (float[N,3] y) {
+        s = Mul (x, k)
+        y = If (c) < then_branch = t () => (float[N,3] a) { a = Relu (s) },
+                     else_branch = e () => (float[N,3] b) { b = Neg (s) } >
+    }"""
+    ref = pair(build(text), "ref.onnx")
+    report = verify(ref, ref, providers="cpu")
+    assert report.equivalent and report.inputs["c"]["shape"] == []
+    # the two default samples take both branches: a candidate wrong in one branch only fails
+    cand = pair(build(text.replace("b = Neg (s)", "b = Relu (s)")), "cand.onnx")
+    assert not verify(ref, cand, providers="cpu").equivalent
