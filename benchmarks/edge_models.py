@@ -82,16 +82,17 @@ def mixed_precision_bn15():
 
 
 def float16_overflow():
-    """float16 model whose folded weights would pass 65504: folding must refuse."""
+    """A finite float16 model whose folded weights would pass 65504 (small inputs, large
+    weight x BN scale): folding must refuse rather than write inf."""
     stats = _stats(8, 3, np.float16)
     stats["v"][:] = 1e-4
     stats["s"][:] = 8.0
     return _model(f"""{HEAD}
     g (float16[N,8,16,16] x) => (float16[N,8,16,16] y) {{
-        c = Conv <pads = [1, 1, 1, 1]> (x, W)
-        z = BatchNormalization <epsilon = 1e-7> (c, s, b, m, v)
-        y = Tanh (z)
-    }}""", W=np.full((8, 8, 3, 3), 100.0, np.float16), **stats)
+        small = Mul (x, k)
+        c = Conv (small, W)
+        y = BatchNormalization <epsilon = 1e-7> (c, s, b, m, v)
+    }}""", k=np.array(1e-3, np.float16), W=_w(8, 8, 1, 1, dtype=np.float16) * np.float16(300), **stats)
 
 
 def name_collisions():
@@ -130,14 +131,14 @@ def spatial0_bn7():
 
 
 def matmul_transpose_bn():
-    """MatMul over [B, T, C] features, Transpose to [B, C, T], BN over C: folding into the weight's
-    columns would be right only if done through the transpose; ONNX Runtime gets it wrong."""
+    """MatMul [8, C] -> Transpose -> BN over the 8 rows: BN's channels are not the MatMul's
+    features, so nothing may fold (ONNX Runtime's MatMul+BN fusion folds it, wrongly)."""
     return _model(f"""{HEAD}
-    g (float[N,10,16] x) => (float[N,16,10] y) {{
+    g (float[8,8] x) => (float[8,8] y) {{
         mm = MatMul (x, W)
-        t = Transpose <perm = [0, 2, 1]> (mm)
+        t = Transpose <perm = [1, 0]> (mm)
         y = BatchNormalization (t, s, b, m, v)
-    }}""", W=_w(16, 16), **_stats(16, 3))
+    }}""", W=_w(8, 8), **_stats(8, 3))
 
 
 def matmul3d_bn():

@@ -1,0 +1,279 @@
+"""bnfold against the tools people use today, on the same models in one run.
+
+    python benchmarks/run.py [--repeat 3] [--only NAME ...] [--no-export]
+
+Writes benchmarks/RESULTS.md and prints the same tables. Needs the benchmark
+environment (benchmarks/requirements.txt); see the README's Benchmarks section.
+
+For each model (models/, benchmarks/edge_models.py, timm exports from
+benchmarks/export_models.py) and tool, one fresh process folds and saves the model
+under /usr/bin/time, so wall time and peak RSS are whole-process figures. Every
+output is then checked: ONNX checker (full_check), BN count, and equivalence
+with the unmodified model through ONNX Runtime (CPU, graph optimisations off on
+both sides, bnfold.verification, which never imports the fold code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORK = HERE / "work"
+
+TOOLS = {
+    "bnfold": [sys.executable, "-m", "bnfold", "fuse", "{in}", "-o", "{out}", "--no-verify", "-q"],
+    "onnxoptimizer": [sys.executable, "-c", "import onnx, onnxoptimizer, sys; m = onnx.load(sys.argv[1]); "
+                      "onnx.save(onnxoptimizer.optimize(m, ['fuse_bn_into_conv']), sys.argv[2])", "{in}", "{out}"],
+    "onnxsim": [sys.executable, "-c", "import onnx, onnxsim, sys; m, _ = onnxsim.simplify(onnx.load(sys.argv[1])); "
+                "onnx.save(m, sys.argv[2])", "{in}", "{out}"],
+    "onnxslim": [sys.executable, "-c", "import onnx, onnxslim, sys; "
+                 "onnx.save(onnxslim.slim(onnx.load(sys.argv[1])), sys.argv[2])", "{in}", "{out}"],
+    "onnxscript": [sys.executable, "-c", "import onnx, sys; from onnxscript import optimizer, rewriter; "
+                   "m = optimizer.optimize(onnx.load(sys.argv[1])); onnx.save(rewriter.rewrite(m), sys.argv[2])",
+                   "{in}", "{out}"],
+    "ort-basic": [sys.executable, "-c", "import onnxruntime as ort, sys; so = ort.SessionOptions(); "
+                  "so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC; "
+                  "so.optimized_model_filepath = sys.argv[2]; "
+                  "ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])", "{in}", "{out}"],
+}
+FLOOR = [sys.executable, "-c", "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])", "{in}", "{out}"]
+
+
+def timed(cmd, inp: Path, out: Path, timeout: int = 600) -> dict:
+    args = ["/usr/bin/time", "-f", "@@%e %M"] + [a.replace("{in}", str(inp)).replace("{out}", str(out)) for a in cmd]
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"rc": -1, "wall": float(timeout), "rss_mb": 0.0, "err": "timeout"}
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("@@")][-1]
+    wall, rss = line[2:].split()
+    err = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("@@")]
+    return {"rc": p.returncode, "wall": float(wall), "rss_mb": int(rss) / 1024, "err": err[-1][:160] if err else ""}
+
+
+def counts(path: Path):
+    """(BatchNormalization nodes, all nodes), over all graphs and functions."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def walk(nodes):
+        bn = total = 0
+        for node in nodes:
+            bn += node.op_type == "BatchNormalization"
+            total += 1
+            for g in [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]:
+                b, t = walk(g.node)
+                bn, total = bn + b, total + t
+        return bn, total
+
+    pairs = [walk(m.graph.node)] + [walk(f.node) for f in m.functions]
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+def check_output(original: Path, out: Path) -> dict:
+    """Validity, BN count and equivalence of one tool's output."""
+    import onnx
+
+    from bnfold.errors import BnfoldError
+    from bnfold.verification import verify
+
+    if not out.exists():
+        return {"status": "crash", "bn": None}
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+    except Exception as e:
+        return {"status": "invalid", "bn": None, "why": str(e).splitlines()[0][:120]}
+    bn, nodes = counts(out)
+    try:
+        report = verify(original, out, providers="cpu", samples=2)
+    except BnfoldError as e:
+        return {"status": "invalid", "bn": bn, "nodes": nodes, "why": str(e)[:120]}
+    if not report.equivalent:
+        worst = max((o for c in report.comparisons for o in c.outputs), key=lambda o: o.fail_fraction)
+        nan = worst.worst is not None and any(isinstance(v, float) and v != v for v in worst.worst.values())
+        return {"status": "wrong", "bn": bn, "nodes": nodes,
+                "why": "NaN" if nan else f"{worst.fail_fraction:.0%} of elements off"}
+    return {"status": "ok", "bn": bn, "nodes": nodes}
+
+
+def latency(path: Path, runs: int = 20) -> float:
+    """Median ms per inference, ONNX Runtime CPU, graph optimisations disabled."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bnfold.inputs import random_feeds, resolve_shapes
+    from bnfold.runner import open_runner
+
+    r = open_runner(str(path), "cpu")
+    shapes, _ = resolve_shapes(list(r.inputs), {}, {})
+    shapes = {k: (1,) + tuple(v[1:]) if v else v for k, v in shapes.items()}
+    feeds = random_feeds(list(r.inputs), shapes, 0)
+    r.run(feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        r.run(feeds)
+        times.append(time.perf_counter() - t)
+    del ort, np
+    return statistics.median(times) * 1000
+
+
+def corpus(only) -> list:
+    models = [("sample", p) for p in sorted((ROOT / "models").glob("*.onnx"))]
+    models += [("edge", p) for p in sorted((WORK / "edge").glob("*.onnx"))]
+    models += [("timm", p) for p in sorted((WORK / "models").glob("*.onnx"))]
+    return [(k, p) for k, p in models if not only or p.stem in only]
+
+
+def run(args) -> dict:
+    subprocess.run([sys.executable, str(HERE / "edge_models.py")], check=True)
+    if not args.no_export:
+        subprocess.run([sys.executable, str(HERE / "export_models.py")], check=False)
+    results = {"models": {}, "meta": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
+    for kind, path in corpus(args.only):
+        name = path.stem
+        bn, nodes = counts(path)
+        entry = {"kind": kind, "mb": path.stat().st_size / 2**20, "bn": bn, "nodes": nodes, "tools": {}}
+        print(f"{name}: {entry['bn']} BN, {entry['mb']:.1f} MB", flush=True)
+        for tool, cmd in list(TOOLS.items()) + [("floor", FLOOR)]:
+            runs = []
+            out = tmp / f"{name}.{tool}.onnx"
+            for _ in range(args.repeat):
+                if out.exists():
+                    out.unlink()
+                runs.append(timed(cmd, path, out))
+                if runs[-1]["rc"] != 0:
+                    break
+            res = {"wall": statistics.median(r["wall"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs),
+                   "rc": runs[-1]["rc"], "err": runs[-1]["err"]}
+            if tool != "floor":
+                res.update(check_output(path, out) if res["rc"] == 0 else {"status": "crash", "bn": None,
+                                                                              "why": res["err"]})
+            entry["tools"][tool] = res
+            print(f"  {tool:13s} {res['wall']:6.2f} s {res['rss_mb']:7.0f} MB  "
+                  f"{res.get('status', '')} {res.get('bn', '')} {res.get('why', '')}", flush=True)
+        bn_out = tmp / f"{name}.bnfold.onnx"
+        if kind != "edge" and entry["tools"]["bnfold"]["status"] == "ok":
+            entry["latency_ms"] = (latency(path), latency(bn_out))
+        results["models"][name] = entry
+    help_runs = [timed([sys.executable, "-m", "bnfold", "--help"], Path("."), Path("."))["wall"] for _ in range(5)]
+    results["meta"] = {"help_s": statistics.median(help_runs), "date": time.strftime("%Y-%m-%d"),
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                       "repeat": args.repeat, "versions": versions()}
+    return results
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("bnfold", "onnx", "onnxruntime", "onnxoptimizer", "onnxsim", "onnxslim", "onnxscript", "torch", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def render(results: dict) -> str:
+    tools = list(TOOLS)
+    models = results["models"]
+    meta = results["meta"]
+    lines = [f"# Benchmark results", "",
+             f"{meta['date']}, {meta['machine']}; median of {meta['repeat']} run(s) per tool and model. "
+             "Regenerate with `python benchmarks/run.py`.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
+
+    foldable = {n: m["bn"] - (m["tools"]["bnfold"]["bn"] if m["tools"]["bnfold"]["bn"] is not None else m["bn"])
+                for n, m in models.items()}
+    lines += ["## Summary", "",
+              "| tool | BNs folded (of those bnfold folds) | wrong | invalid | crash | "
+              "ResNet-50 time | vs bnfold | ResNet-50 peak RSS |",
+              "|---|---|---|---|---|---|---|---|"]
+    total_foldable = sum(foldable.values())
+    r50 = models.get("resnet50")
+    for tool in tools + ["floor"]:
+        if tool == "floor":
+            folded = wrong = invalid = crash = "—"
+        else:
+            folded_n = sum(min(foldable[n], m["bn"] - m["tools"][tool]["bn"]) for n, m in models.items()
+                           if m["tools"][tool]["status"] == "ok")
+            folded = f"{folded_n} / {total_foldable}"
+            wrong = sum(m["tools"][tool]["status"] == "wrong" for m in models.values())
+            invalid = sum(m["tools"][tool]["status"] == "invalid" for m in models.values())
+            crash = sum(m["tools"][tool]["status"] == "crash" for m in models.values())
+        if r50:
+            t = r50["tools"][tool]
+            base = r50["tools"]["bnfold"]["wall"]
+            speed = f"{t['wall']:.2f} s", f"{t['wall'] / base:.2f}×", f"{t['rss_mb']:.0f} MB"
+        else:
+            speed = ("—",) * 3
+        label = "load+save floor" if tool == "floor" else tool
+        lines.append(f"| {label} | {folded} | {wrong} | {invalid} | {crash} | " + " | ".join(speed) + " |")
+    lines += ["", f"`bnfold --help`: {meta['help_s']:.2f} s.", ""]
+
+    lines += ["## Coverage and correctness", "",
+              "BNs / nodes left after each tool (fewer BNs is better; a tool that removes a BN by adding nodes that "
+              "compute the folded weights at run time shows more nodes) and the verdict of its output against the "
+              "unmodified model: ok, **wrong** (not equivalent through ONNX Runtime), **invalid** (rejected by the "
+              "ONNX checker or unloadable), **crash** (no output).", "",
+              "| model | BN / nodes | " + " | ".join(tools) + " |", "|---|---" + "|---" * len(tools) + "|"]
+    for name, m in models.items():
+        cells = []
+        for tool in tools:
+            r = m["tools"][tool]
+            if r["status"] == "ok":
+                cells.append(f"{r['bn']} / {r['nodes']}")
+            else:
+                why = f" ({r.get('why')})" if r.get("why") else ""
+                cells.append(f"**{r['status']}**{why}".replace("|", "/"))
+        lines.append(f"| {name} | {m['bn']} / {m['nodes']} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Speed and memory", "",
+              "Whole-process wall time of fold-and-save (seconds; ratio to bnfold) and peak RSS (MB). The floor is "
+              "`onnx.load` + `onnx.save` of the same model in a bare process.", "",
+              "| model | MB | " + " | ".join(tools + ["floor"]) + " |", "|---|---" + "|---" * (len(tools) + 1) + "|"]
+    for name, m in models.items():
+        base = m["tools"]["bnfold"]["wall"]
+        cells = [f"{m['tools'][t]['wall']:.2f} ({m['tools'][t]['wall'] / base:.1f}×), {m['tools'][t]['rss_mb']:.0f}"
+                 for t in tools + ["floor"]]
+        lines.append(f"| {name} | {m['mb']:.1f} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Inference effect", "",
+              "ONNX Runtime CPU latency (batch 1, graph optimisations disabled: what a runtime without its own "
+              "fusions gains), median of 20 runs.", "",
+              "| model | before (ms) | after bnfold (ms) | change |", "|---|---|---|---|"]
+    for name, m in models.items():
+        if "latency_ms" in m:
+            b, a = m["latency_ms"]
+            lines.append(f"| {name} | {b:.2f} | {a:.2f} | {100 * (a - b) / b:+.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Benchmark bnfold against its peers.")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="model names (file stems) to run")
+    ap.add_argument("--no-export", action="store_true", help="reuse benchmarks/work/models without re-exporting")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = ap.parse_args()
+    results = run(args)
+    (WORK / "results.json").write_text(json.dumps(results, indent=1))
+    text = render(results)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
