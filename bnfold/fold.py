@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import ModelProto, NodeProto, helper
@@ -242,6 +242,16 @@ def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
     if isinstance(back, NodeProto):
         return BNRecord(label, scope.label, True, INTO_PRECEDING, scope.label_of(back), back.op_type,
                         detail=f"folded into the preceding {back.op_type} '{scope.label_of(back)}'")
+    producer = scope.producer.get(bn.input[0])
+    if back.reason == Reason.NO_HOST and producer is not None and producer.op_type == "Concat" \
+            and is_default_domain(producer):
+        back = _fold_into_concat(scope, bn, s, t)
+        if not isinstance(back, Refusal):
+            concat, hosts = back
+            names = ", ".join(f"{h.op_type} '{scope.label_of(h)}'" for h in hosts)
+            return BNRecord(label, scope.label, True, INTO_PRECEDING, scope.label_of(concat), concat.op_type,
+                            detail=f"folded, slice by slice, into the ops feeding Concat "
+                                   f"'{scope.label_of(concat)}': {names}")
     fwd = _fold_forward(scope, bn, s, t)
     if isinstance(fwd, NodeProto):
         return BNRecord(label, scope.label, True, INTO_FOLLOWING, scope.label_of(fwd), fwd.op_type,
@@ -350,12 +360,13 @@ class _Path:
     chain: List[NodeProto] = field(default_factory=list)  # host .. last node before the BN
 
 
-def _find_host(scope: Scope, bn: NodeProto) -> Union[_Path, Refusal]:
-    x = bn.input[0]
+def _find_host(scope: Scope, x: str, consumer: NodeProto) -> Union[_Path, Refusal]:
+    """The linear op (behind an optional constant Add and Reshape/Flatten) producing ``x``
+    for ``consumer``, every tensor on the way read by nothing else."""
     node = scope.producer.get(x)
     if node is None:
         where = "an input of the " + scope.label if x in scope.inputs else "defined outside the " + scope.label
-        return Refusal(Reason.NO_HOST, f"its input '{x}' is {where}")
+        return Refusal(Reason.NO_HOST, f"'{x}' is {where}")
     layout = add = None
     add_const = -1
     if node.op_type in ("Reshape", "Flatten") and is_default_domain(node):
@@ -367,33 +378,33 @@ def _find_host(scope: Scope, bn: NodeProto) -> Union[_Path, Refusal]:
     first = layout or add
     if node is None or node.op_type not in BACKWARD_HOSTS or not is_default_domain(node):
         shown = node if node is not None and first is None else first
-        return _no_host(scope, shown if shown is not None else scope.producer[x])
+        return _no_host(scope, shown if shown is not None else scope.producer[x], consumer)
     host_rule = BACKWARD_HOSTS[node.op_type]
     if first is not None and not host_rule.feature_last:
         return Refusal(Reason.NO_HOST if first is add else Reason.CHANNEL_AXIS_MISMATCH,
                        f"a {first.op_type} '{scope.label_of(first)}' sits between {node.op_type} "
-                       f"'{scope.label_of(node)}' and the BN")
+                       f"'{scope.label_of(node)}' and the {consumer.op_type}")
     chain = [n for n in (node, add, layout) if n is not None]
-    for a, b in zip(chain, chain[1:] + [bn]):
+    for a, b in zip(chain, chain[1:] + [consumer]):
         refusal = _feeds_only(scope, a.output[0], a, b)
         if refusal:
             return refusal
     return _Path(node, add, add_const, layout, chain)
 
 
-def _no_host(scope: Scope, node: NodeProto) -> Refusal:
+def _no_host(scope: Scope, node: NodeProto, consumer: NodeProto) -> Refusal:
     label = f"{node.op_type} '{scope.label_of(node)}'"
     upstream = scope.producer.get(node.input[0]) if node.input else None
     behind = upstream is not None and upstream.op_type in BACKWARD_HOSTS
     if node.op_type in ACTIVATIONS and behind:
         return Refusal(Reason.ACTIVATION_BETWEEN,
                        f"the non-linearity {label} sits between {upstream.op_type} "
-                       f"'{scope.label_of(upstream)}' and the BN")
+                       f"'{scope.label_of(upstream)}' and the {consumer.op_type}")
     if node.op_type in LAYOUT_OPS and behind:
         return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
-                       f"{label} between {upstream.op_type} '{scope.label_of(upstream)}' and the BN "
-                       "may move the feature axis off BN's axis 1")
-    return Refusal(Reason.NO_HOST, f"its input comes from {label}, which is not a foldable linear op")
+                       f"{label} between {upstream.op_type} '{scope.label_of(upstream)}' and the "
+                       f"{consumer.op_type} may move the feature axis off BN's axis 1")
+    return Refusal(Reason.NO_HOST, f"'{node.output[0]}' comes from {label}, which is not a foldable linear op")
 
 
 def _check_feature_axis(scope: Scope, path: _Path, n_out: int) -> Optional[Refusal]:
@@ -459,9 +470,25 @@ def _check_add_bias(scope: Scope, path: _Path, n_out: int) -> Union[np.ndarray, 
 
 
 def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> Union[NodeProto, Refusal]:
-    path = _find_host(scope, bn)
+    path = _find_host(scope, bn.input[0], bn)
     if isinstance(path, Refusal):
         return path
+    apply = _plan_into_host(scope, path, s, t)
+    if isinstance(apply, Refusal):
+        return apply
+    apply()
+    _replace_bn(scope, bn, path.chain[-1])
+    return path.host
+
+
+def _replace_bn(scope: Scope, bn: NodeProto, last: NodeProto) -> None:
+    """Remove ``bn`` and let ``last`` (which produced its input) produce its output."""
+    scope.redirect_shape_readers(last.output[0], bn.output[0])
+    scope.remove_node(bn)
+    scope.rename_output(last, 0, bn.output[0])
+
+
+def _host_weight(scope: Scope, path: _Path) -> Union[Tuple[BackwardHost, np.ndarray], Refusal]:
     host = path.host
     rule: BackwardHost = BACKWARD_HOSTS[host.op_type]
     refusal = _attribute_refs(scope, path.chain) or rule.check(scope, host)
@@ -470,9 +497,21 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     w = _weight(scope, host, rule.weight_index, "weight")
     if isinstance(w, Refusal):
         return w
-    w_val = w.value
-    if w_val.ndim < 2:
+    if w.value.ndim < 2:
         return Refusal(Reason.UNSUPPORTED_HOST, f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
+    return rule, w.value
+
+
+def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> Union[Callable[[], None], Refusal]:
+    """Check and compute folding ``s * x + t`` into the host of ``path``; return the edit.
+
+    Nothing changes until the returned function is called.
+    """
+    found = _host_weight(scope, path)
+    if isinstance(found, Refusal):
+        return found
+    rule, w_val = found
+    host = path.host
     n_out = rule.out_channels(host, w_val)
     if rule.feature_last:
         refusal = _check_feature_axis(scope, path, n_out)
@@ -506,21 +545,57 @@ def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) ->
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {host.op_type} '{scope.label_of(host)}': {e}")
 
-    host_label = _name_base(host)
-    scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold")
-    if new_host_bias is not None:
-        scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
-        rule.after_fold(scope, host)
-    chain = path.chain
-    if path.add is not None:
-        scope.write_constant(path.add, path.add_const, new_add, f"{host_label}_bias_bnfold")
-    elif not has_bias_slot:
-        _insert_bias_add(scope, host, new_add, chain)
-    last = chain[-1]
-    scope.redirect_shape_readers(last.output[0], bn.output[0])
-    scope.remove_node(bn)
-    scope.rename_output(last, 0, bn.output[0])
-    return host
+    def apply() -> None:
+        host_label = _name_base(host)
+        scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold")
+        if new_host_bias is not None:
+            scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
+            rule.after_fold(scope, host)
+        if path.add is not None:
+            scope.write_constant(path.add, path.add_const, new_add, f"{host_label}_bias_bnfold")
+        elif not has_bias_slot:
+            _insert_bias_add(scope, host, new_add, path.chain)
+
+    return apply
+
+
+def _fold_into_concat(scope: Scope, bn: NodeProto, s: np.ndarray,
+                      t: np.ndarray) -> Union[Tuple[NodeProto, List[NodeProto]], Refusal]:
+    """BN after a channel Concat of linear ops: fold one slice of the BN into each op."""
+    concat = scope.producer[bn.input[0]]
+    label = f"Concat '{scope.label_of(concat)}'"
+    refusal = _feeds_only(scope, concat.output[0], concat, bn)
+    if refusal:
+        return refusal
+    if len(set(concat.input)) != len(concat.input):
+        return Refusal(Reason.NO_HOST, f"{label} concatenates one tensor more than once")
+    paths, sizes = [], []
+    for k, x in enumerate(concat.input):
+        path = _find_host(scope, x, concat)
+        found = path if isinstance(path, Refusal) else _host_weight(scope, path)
+        if isinstance(found, Refusal):
+            return Refusal(found.reason, f"input {k} of {label}: {found.detail}")
+        rule, w_val = found
+        paths.append(path)
+        sizes.append(rule.out_channels(path.host, w_val))
+        rank = 2 if rule.feature_last else w_val.ndim
+    axis = int(attr(concat, "axis", 1))
+    if axis not in (1, 1 - rank):
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"{label} joins axis {axis}, not BN's channel axis 1")
+    if sum(sizes) != s.shape[0]:
+        return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
+                       f"the inputs of {label} have {sum(sizes)} channels, the BN {s.shape[0]}")
+    edges = np.cumsum([0] + sizes)
+    applies = []
+    for k, (path, a, b) in enumerate(zip(paths, edges, edges[1:])):
+        apply = _plan_into_host(scope, path, s[a:b], t[a:b])
+        if isinstance(apply, Refusal):
+            return Refusal(apply.reason, f"input {k} of {label}: {apply.detail}")
+        applies.append(apply)
+    for apply in applies:
+        apply()
+    _replace_bn(scope, bn, concat)
+    return concat, [p.host for p in paths]
 
 
 def _name_base(node: NodeProto) -> str:

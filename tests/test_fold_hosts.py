@@ -392,3 +392,35 @@ def test_conv_output_shape_reader_is_redirected(fold):
     _, folded = fold(model)
     assert bn_count(folded) == 0
     assert_equivalent(model, folded)
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_bn_after_channel_concat_of_convs_folds_slice_by_slice(axis, fold):
+    """MixNet-style: parallel convs with different kernels, concatenated on channels, one BN."""
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,10,6,6] y) {{
+        a = Conv <pads = [1, 1, 1, 1]> (x, Wa)
+        b2 = Conv <pads = [2, 2, 2, 2], group = 2> (x, Wb, Bb)
+        c = MatMul (x, Wc)
+        d = Conv (x, Wd)
+        cat = Concat <axis = {axis}> (a, b2, d)
+        y = BatchNormalization (cat, s, b, m, v)
+    }}""".replace("        c = MatMul (x, Wc)\n", ""), Wa=rand(3, 4, 3, 3), Wb=rand(4, 2, 5, 5, seed=2), Bb=rand(4, seed=3),
+                  Wd=rand(3, 4, 1, 1, seed=4), **bn_params(10))
+    result, folded = fold(model)
+    assert bn_count(folded) == 0
+    assert "Conv 'Conv#0', Conv 'Conv#1', Conv 'Conv#2'" in result.records[0].detail
+    assert_equivalent(model, folded)
+
+
+def test_bn_after_concat_of_gemms_folds(fold):
+    model = build(f"""{HEAD}
+    g (float[3,5] x) => (float[3,9] y) {{
+        a = Gemm <transB = 1> (x, Wa, Ba)
+        c = MatMul (x, Wc)
+        cat = Concat <axis = 1> (a, c)
+        y = BatchNormalization (cat, s, b, m, v)
+    }}""", Wa=rand(4, 5), Ba=rand(4, seed=2), Wc=rand(5, 5, seed=3), **bn_params(9))
+    _, folded = fold(model)
+    assert bn_count(folded) == 0
+    assert_equivalent(model, folded)

@@ -290,3 +290,31 @@ def test_old_opset_gemm_gets_broadcast_for_its_new_bias():
     gemm = result.model.graph.node[0]
     assert bn_count(result.model) == 0
     assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}["broadcast"] == 1
+
+
+@pytest.mark.parametrize("other,reason", [
+    ("r = Relu (x)", Reason.NO_HOST),                          # DenseNet: the block input joins the concat
+    ("r = Conv (x, W2)\n        z = Relu (r)", Reason.HOST_OUTPUT_IN_USE),  # a conv output also used elsewhere
+])
+def test_concat_with_a_non_foldable_input_is_kept(other, reason):
+    outputs = "float[N,8,6,6] y" + (", float[N,4,6,6] z" if "z =" in other else "")
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => ({outputs}) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, W)
+        {other}
+        cat = Concat <axis = 1> (c, r)
+        y = BatchNormalization (cat, s, b, m, v)
+    }}""", W=rand(4, 4, 3, 3), W2=rand(4, 4, 1, 1), **bn_params(8))
+    rec = kept(model, reason)
+    assert "input 1 of Concat" in rec.detail
+
+
+def test_concat_on_a_spatial_axis_is_kept():
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,4,12,6] y) {{
+        a = Conv <pads = [1, 1, 1, 1]> (x, W)
+        c = Conv <pads = [1, 1, 1, 1]> (x, W2)
+        cat = Concat <axis = 2> (a, c)
+        y = BatchNormalization (cat, s, b, m, v)
+    }}""", W=rand(4, 4, 3, 3), W2=rand(4, 4, 3, 3, seed=3), **bn_params(4))
+    kept(model, Reason.CHANNEL_AXIS_MISMATCH)
