@@ -57,13 +57,15 @@ def render_fuse(result, output: Optional[str], verbose: int) -> str:
         lines.append(f"{result.source} -> {output}")
     lines.append(f"BatchNormalization {b.bn_count} -> {a.bn_count}   nodes {b.node_count} -> {a.node_count}   "
                  f"weights {_human_size(b.weight_bytes)} -> {_human_size(a.weight_bytes)}")
+    if result.merges:
+        lines.append(f"reparameterized {len(result.merges)} multi-branch block(s) into single Convs")
     rows = [r for r in result.records if verbose > 0 or not r.folded or len(result.records) <= 40]
     if rows:
         w_node = max(len("BatchNormalization"), *(len(r.node) for r in rows))
         lines.append(f"  {'BatchNormalization':<{w_node}}  {'result':<6}  into / reason")
         for r in rows:
             if r.folded:
-                where = "before" if r.direction == "into_preceding" else "after"
+                where = {"into_preceding": "before", "into_following": "after"}.get(r.direction, "merged")
                 text = f"{r.host_op} '{r.host}' ({where})"
                 status = "folded"
             else:
@@ -97,6 +99,9 @@ def main() -> None:
 
 
 def fold_options(fn):
+    fn = click.option("--reparameterize", is_flag=True,
+                      help="After folding, merge sums of parallel linear branches on one input (RepVGG, "
+                           "MobileOne, ACNet blocks) into single Convs, where exact.")(fn)
     fn = click.option("--allow-overridable", is_flag=True,
                       help="Treat initializers that are also graph inputs (IR >= 4) as constants, as most "
                            "exporters intend; by default such BNs are kept (reason OVERRIDABLE_PARAMETER).")(fn)
@@ -207,7 +212,7 @@ def render_verify(report) -> str:
 @verify_options
 @handle_errors
 def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optional[bool], force: bool,
-         allow_overridable: bool, report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool,
+         allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool,
          junit_path: Optional[Path], **verify_opts) -> None:
     """Fold inference-time BatchNormalization into neighbouring linear ops.
 
@@ -227,7 +232,7 @@ def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optiona
     if not in_place and _same_file(model, target):
         raise BnfoldError("output path is the input model; use --in-place to overwrite it", target)
     kwargs = _verify_kwargs(**verify_opts)
-    result = fuse_model(model, allow_overridable=allow_overridable)
+    result = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize)
     report = None
     with result.stage(target, external_data=result.source_external_data or None) as staged:
         result.release_model()  # written: free it before ONNX Runtime loads both models
@@ -316,12 +321,12 @@ def _emit(result, output: Optional[str], report_path: Optional[Path], as_json: b
 @click.argument("model", type=click.Path(path_type=Path))
 @fold_options
 @handle_errors
-def inspect(model: Path, allow_overridable: bool, report_path: Optional[Path], as_json: bool, verbose: int,
+def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool, verbose: int,
             quiet: bool) -> None:
     """Show which BNs fuse would fold and why the others stay; write no model."""
     from .fold import fuse as fuse_model
 
-    result = fuse_model(model, allow_overridable=allow_overridable)
+    result = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize)
     _emit(result, None, report_path, as_json, verbose, quiet)
 
 

@@ -35,6 +35,7 @@ PROVENANCE_KEY = "bnfold"
 
 INTO_PRECEDING = "into_preceding"
 INTO_FOLLOWING = "into_following"
+REPARAMETERIZED = "reparameterized"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class BNRecord:
     """Where it lives: ``main graph``, a body such as ``If_0.then_branch``, or ``function dom.Name``."""
     folded: bool
     direction: Optional[str] = None
-    """``into_preceding`` or ``into_following`` when folded."""
+    """``into_preceding``, ``into_following`` or ``reparameterized`` (merged with parallel
+    branches into one Conv) when folded."""
     host: Optional[str] = None
     """Name of the node it was folded into."""
     host_op: Optional[str] = None
@@ -78,7 +80,7 @@ class FuseResult:
 
     def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
-                 source_external_data: bool = False) -> None:
+                 source_external_data: bool = False, merges: Optional[list] = None) -> None:
         self._model = model
         self._replacements = replacements
         self.records = records
@@ -87,6 +89,8 @@ class FuseResult:
         self.source = source
         self.source_external_data = source_external_data
         """Whether the source file kept its weights in external data."""
+        self.merges = merges or []
+        """Multi-branch blocks merged into one Conv (:class:`bnfold.reparam.Merge`)."""
 
     @property
     def model(self) -> ModelProto:
@@ -135,6 +139,7 @@ class FuseResult:
             "folded": len(self.folded),
             "kept": len(self.kept),
             "records": [r.to_dict() for r in self.records],
+            "reparameterized": [{"conv": m.conv, "graph": m.graph, "branches": m.branches} for m in self.merges],
         }
 
 
@@ -166,13 +171,15 @@ def count(model: ModelProto) -> ModelStats:
 
 
 def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_overridable: bool = False,
-         inplace: bool = False) -> FuseResult:
+         reparameterize: bool = False, inplace: bool = False) -> FuseResult:
     """Fold every foldable inference-mode BatchNormalization of a model.
 
     ``model_or_path`` is a ``ModelProto`` (copied unless ``inplace``) or a path.
     ``allow_overridable`` treats initializers that are also graph inputs (IR >= 4)
-    as constants, as most exporters intend. Returns the folded model and a record
-    per BN; nothing is written to disk.
+    as constants, as most exporters intend. ``reparameterize`` then merges sums of
+    parallel linear branches (RepVGG, MobileOne) into single Convs (see
+    :mod:`bnfold.reparam`). Returns the folded model and a record per BN; nothing is
+    written to disk.
     """
     source = None
     external = False
@@ -184,19 +191,34 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         model, external = load_model_info(source)
     before = count(model)
     index = ModelIndex(model, allow_overridable=allow_overridable)
-    records = _fold_all(index)
+    folds = _fold_all(index)
+    merges = []
+    if reparameterize:
+        from .reparam import reparameterize as merge_branches
+
+        merges = merge_branches(index, _bn_affine)
+        absorbed = {id(bn): m for m in merges for bn in m.absorbed_bns}
+        folds = [(bn, _absorbed(rec, absorbed[id(bn)]) if id(bn) in absorbed else rec) for bn, rec in folds]
+    records = [rec for _, rec in folds]
     replacements: Dict[str, np.ndarray] = {}
-    if any(r.folded for r in records):
+    if any(r.folded for r in records) or merges:
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
-        _stamp(model, records)
-    return FuseResult(model, replacements, records, before, count(model), source, external)
+        _stamp(model, records, merges)
+    return FuseResult(model, replacements, records, before, count(model), source, external, merges)
 
 
-def _stamp(model: ModelProto, records: List[BNRecord]) -> None:
-    """Record provenance in metadata_props (replacing an earlier bnfold entry)."""
+def _absorbed(record: BNRecord, merge) -> BNRecord:
+    return BNRecord(record.node, record.graph, True, REPARAMETERIZED, merge.conv, "Conv",
+                    detail=f"merged with its parallel branches into Conv '{merge.conv}' (re-parameterised)")
+
+
+def _stamp(model: ModelProto, records: List[BNRecord], merges: list) -> None:
+    """Record provenance in metadata_props (appending to an earlier bnfold entry)."""
     n = sum(r.folded for r in records)
     text = f"fuse {__version__}: folded {n} of {len(records)} BatchNormalization"
+    if merges:
+        text += f", merged {len(merges)} multi-branch blocks"
     for p in model.metadata_props:
         if p.key == PROVENANCE_KEY:
             p.value = f"{p.value}; {text}"
@@ -204,7 +226,7 @@ def _stamp(model: ModelProto, records: List[BNRecord]) -> None:
     model.metadata_props.add(key=PROVENANCE_KEY, value=text)
 
 
-def _fold_all(index: ModelIndex) -> List[BNRecord]:
+def _fold_all(index: ModelIndex) -> List[Tuple[NodeProto, BNRecord]]:
     outcome: dict = {}
     order: List[Tuple[Scope, NodeProto]] = [
         (scope, node) for scope in index.scopes for node in scope.nodes
@@ -219,7 +241,7 @@ def _fold_all(index: ModelIndex) -> List[BNRecord]:
                 continue
             outcome[key] = record = _fold_one(scope, bn)
             progress |= record.folded
-    return [outcome[id(bn)] for _, bn in order]
+    return [(bn, outcome[id(bn)]) for _, bn in order]
 
 
 def _fold_one(scope: Scope, bn: NodeProto) -> BNRecord:

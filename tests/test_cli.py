@@ -64,7 +64,7 @@ def test_report_json_and_stdout_json(model, tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert printed == saved
     assert set(saved) == {"bnfold_version", "source", "output", "before", "after", "folded", "kept", "records",
-                          "verification"}
+                          "verification", "reparameterized"}
     assert saved["before"]["bn_count"] == 13 and saved["after"]["bn_count"] == 0 and saved["folded"] == 13
     rec = saved["records"][0]
     assert set(rec) == {"node", "graph", "folded", "direction", "host", "host_op", "reason", "detail"}
