@@ -106,15 +106,21 @@ def check_output(original: Path, out: Path) -> dict:
     return {"status": "ok", "bn": bn, "nodes": nodes}
 
 
-def latency(path: Path, runs: int = 20) -> float:
-    """Median ms per inference, ONNX Runtime CPU, graph optimisations disabled."""
+def latency(path: Path, runs: int = 20, optimize: bool = False) -> float:
+    """Median ms per inference (batch 1), ONNX Runtime CPU, graph optimisations disabled
+    (or at the default level with ``optimize``)."""
     import numpy as np
     import onnxruntime as ort
 
     from bnfold.inputs import random_feeds, resolve_shapes
-    from bnfold.runner import open_runner
+    from bnfold.runner import Runner, open_runner
 
-    r = open_runner(str(path), "cpu")
+    if optimize:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        r = Runner(str(path), "cpu", sess, False, [o.name for o in sess.get_outputs()],
+                   open_runner(str(path), "cpu").inputs)
+    else:
+        r = open_runner(str(path), "cpu")
     shapes, _ = resolve_shapes(list(r.inputs), {}, {})
     shapes = {k: (1,) + tuple(v[1:]) if v else v for k, v in shapes.items()}
     feeds = random_feeds(list(r.inputs), shapes, 0)
@@ -166,12 +172,28 @@ def run(args) -> dict:
         bn_out = tmp / f"{name}.bnfold.onnx"
         if kind != "edge" and entry["tools"]["bnfold"]["status"] == "ok":
             entry["latency_ms"] = (latency(path), latency(bn_out))
+        if kind == "timm":
+            entry["reparam"] = reparam_row(path, tmp / f"{name}.reparam.onnx")
         results["models"][name] = entry
     help_runs = [timed([sys.executable, "-m", "bnfold", "--help"], Path("."), Path("."))["wall"] for _ in range(5)]
     results["meta"] = {"help_s": statistics.median(help_runs), "date": time.strftime("%Y-%m-%d"),
                        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                        "repeat": args.repeat, "versions": versions()}
     return results
+
+
+def reparam_row(path: Path, out: Path) -> dict:
+    """fuse --reparameterize: counts, verification and latency before/after."""
+    from bnfold import fuse
+    from bnfold.verification import verify
+
+    result = fuse(path, reparameterize=True)
+    result.save(out)
+    b, a = counts(path), counts(out)
+    ok = verify(path, out, providers="cpu").equivalent
+    return {"bn": (b[0], a[0]), "nodes": (b[1], a[1]), "merges": len(result.merges), "equivalent": ok,
+            "latency_off": (latency(path), latency(out)),
+            "latency_default": (latency(path, optimize=True), latency(out, optimize=True))}
 
 
 def versions() -> dict:
@@ -258,6 +280,20 @@ def render(results: dict) -> str:
         if "latency_ms" in m:
             b, a = m["latency_ms"]
             lines.append(f"| {name} | {b:.2f} | {a:.2f} | {100 * (a - b) / b:+.0f}% |")
+    lines += ["", "## Concat folding and re-parameterisation (`fuse --reparameterize`)", "",
+              "BN and node counts before → after, blocks merged into one Conv, verification against the "
+              "unmodified model, and ONNX Runtime CPU latency (batch 1, median of 20) with graph optimisations "
+              "disabled and at the default level.", "",
+              "| model | BN | nodes | merged blocks | verify | latency, opt. off (ms) | latency, default (ms) |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        r = m.get("reparam")
+        if r:
+            lo, ld = r["latency_off"], r["latency_default"]
+            lines.append(f"| {name} | {r['bn'][0]} → {r['bn'][1]} | {r['nodes'][0]} → {r['nodes'][1]} | "
+                         f"{r['merges']} | {'ok' if r['equivalent'] else '**FAIL**'} | "
+                         f"{lo[0]:.2f} → {lo[1]:.2f} ({100 * (lo[1] - lo[0]) / lo[0]:+.0f}%) | "
+                         f"{ld[0]:.2f} → {ld[1]:.2f} ({100 * (ld[1] - ld[0]) / ld[0]:+.0f}%) |")
     return "\n".join(lines) + "\n"
 
 

@@ -145,11 +145,10 @@ def verify_options(fn):
 
 def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, atol, output_tols, localize) -> dict:
     from .inputs import parse_assignments, parse_shape
-    from .verification import Tolerance
 
-    def parse_tol(text: str) -> Tolerance:
+    def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
         r, _, a = text.partition(":")
-        return Tolerance(float(r) if r else None, float(a) if a else None)
+        return float(r) if r else None, float(a) if a else None
 
     return dict(providers=providers, samples=samples, seed=seed,
                 dims=parse_assignments(dims, "--dim", int), shapes=parse_assignments(shapes, "--shape", parse_shape),

@@ -555,7 +555,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
     dtype = w_val.dtype
     new_host_bias = new_add = None
     try:
-        new_w = numerics.round_to(rule.scale_weight(host, w_val, s), dtype, "the folded weight")
+        new_w = numerics.scale_round(w_val, rule.weight_factor(host, w_val, s), dtype, "the folded weight")
         if path.add is not None:  # the Add carries the shift; the host's own bias is only scaled
             new_add = numerics.round_to(numerics.fold_bias(add_bias, s, t), dtype, "the folded bias")
             if host_bias is not None:
@@ -669,8 +669,8 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
         bias = c.value
     dtype = w_val.dtype
     try:
-        w64, b64 = rule.fold(nxt, w_val, bias, s, t)
-        new_w = numerics.round_to(w64, dtype, "the folded weight")
+        factor, b64 = rule.fold(nxt, w_val, bias, s, t)
+        new_w = numerics.scale_round(w_val, factor, dtype, "the folded weight")
         new_b = numerics.round_to(b64, dtype, "the folded bias")
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")

@@ -54,8 +54,9 @@ class BackwardHost:
     def out_channels(self, node: NodeProto, w: np.ndarray) -> int:
         return w.shape[0]
 
-    def scale_weight(self, node: NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return numerics.scale_axis(w, s, 0)
+    def weight_factor(self, node: NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """What to multiply the weight by (broadcasting) to scale output channel ``c`` by ``s[c]``."""
+        return numerics.axis_factor(s, 0, w.ndim)
 
     def effective_bias(self, node: NodeProto, c: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """The bias the op adds, in float64, given the stored bias tensor (or None)."""
@@ -88,8 +89,8 @@ class ConvTransposeHost(BackwardHost):
     def out_channels(self, node, w):
         return w.shape[1] * int(attr(node, "group", 1))
 
-    def scale_weight(self, node, w, s):
-        return numerics.scale_conv_transpose(w, s, int(attr(node, "group", 1)))
+    def weight_factor(self, node, w, s):
+        return numerics.conv_transpose_factor(s, w.shape, int(attr(node, "group", 1)))
 
 
 class GemmHost(BackwardHost):
@@ -99,8 +100,8 @@ class GemmHost(BackwardHost):
     def out_channels(self, node, w):
         return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
 
-    def scale_weight(self, node, w, s):
-        return numerics.scale_axis(w, s, 0 if attr(node, "transB", 0) else 1)
+    def weight_factor(self, node, w, s):
+        return numerics.axis_factor(s, 0 if attr(node, "transB", 0) else 1, w.ndim)
 
     def effective_bias(self, node, c):
         if c is None:
@@ -126,8 +127,8 @@ class MatMulHost(BackwardHost):
     def out_channels(self, node, w):
         return w.shape[-1]
 
-    def scale_weight(self, node, w, s):
-        return numerics.scale_axis(w, s, -1)
+    def weight_factor(self, node, w, s):
+        return numerics.axis_factor(s, -1, w.ndim)
 
 
 BACKWARD_HOSTS: Dict[str, BackwardHost] = {h.op_type: h for h in (ConvHost(), ConvTransposeHost(), GemmHost(), MatMulHost())}
@@ -145,7 +146,8 @@ class ForwardHost:
         raise NotImplementedError
 
     def fold(self, node: NodeProto, w: np.ndarray, bias: Optional[np.ndarray], s: np.ndarray, t: np.ndarray):
-        """Return ``(W', b')`` in float64 for ``op(s * x + t) == op'(x)``."""
+        """Return ``(factor, b')`` such that ``op(s * x + t) == op'(x)`` with ``W' = W * factor``
+        (broadcasting) and ``b'`` in float64."""
         raise NotImplementedError
 
     def after_fold(self, scope: Scope, node: NodeProto) -> None:
@@ -181,10 +183,9 @@ class ConvForward(ForwardHost):
 
     def fold(self, node, w, bias, s, t):
         group = int(attr(node, "group", 1))
-        w_new = numerics.scale_conv_input(w, s, group)
         shift = numerics.conv_input_shift(w, t, group)
         b_new = shift if bias is None else np.asarray(bias, dtype=np.float64) + shift
-        return w_new, b_new
+        return numerics.conv_input_factor(s, w.shape, group), b_new
 
 
 class GemmForward(ForwardHost):
@@ -205,10 +206,9 @@ class GemmForward(ForwardHost):
         beta = float(attr(node, "beta", 1.0))
         w64 = np.asarray(w, dtype=np.float64)
         b_kn = w64.T if trans_b else w64  # [K, N]
-        w_new = numerics.scale_axis(w64, s, 1 if trans_b else 0)
         shift = alpha * (t @ b_kn)
         b_new = shift if bias is None else beta * np.asarray(bias, dtype=np.float64) + shift
-        return w_new, b_new
+        return numerics.axis_factor(s, 1 if trans_b else 0, w64.ndim), b_new
 
     def after_fold(self, scope, node):
         gemm_bias_rewritten(scope, node)

@@ -39,51 +39,64 @@ def bn_affine(
     return s, beta - mu * s
 
 
-def compose_affine(
-    first: Tuple[np.ndarray, np.ndarray], second: Tuple[np.ndarray, np.ndarray]
-) -> Tuple[np.ndarray, np.ndarray]:
-    """``second(first(x))`` for per-channel affine maps given as ``(s, t)``."""
-    s1, t1 = first
-    s2, t2 = second
-    return s1 * s2, t1 * s2 + t2
-
-
-def _along(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+def axis_factor(s: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """``s`` shaped to multiply an ``ndim``-D weight along ``axis``."""
     shape = [1] * ndim
-    shape[axis] = v.shape[0]
-    return v.reshape(shape)
+    shape[axis % ndim] = s.shape[0]
+    return np.asarray(s, dtype=FLOAT64).reshape(shape)
 
 
-def scale_axis(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
-    """Multiply ``w`` by ``s`` along ``axis`` (float64 result)."""
-    w64 = np.asarray(w, dtype=FLOAT64)
-    return w64 * _along(np.asarray(s, dtype=FLOAT64), axis % w64.ndim, w64.ndim)
-
-
-def scale_conv_transpose(w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
-    """Scale a ConvTranspose weight ``[C_in, C_out/group, k...]`` by output channel.
+def conv_transpose_factor(s: np.ndarray, shape: Tuple[int, ...], group: int) -> np.ndarray:
+    """Per-output-channel scale for a ConvTranspose weight ``[C_in, C_out/group, k...]``.
 
     Output channel ``g * (C_out/group) + j`` is column ``j`` of the rows that belong
-    to group ``g``, so the scale is laid out as ``[group, 1, C_out/group, 1...]``.
+    to group ``g``: the factor is ``[C_in, C_out/group, 1...]``.
     """
-    w64 = np.asarray(w, dtype=FLOAT64)
-    c_in, c_out_g = w64.shape[0], w64.shape[1]
-    k = w64.shape[2:]
-    s_g = np.asarray(s, dtype=FLOAT64).reshape((group, 1, c_out_g) + (1,) * len(k))
-    return (w64.reshape((group, c_in // group, c_out_g) + k) * s_g).reshape(w64.shape)
+    c_in, c_out_g = shape[0], shape[1]
+    per_group = np.asarray(s, dtype=FLOAT64).reshape(group, 1, c_out_g)
+    rows = np.broadcast_to(per_group, (group, c_in // group, c_out_g)).reshape(c_in, c_out_g)
+    return rows.reshape((c_in, c_out_g) + (1,) * (len(shape) - 2))
 
 
-def scale_conv_input(w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
-    """Scale a Conv weight ``[C_out, C_in/group, k...]`` by *input* channel.
+def conv_input_factor(s: np.ndarray, shape: Tuple[int, ...], group: int) -> np.ndarray:
+    """Per-*input*-channel scale for a Conv weight ``[C_out, C_in/group, k...]``.
 
     Output channel ``o`` belongs to group ``o // (C_out/group)`` and reads input
-    channels ``g * (C_in/group) + i``.
+    channels ``g * (C_in/group) + i``: the factor is ``[C_out, C_in/group, 1...]``.
     """
-    w64 = np.asarray(w, dtype=FLOAT64)
-    c_out, c_in_g = w64.shape[0], w64.shape[1]
-    k = w64.shape[2:]
-    s_g = np.asarray(s, dtype=FLOAT64).reshape((group, 1, c_in_g) + (1,) * len(k))
-    return (w64.reshape((group, c_out // group, c_in_g) + k) * s_g).reshape(w64.shape)
+    c_out, c_in_g = shape[0], shape[1]
+    per_group = np.asarray(s, dtype=FLOAT64).reshape(group, 1, c_in_g)
+    rows = np.broadcast_to(per_group, (group, c_out // group, c_in_g)).reshape(c_out, c_in_g)
+    return rows.reshape((c_out, c_in_g) + (1,) * (len(shape) - 2))
+
+
+def scale(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``w * factor`` in float64 (``factor`` broadcasts against ``w``)."""
+    return np.multiply(w, factor, dtype=FLOAT64)
+
+
+# Elements per block in scale_round: big enough to amortise numpy's call overhead,
+# small enough that the float64 intermediate stays in cache.
+_BLOCK = 1 << 16
+
+
+def scale_round(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``w * factor`` computed in float64 and rounded once to ``dtype``, block by block.
+
+    Same result as ``round_to(scale(w, factor), dtype, what)`` without materialising
+    the float64 product of a large weight.
+    """
+    w = np.asarray(w)
+    factor = np.asarray(factor, dtype=FLOAT64)
+    out = np.empty(w.shape, dtype=dtype)
+    if w.ndim == 0 or w.size <= _BLOCK:
+        return round_to(scale(w, factor), dtype, what)
+    rows = max(1, _BLOCK // max(1, w[0].size))
+    per_row = factor.shape[0] != 1
+    for i in range(0, w.shape[0], rows):
+        f = factor[i:i + rows] if per_row else factor
+        out[i:i + rows] = round_to(scale(w[i:i + rows], f), dtype, what)
+    return out
 
 
 def conv_input_shift(w: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
@@ -106,7 +119,7 @@ def round_to(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     that were already non-finite are left as they are.
     """
     v64 = np.asarray(values, dtype=FLOAT64)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         out = v64.astype(dtype)
     if np.isfinite(out).all():  # the common case: one pass over the small result
         return out

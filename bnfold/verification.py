@@ -230,13 +230,14 @@ def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "
            seed: int = 0, dims: Optional[Mapping[str, int]] = None,
            shapes: Optional[Mapping[str, Tuple[int, ...]]] = None, inputs: Optional[os.PathLike] = None,
            rtol: Optional[float] = None, atol: Optional[float] = None,
-           output_tolerances: Optional[Mapping[str, Tolerance]] = None, localize: bool = False,
+           output_tolerances: Optional[Mapping[str, object]] = None, localize: bool = False,
            validated: bool = False) -> VerifyReport:
     """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
 
     Models are passed to ONNX Runtime by path. Raises :class:`BnfoldError` when a
     model cannot be loaded or run, or the providers asked for are not usable.
-    ``validated`` skips bnfold's own checks of the files (format, versions, external
+    ``output_tolerances`` maps output names to a :class:`Tolerance` or an ``(rtol, atol)``
+    pair (None for the default). ``validated`` skips bnfold's own checks of the files (format, versions, external
     data locations) for callers that just made or checked them.
     """
     t0 = time.perf_counter()
@@ -275,7 +276,7 @@ def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "
         input_info = {s.name: {"shape": list(shape_map[s.name]), "dtype": str(s.dtype), "source": "random"}
                       for s in specs}
     base = Tolerance(rtol, atol)
-    per_output = dict(output_tolerances or {})
+    per_output = {k: v if isinstance(v, Tolerance) else Tolerance(*v) for k, v in (output_tolerances or {}).items()}
     out_names = list(ref_runner.output_names)
     cand_outs = set(get(cand_path, use[-1]).output_names)
 

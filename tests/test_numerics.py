@@ -39,7 +39,7 @@ def test_conv_transpose_scales_each_output_channel(case):
     group, c_in_g, c_out_g, kernel, rng = case
     w = rng.normal(size=(group * c_in_g, c_out_g) + kernel)
     s = rng.normal(size=group * c_out_g)
-    got = numerics.scale_conv_transpose(w, s, group)
+    got = numerics.scale(w, numerics.conv_transpose_factor(s, w.shape, group))
     expected = w.copy()
     for i in range(group * c_in_g):
         for j in range(c_out_g):
@@ -53,7 +53,7 @@ def test_conv_input_scaling_and_shift(case):
     w = rng.normal(size=(group * c_out_g, c_in_g) + kernel)
     s = rng.normal(size=group * c_in_g)
     t = rng.normal(size=group * c_in_g)
-    got_w = numerics.scale_conv_input(w, s, group)
+    got_w = numerics.scale(w, numerics.conv_input_factor(s, w.shape, group))
     got_b = numerics.conv_input_shift(w, t, group)
     exp_w = w.copy()
     exp_b = np.zeros(group * c_out_g)
@@ -67,14 +67,14 @@ def test_conv_input_scaling_and_shift(case):
 
 
 @given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2**31))
-def test_scale_axis(ndim, n, seed):
+def test_axis_factor(ndim, n, seed):
     rng = np.random.default_rng(seed)
     shape = tuple(rng.integers(1, 4, ndim))
     axis = int(rng.integers(0, ndim))
     shape = shape[:axis] + (n,) + shape[axis + 1:]
     w = rng.normal(size=shape)
     s = rng.normal(size=n)
-    got = numerics.scale_axis(w, s, axis)
+    got = numerics.scale(w, numerics.axis_factor(s, axis, ndim))
     for idx in itertools.product(*map(range, shape)):
         assert got[idx] == w[idx] * s[idx[axis]]
 
@@ -98,3 +98,22 @@ def test_round_to_rounds_once_to_nearest(values):
     err = np.abs(got.astype(np.float64) - v)
     assert np.all(err <= np.abs(up.astype(np.float64) - v) + 0)
     assert np.all(err <= np.abs(down.astype(np.float64) - v) + 0)
+
+
+@pytest.mark.parametrize("shape,axis", [((300, 70, 3, 3), 0), ((7, 40000), 1), ((3, 64, 1024), -1), ((1, 5, 70000), 0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_blockwise_scale_round_equals_one_shot(shape, axis, dtype):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=shape).astype(dtype)
+    s = rng.normal(size=shape[axis])
+    factor = numerics.axis_factor(s, axis, len(shape))
+    expected = (w.astype(np.float64) * factor).astype(dtype)
+    np.testing.assert_array_equal(numerics.scale_round(w, factor, dtype, "w"), expected)
+
+
+def test_blockwise_overflow_is_refused():
+    w = np.full((200, 1000), 300.0, np.float16)
+    s = np.ones(200)
+    s[150] = 1000.0
+    with pytest.raises(numerics.FoldOverflow):
+        numerics.scale_round(w, numerics.axis_factor(s, 0, 2), np.float16, "w")
