@@ -49,31 +49,41 @@ def _human_size(n: int) -> str:
     return str(n)
 
 
-def render_fuse(result, output: Optional[str], verbose: int) -> str:
-    """The fold summary and the per-BN table, as text."""
-    b, a = result.before, result.after
+def _color() -> bool:
+    """Colours only on a terminal, and never when NO_COLOR is set."""
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _paint(text: str, fg: str) -> str:
+    return click.style(text, fg=fg) if _color() else text
+
+
+def render_fuse(data: dict, verbose: int) -> str:
+    """The fold summary and the per-BN table of a fuse report (``FuseResult.to_dict``), as text."""
+    b, a = data["before"], data["after"]
     lines = []
-    if output:
-        lines.append(f"{result.source} -> {output}")
-    lines.append(f"BatchNormalization {b.bn_count} -> {a.bn_count}   nodes {b.node_count} -> {a.node_count}   "
-                 f"weights {_human_size(b.weight_bytes)} -> {_human_size(a.weight_bytes)}")
-    if result.merges:
-        lines.append(f"reparameterized {len(result.merges)} multi-branch block(s) into single Convs")
-    rows = [r for r in result.records if verbose > 0 or not r.folded or len(result.records) <= 40]
+    if data.get("output"):
+        lines.append(f"{data['source']} -> {data['output']}")
+    lines.append(f"BatchNormalization {b['bn_count']} -> {a['bn_count']}   nodes {b['node_count']} -> "
+                 f"{a['node_count']}   weights {_human_size(b['weight_bytes'])} -> {_human_size(a['weight_bytes'])}")
+    if data["reparameterized"]:
+        lines.append(f"reparameterized {len(data['reparameterized'])} multi-branch block(s) into single Convs")
+    records = data["records"]
+    rows = [r for r in records if verbose > 0 or not r["folded"] or len(records) <= 40]
     if rows:
-        w_node = max(len("BatchNormalization"), *(len(r.node) for r in rows))
+        w_node = max(len("BatchNormalization"), *(len(r["node"]) for r in rows))
         lines.append(f"  {'BatchNormalization':<{w_node}}  {'result':<6}  into / reason")
         for r in rows:
-            if r.folded:
-                where = {"into_preceding": "before", "into_following": "after"}.get(r.direction, "merged")
-                text = f"{r.host_op} '{r.host}' ({where})"
-                status = "folded"
+            if r["folded"]:
+                where = {"into_preceding": "before", "into_following": "after"}.get(r["direction"], "merged")
+                text = f"{r['host_op']} '{r['host']}' ({where})"
+                status = _paint(f"{'folded':<6}", "green")
             else:
-                text = f"{r.reason.value}: {r.detail.split(' kept: ', 1)[-1]}"
-                status = "kept"
-            scope = "" if r.graph == "main graph" else f"  [{r.graph}]"
-            lines.append(f"  {r.node:<{w_node}}  {status:<6}  {text}{scope}")
-        hidden = len(result.records) - len(rows)
+                text = f"{r['reason']}: {r['detail'].split(' kept: ', 1)[-1]}"
+                status = _paint(f"{'kept':<6}", "yellow")
+            scope = "" if r["graph"] == "main graph" else f"  [{r['graph']}]"
+            lines.append(f"  {r['node']:<{w_node}}  {status}  {text}{scope}")
+        hidden = len(records) - len(rows)
         if hidden:
             lines.append(f"  ... and {hidden} folded (use -v to list them)")
     return "\n".join(lines)
@@ -93,6 +103,7 @@ def main() -> None:
     bnfold fuse model.onnx          fold BNs into neighbouring Conv/Gemm/MatMul weights
     bnfold inspect model.onnx       show what fuse would do, write nothing
     bnfold verify ref.onnx new.onnx compare two models through ONNX Runtime
+    bnfold check models/            CI gate: fold in memory, verify, apply a policy
 
     Exit codes: 0 success, 1 verification failed, 2 bad usage or unusable input.
     """
@@ -160,32 +171,34 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def render_verify(report) -> str:
-    verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
-    used = ", ".join(c.name for c in report.comparisons)
-    lines = [f"verify: {report.reference} vs {report.candidate}: {verdict} "
-             f"({report.samples} sample(s), seed {report.seed}; {used})"]
-    for name, info in report.inputs.items():
+def render_verify(rep: dict) -> str:
+    """A verify report (``VerifyReport.to_dict``) as text."""
+    verdict = _paint("EQUIVALENT", "green") if rep["equivalent"] else _paint("NOT EQUIVALENT", "red")
+    used = ", ".join(c["name"] for c in rep["comparisons"])
+    lines = [f"verify: {rep['reference']} vs {rep['candidate']}: {verdict} "
+             f"({rep['samples']} sample(s), seed {rep['seed']}; {used})"]
+    for name, info in rep["inputs"].items():
         lines.append(f"  input {name}: {info['dtype']}{info['shape']} ({info['source']})")
-    for note in report.notes:
+    for note in rep["notes"]:
         lines.append(f"  note: {note}")
     head = ("comparison", "output", "max abs", "max rel", "mean abs", "cosine", "fail", "atol", "rtol", "worst at")
     rows = []
-    for c in report.comparisons:
-        for o in c.outputs:
-            if o.problem:
-                rows.append((c.name, o.name, "FAIL: " + o.problem, "", "", "", "", "", "", ""))
+    for c in rep["comparisons"]:
+        for o in c["outputs"]:
+            if o["problem"]:
+                rows.append((c["name"], o["name"], "FAIL: " + o["problem"], "", "", "", "", "", "", ""))
                 continue
-            worst = "" if o.worst is None else f"#{o.worst['sample']}{o.worst['index']}"
-            rows.append((c.name, o.name, _g(o.max_abs_error), _g(o.max_rel_error), _g(o.mean_abs_error),
-                         f"{o.cosine_similarity:.6f}", f"{o.fail_fraction:.2%}" + ("" if o.equivalent else " FAIL"),
-                         _g(o.atol), _g(o.rtol), worst))
+            worst = "" if o["worst"] is None else f"#{o['worst']['sample']}{o['worst']['index']}"
+            rows.append((c["name"], o["name"], _g(o["max_abs_error"]), _g(o["max_rel_error"]),
+                         _g(o["mean_abs_error"]), f"{o['cosine_similarity']:.6f}",
+                         f"{o['fail_fraction']:.2%}" + ("" if o["equivalent"] else " FAIL"),
+                         _g(o["atol"]), _g(o["rtol"]), worst))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         lines.append("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-    for s in report.skipped:
-        lines.append(f"  skipped {s['name']}: {s['why']}")
-    loc = report.localized
+    for sk in rep["skipped"]:
+        lines.append(f"  skipped {sk['name']}: {sk['why']}")
+    loc = rep["localized"]
     if loc:
         if loc["first_divergent"]:
             res = loc["result"]
@@ -194,68 +207,263 @@ def render_verify(report) -> str:
         else:
             lines.append(f"  localize: none of {loc['checked']} shared intermediate tensors diverges; "
                          "the difference arises in the nodes producing the outputs")
-    lines.append(f"  time: {report.timing['total_s']:.2f} s ({report.timing['inference_s']:.2f} s inference)")
+    lines.append(f"  time: {rep['timing']['total_s']:.2f} s ({rep['timing']['inference_s']:.2f} s inference)")
     return "\n".join(lines)
 
 
+def _collect(paths) -> list:
+    """``(model, root)`` pairs: files as given (root None), folders searched for ``*.onnx``."""
+    models = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.onnx") if not q.name.endswith(".fused.onnx"))
+            if not found:
+                raise BnfoldError("folder holds no *.onnx file", p)
+            models.extend((q, p) for q in found)
+        else:
+            models.append((p, None))
+    return models
+
+
+def fuse_job(model: Path, target: Optional[Path], opts: dict) -> dict:
+    """Fold one model file, verify it and write it, or with ``target`` None only check it.
+
+    Returns plain data, so batch jobs can run in worker processes: ``exit_code``,
+    ``error`` (one line or None), ``warnings`` and ``report`` (the fuse report with
+    its verification).
+    """
+    import shutil
+    import tempfile
+
+    from .errors import MissingDependencyError
+    from .fold import fuse as fuse_model
+
+    out = {"model": str(model), "output": None, "exit_code": 0, "error": None, "warnings": [], "report": None}
+    scratch = None
+    try:
+        if target is not None and not opts["in_place"] and _same_file(model, target):
+            raise BnfoldError("output path is the input model; use --in-place to overwrite it", target)
+        result = fuse_model(model, allow_overridable=opts["allow_overridable"], reparameterize=opts["reparameterize"])
+        data = result.to_dict()
+        data["output"] = data["verification"] = None
+        out["report"] = data
+        if target is None:  # check: the candidate lives in a private folder and goes away
+            scratch = Path(tempfile.mkdtemp(prefix="bnfold-check-"))
+        staging = target if target is not None else scratch / model.name
+        with result.stage(staging, external_data=result.source_external_data or None) as staged:
+            result.release_model()  # written: free it before ONNX Runtime loads both models
+            report = None
+            if opts["verify"] is not False and result.folded:
+                try:
+                    # the model was just loaded (and so checked), and the candidate written here
+                    report = _run_verify(model, Path(staged.path), opts["verify_kwargs"], None, validated=True)
+                    report.candidate = str(staging) if target is not None else f"{model} (folded in memory)"
+                    data["verification"] = report.to_dict()
+                except MissingDependencyError as e:
+                    if opts["verify"]:
+                        raise
+                    out["warnings"].append(f"not verified: {e}")
+                except BnfoldError as e:
+                    raise BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)",
+                                      e.path) from None
+            failed = report is not None and not report.equivalent
+            if failed and not opts["force"]:
+                out["exit_code"] = 1
+                out["error"] = (f"{target}: not written: the folded model is not equivalent to {model} "
+                                "(--force writes it anyway)" if target is not None else
+                                f"{model}: folding it gives a model that is not equivalent")
+                return out
+            if target is not None:
+                staged.commit()
+                out["output"] = data["output"] = str(target)
+            if failed:
+                out["warnings"].append(f"{target} written with --force although verification failed")
+    except BnfoldError as e:
+        out["exit_code"], out["error"] = e.exit_code, str(e)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _run_jobs(jobs: list, opts: dict, n_jobs: int, quiet: bool) -> list:
+    """``fuse_job`` over ``(model, target)`` pairs, in worker processes when ``n_jobs`` > 1;
+    a progress bar on a terminal, a line per model otherwise (on stderr)."""
+    if n_jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=n_jobs)
+        results = pool.map(fuse_job, [m for m, _ in jobs], [t for _, t in jobs], [opts] * len(jobs))
+    else:
+        pool = None
+        results = (fuse_job(m, t, opts) for m, t in jobs)
+    outcomes = []
+    try:
+        if sys.stderr.isatty() and not quiet:
+            with click.progressbar(results, length=len(jobs), label="folding", file=sys.stderr) as bar:
+                outcomes = list(bar)
+        else:
+            for o in results:
+                outcomes.append(o)
+                if not quiet:
+                    click.echo(f"[{len(outcomes)}/{len(jobs)}] {o['model']}: "
+                               f"{'ok' if o['exit_code'] == 0 else o['error']}", err=True)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return outcomes
+
+
+def render_summary(outcomes: list) -> str:
+    """One line per model, then the totals and the exit code."""
+    head = ("model", "BN", "result", "output / problem")
+    rows = []
+    for o in outcomes:
+        rep = o["report"]
+        bn = f"{rep['before']['bn_count']} -> {rep['after']['bn_count']}" if rep else ""
+        verified = rep is not None and rep["verification"] is not None
+        status = {0: "ok, verified" if verified else "ok", 1: "FAILED"}.get(o["exit_code"], "error")
+        rows.append((o["model"], bn, status, o["output"] or o["error"] or ""))
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(3)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:3], widths)) + "  " + str(r[3]) for r in [head] + rows]
+    worst = max((o["exit_code"] for o in outcomes), default=0)
+    lines.append(f"{len(outcomes)} model(s): {sum(o['exit_code'] == 0 for o in outcomes)} ok, "
+                 f"{sum(o['exit_code'] == 1 for o in outcomes)} failed verification or policy, "
+                 f"{sum(o['exit_code'] not in (0, 1) for o in outcomes)} could not be processed; exit {worst}")
+    return "\n".join(lines)
+
+
+def _finish(outcomes: list, report_path, junit_path, as_json: bool, verbose: int, quiet: bool,
+            single: bool) -> None:
+    """Reports, rendering, annotations and the exit code (the worst of all outcomes)."""
+    from .modelio import write_bytes_atomic
+
+    # a model that could not be processed (exit 2) gets its one error line, no report
+    reports = [o["report"] for o in outcomes if o["report"] and o["exit_code"] != 2]
+    doc = (reports[0] if reports else None) if single else {"models": outcomes}
+    if report_path is not None and doc is not None:
+        write_bytes_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
+    if junit_path is not None:
+        from .verification import junit_xml
+
+        write_bytes_atomic(junit_path, junit_xml([r["verification"] for r in reports if r["verification"]]).encode())
+    if as_json and doc is not None:
+        click.echo(json.dumps(doc, indent=2))
+    elif not quiet and not as_json:
+        if single:
+            for rep in reports:
+                click.echo(render_fuse(rep, verbose))
+                if rep["verification"]:
+                    click.echo(render_verify(rep["verification"]))
+        else:
+            click.echo(render_summary(outcomes))
+    github = os.environ.get("GITHUB_ACTIONS") == "true"
+    for o in outcomes:
+        for w in o["warnings"]:
+            if not quiet:
+                click.echo(f"bnfold: warning: {w}", err=True)
+        if o["error"]:
+            if single or quiet or as_json:
+                click.echo(f"bnfold: error: {o['error']}", err=True)
+            if github:
+                click.echo(f"::error file={o['model']}::{o['error']}")
+    worst = max((o["exit_code"] for o in outcomes), default=0)
+    if worst:
+        sys.exit(worst)
+
+
+def _base_opts(allow_overridable: bool, reparameterize: bool, verify_opts: dict) -> dict:
+    return {"in_place": False, "allow_overridable": allow_overridable, "reparameterize": reparameterize,
+            "verify": None, "force": False, "verify_kwargs": _verify_kwargs(**verify_opts)}
+
+
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the folded model [default: <stem>.fused.onnx beside MODEL].")
-@click.option("--in-place", is_flag=True, help="Overwrite MODEL itself (atomically).")
+              help="Where to write the folded model (one MODEL only) [default: <stem>.fused.onnx beside it].")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each folded model here under its own name (a folder's layout is kept).")
+@click.option("--in-place", is_flag=True, help="Overwrite each MODEL itself (atomically).")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Models folded in parallel processes.")
 @click.option("--verify/--no-verify", "do_verify", default=None,
-              help="Check the result against MODEL through ONNX Runtime before writing it "
+              help="Check each result against its MODEL through ONNX Runtime before writing it "
                    "[default: on when ONNX Runtime is installed].")
 @click.option("--force", is_flag=True, help="Write the output even when verification fails (and say so).")
 @fold_options
 @verify_options
 @handle_errors
-def fuse(model: Path, output: Optional[Path], in_place: bool, do_verify: Optional[bool], force: bool,
-         allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool,
-         junit_path: Optional[Path], **verify_opts) -> None:
+def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool, jobs: int,
+         do_verify: Optional[bool], force: bool, allow_overridable: bool, reparameterize: bool,
+         report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool, junit_path: Optional[Path],
+         **verify_opts) -> None:
     """Fold inference-time BatchNormalization into neighbouring linear ops.
 
-    Folds each BN into the Conv, ConvTranspose, Gemm or MatMul(+Add) before it, or
-    into an unpadded Conv or a Gemm after it, computing in float64 and rounding once.
-    Every BN left in place is listed with a reason code. The result is verified
-    against MODEL through ONNX Runtime and written only if it is equivalent (exit 1
-    otherwise). The input is never modified unless --in-place is given; the output
-    is written atomically.
-    """
-    from .errors import MissingDependencyError
-    from .fold import fuse as fuse_model
+    Folds each BN into the Conv, ConvTranspose, Gemm or MatMul(+Add) before it (also
+    through a channel Concat), or into an unpadded Conv or a Gemm after it, computing
+    in float64 and rounding once. Every BN left in place is listed with a reason
+    code. Each result is verified against its MODEL through ONNX Runtime and written
+    only if it is equivalent (exit 1 otherwise). Inputs are never modified unless
+    --in-place is given; outputs are written atomically.
 
-    if in_place and output is not None:
-        raise click.UsageError("--in-place and --output are mutually exclusive")
-    target = model if in_place else (output or _default_output(model))
-    if not in_place and _same_file(model, target):
-        raise BnfoldError("output path is the input model; use --in-place to overwrite it", target)
-    kwargs = _verify_kwargs(**verify_opts)
-    result = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize)
-    report = None
-    with result.stage(target, external_data=result.source_external_data or None) as staged:
-        result.release_model()  # written: free it before ONNX Runtime loads both models
-        if do_verify is not False and result.folded:
-            try:
-                # fuse has just loaded (and so checked) MODEL, and wrote the candidate itself
-                report = _run_verify(model, Path(staged.path), kwargs, junit_path, validated=True)
-                report.candidate = str(target)
-            except MissingDependencyError as e:
-                if do_verify:
-                    raise
-                if not quiet:
-                    click.echo(f"bnfold: warning: not verified: {e}", err=True)
-            except BnfoldError as e:
-                raise BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)", e.path) from None
-        failed = report is not None and not report.equivalent
-        if failed and not force:
-            _emit(result, None, report_path, as_json, verbose, quiet, report)
-            _fail(f"{target}: not written: the folded model is not equivalent to {model} "
-                  "(--force writes it anyway)", 1)
-        staged.commit()
-    _emit(result, str(target), report_path, as_json, verbose, quiet, report)
-    if failed:
-        click.echo(f"bnfold: warning: {target} written with --force although verification failed", err=True)
+    MODELS may be files or folders (searched for *.onnx). With several, one failure
+    does not stop the rest, a summary table ends the run, and the exit code is the
+    worst of them.
+    """
+    if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
+        raise click.UsageError("use only one of --output, --out-dir and --in-place")
+    found = _collect(models)
+    if output is not None and len(found) > 1:
+        raise click.UsageError("--output takes one MODEL; use --out-dir for several")
+    if out_dir is not None and not out_dir.is_dir():
+        raise BnfoldError("output folder does not exist", out_dir)
+    pairs = []
+    for model, root in found:
+        if in_place:
+            target = model
+        elif output is not None:
+            target = output
+        elif out_dir is not None:
+            target = out_dir / (model.relative_to(root) if root is not None else Path(model.name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            target = _default_output(model)
+        pairs.append((model, target))
+    opts = _base_opts(allow_overridable, reparameterize, verify_opts)
+    opts.update(in_place=in_place, verify=do_verify, force=force)
+    single = len(models) == 1 and len(pairs) == 1 and not models[0].is_dir()
+    outcomes = [fuse_job(*pairs[0], opts)] if single else _run_jobs(pairs, opts, jobs, quiet)
+    _finish(outcomes, report_path, junit_path, as_json, verbose, quiet, single)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--require-folded", is_flag=True,
+              help="Fail a model that still has BatchNormalization fuse would fold (a deployment artifact "
+                   "that was not preprocessed).")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Models checked in parallel processes.")
+@fold_options
+@verify_options
+@handle_errors
+def check(models, require_folded: bool, jobs: int, allow_overridable: bool, reparameterize: bool,
+          report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool, junit_path: Optional[Path],
+          **verify_opts) -> None:
+    """The CI gate: fold each model in memory, verify the fold, apply the policy. Writes no model.
+
+    Exit 0 when every model passes, 1 when one fails the policy or its fold does not
+    verify, 2 when one cannot be used. Under GitHub Actions failures are also printed
+    as ::error annotations.
+    """
+    pairs = [(m, None) for m, _ in _collect(models)]
+    outcomes = _run_jobs(pairs, _base_opts(allow_overridable, reparameterize, verify_opts), jobs, True)
+    for o in outcomes:
+        rep = o["report"]
+        if require_folded and o["exit_code"] == 0 and rep and rep["folded"]:
+            o["exit_code"] = 1
+            o["error"] = (f"{o['model']}: {rep['folded']} BatchNormalization can still be folded "
+                          "(run bnfold fuse on it)")
+    _finish(outcomes, report_path, junit_path, as_json, verbose, quiet, single=False)
 
 
 def _run_verify(reference: Path, candidate: Path, kwargs: dict, junit_path: Optional[Path], validated=False):
@@ -288,7 +496,7 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, junit_p
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
-        click.echo(render_verify(report))
+        click.echo(render_verify(report.to_dict()))
     sys.exit(0 if report.equivalent else 1)
 
 
@@ -297,23 +505,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
-
-
-def _emit(result, output: Optional[str], report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool,
-          verification=None):
-    data = result.to_dict()
-    data["output"] = output
-    data["verification"] = None if verification is None else verification.to_dict()
-    if report_path is not None:
-        from .modelio import write_bytes_atomic
-
-        write_bytes_atomic(report_path, (json.dumps(data, indent=2) + "\n").encode())
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    elif not quiet:
-        click.echo(render_fuse(result, output, verbose))
-        if verification is not None:
-            click.echo(render_verify(verification))
 
 
 @main.command(context_settings=CONTEXT)
@@ -325,8 +516,10 @@ def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_p
     """Show which BNs fuse would fold and why the others stay; write no model."""
     from .fold import fuse as fuse_model
 
-    result = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize)
-    _emit(result, None, report_path, as_json, verbose, quiet)
+    data = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize).to_dict()
+    data["output"] = data["verification"] = None
+    _finish([{"model": str(model), "output": None, "exit_code": 0, "error": None, "warnings": [], "report": data}],
+            report_path, None, as_json, verbose, quiet, single=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,7 +84,7 @@ def test_inspect_writes_nothing_and_lists_reasons(tmp_path):
 
 @pytest.mark.parametrize("make,message", [
     (lambda p: None, "no such file"),
-    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: p.mkdir(), "is a directory|folder holds no *.onnx file"),
     (lambda p: p.write_bytes(b""), "is empty"),
     (lambda p: p.write_bytes(b"\xff" * 64), "is not an ONNX model"),
     (lambda p: p.write_bytes((MODELS / "resnet_mini.onnx").read_bytes()[:5000]), "is not an ONNX model"),
@@ -96,7 +96,8 @@ def test_unusable_input_exits_2_with_one_line(tmp_path, make, message, command):
     make(path)
     res = run(command, path)
     assert res.exit_code == 2
-    assert res.output.count("\n") == 1 and message in res.output and str(path) in res.output
+    assert res.output.count("\n") == 1 and str(path) in res.output
+    assert any(m in res.output for m in message.split("|"))
     assert "Traceback" not in res.output
 
 

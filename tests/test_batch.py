@@ -1,0 +1,93 @@
+"""Many models in one call, the CI gate (check), and output conventions for pipelines."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+
+import onnx
+from click.testing import CliRunner
+
+from bnfold import cli
+from bnfold.cli import main
+from conftest import MODELS, ROOT, bn_count
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def corpus(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(MODELS / "resnet_mini.onnx", src / "a.onnx")
+    shutil.copy(MODELS / "mlp_bn1d.onnx", src / "sub" / "b.onnx")
+    return src
+
+
+def test_fuse_folder_and_files_into_out_dir_in_parallel(tmp_path):
+    src = corpus(tmp_path)
+    extra = tmp_path / "c.onnx"
+    shutil.copy(MODELS / "vit_bn1d.onnx", extra)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run("fuse", src, extra, "--out-dir", out, "--jobs", "2")
+    assert res.exit_code == 0, res.output
+    for path in (out / "a.onnx", out / "sub" / "b.onnx", out / "c.onnx"):
+        assert bn_count(onnx.load(str(path))) == 0
+    assert "3 model(s): 3 ok" in res.output and "ok, verified" in res.output
+    assert "[3/3]" in res.output  # not a terminal: one plain line per model
+
+
+def test_one_failure_does_not_stop_the_rest_and_sets_the_exit_code(tmp_path):
+    src = corpus(tmp_path)
+    (src / "broken.onnx").write_bytes(b"not a model")
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run("fuse", src, "--out-dir", out, "--no-verify")
+    assert res.exit_code == 2
+    assert (out / "a.onnx").exists() and (out / "sub" / "b.onnx").exists() and not (out / "broken.onnx").exists()
+    assert "broken.onnx: is not an ONNX model" in res.output and "1 could not be processed" in res.output
+
+
+def test_check_require_folded_fails_unprocessed_models_and_writes_nothing(tmp_path):
+    src = corpus(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    res = run("check", src)
+    assert res.exit_code == 0, res.output
+    res = run("check", src, "--require-folded", "--junit", tmp_path / "j.xml", "--json")
+    assert res.exit_code == 1
+    data = json.loads(res.stdout)  # errors go to stderr; stdout is only the JSON
+    assert [o["exit_code"] for o in data["models"]] == [1, 1]
+    assert "can still be folded" in data["models"][0]["error"]
+    assert ET.parse(tmp_path / "j.xml").getroot().tag == "testsuites"
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "j.xml")
+    assert after == before
+
+
+def test_check_passes_fused_models_and_annotates_failures_on_github(tmp_path):
+    src = corpus(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run("fuse", src, "--out-dir", out, "-q").exit_code == 0
+    res = run("check", out, "--require-folded", "-q")
+    assert res.exit_code == 0 and res.output == ""
+    res = run("check", src, "--require-folded", env={"GITHUB_ACTIONS": "true"})
+    assert res.exit_code == 1 and f"::error file={src / 'a.onnx'}::" in res.output
+
+
+def test_colours_only_on_a_terminal_without_no_color(monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli._color()
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not cli._color()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert not cli._color()
+
+
+def test_pre_commit_hooks_run_bnfold_check():
+    text = (ROOT / ".pre-commit-hooks.yaml").read_text()
+    assert "entry: bnfold check" in text and "files: \\.onnx$" in text
