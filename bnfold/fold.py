@@ -80,7 +80,8 @@ class FuseResult:
 
     def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
-                 source_external_data: bool = False, merges: Optional[list] = None) -> None:
+                 source_external_data: bool = False, merges: Optional[list] = None,
+                 base_dir: Optional[str] = None) -> None:
         self._model = model
         self._replacements = replacements
         self.records = records
@@ -89,6 +90,7 @@ class FuseResult:
         self.source = source
         self.source_external_data = source_external_data
         """Whether the source file kept its weights in external data."""
+        self.base_dir = base_dir
         self.merges = merges or []
         """Multi-branch blocks merged into one Conv (:class:`bnfold.reparam.Merge`)."""
 
@@ -99,19 +101,26 @@ class FuseResult:
         if self._model is None:
             raise ValueError("the model was released (release_model) after saving")
         if self._replacements:
-            from .graph import overwrite_tensor
+            from .modelio import set_tensor_data
 
             for t in self._model.graph.initializer:
-                if t.name in self._replacements:
-                    overwrite_tensor(t, self._replacements.pop(t.name))
+                value = self._replacements.pop(t.name, None)
+                if value is not None:
+                    set_tensor_data(t, value if isinstance(value, np.ndarray) else value.materialize())
             self._replacements = {}
+        if self.source_external_data:  # bring the untouched external tensors in too
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(self._model, self.base_dir)
+            self.source_external_data = False
         return self._model
 
     def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None):
         """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`)."""
         from .modelio import stage_model
 
-        return stage_model(self._model, path, external_data=external_data, replacements=self._replacements)
+        return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
+                           base_dir=self.base_dir)
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
@@ -188,9 +197,11 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     else:
         from .modelio import load_model_info
         source = os.fspath(model_or_path)
-        model, external = load_model_info(source)
+        # external data stays on disk: only the tensors a fold touches are read
+        model, external = load_model_info(source, load_external=False)
     before = count(model)
-    index = ModelIndex(model, allow_overridable=allow_overridable)
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else None
+    index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
     folds = _fold_all(index)
     merges = []
     if reparameterize:
@@ -205,7 +216,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records, merges)
-    return FuseResult(model, replacements, records, before, count(model), source, external, merges)
+    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir)
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:
@@ -555,7 +566,8 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
     dtype = w_val.dtype
     new_host_bias = new_add = None
     try:
-        new_w = numerics.scale_round(w_val, rule.weight_factor(host, w_val, s), dtype, "the folded weight")
+        factor = rule.weight_factor(host, w_val, s)
+        new_w = numerics.scale_round(w_val, factor, dtype, "the folded weight")
         if path.add is not None:  # the Add carries the shift; the host's own bias is only scaled
             new_add = numerics.round_to(numerics.fold_bias(add_bias, s, t), dtype, "the folded bias")
             if host_bias is not None:
@@ -569,7 +581,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
 
     def apply() -> None:
         host_label = _name_base(host)
-        scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold")
+        scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold", factor=factor)
         if new_host_bias is not None:
             scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
             rule.after_fold(scope, host)
@@ -675,7 +687,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")
     label = _name_base(nxt)
-    scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold")
+    scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold", factor=factor)
     scope.write_constant(nxt, 2, new_b, f"{label}_bias_bnfold")
     rule.after_fold(scope, nxt)
     scope.redirect_shape_readers(bn.output[0], bn.input[0])

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from .modelio import ScaledTensor, read_tensor, set_tensor_data
 from .reasons import Reason
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -76,18 +77,6 @@ def _names_read(graph: GraphProto) -> Set[str]:
     return names
 
 
-def overwrite_tensor(tensor: TensorProto, value: np.ndarray) -> None:
-    """Replace the data of ``tensor`` (same dims) by ``value``, keeping its name and doc."""
-    if sys.byteorder == "little" and onnx.helper.np_dtype_to_tensor_dtype(value.dtype) == tensor.data_type:
-        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(f)
-        tensor.raw_data = np.ascontiguousarray(value).tobytes()
-        return
-    fresh = numpy_helper.from_array(value, tensor.name)
-    fresh.doc_string = tensor.doc_string
-    tensor.CopyFrom(fresh)
-
-
 def node_label(node: NodeProto, position: int) -> str:
     """A stable, human name for a node: its name, or ``Op#position`` when unnamed."""
     return node.name if node.name else f"{node.op_type}#{position}"
@@ -110,8 +99,8 @@ class Constant:
         if self.tensor is not None:
             pending = self.scope.index.pending.get(id(self.tensor))
             if pending is not None:
-                return pending[1]
-            return numpy_helper.to_array(self.tensor)
+                return pending[1] if isinstance(pending[1], np.ndarray) else pending[1].materialize()
+            return read_tensor(self.tensor, self.scope.index.base_dir)
         # Constant node with value_float / value_floats / value_int(s)
         for key in ("value_float", "value_floats", "value_int", "value_ints"):
             v = attr(self.node, key)
@@ -277,12 +266,15 @@ class Scope:
                 self.index.refs[name] += 1
         self.changed = True
 
-    def write_constant(self, node: NodeProto, i: int, value: np.ndarray, base: str) -> str:
+    def write_constant(self, node: NodeProto, i: int, value: np.ndarray, base: str,
+                       factor: Optional[np.ndarray] = None) -> str:
         """Make input ``i`` of ``node`` read the constant ``value``.
 
         Rewrites the old tensor in place when nothing else reads it and its shape
         does not change; otherwise stores ``value`` under a fresh name (a shared
-        tensor is never modified).
+        tensor is never modified). ``factor`` says that ``value`` is the old tensor
+        times ``factor``: for a tensor in external data only that recipe is kept, and
+        the values are computed again, block by block, when the model is written.
         """
         old = node.input[i] if i < len(node.input) else ""
         if old:
@@ -294,6 +286,11 @@ class Scope:
                     and tuple(current.tensor.dims) == tuple(value.shape)):
                 # Recorded, not written: replacing a field's bytes inside a loaded protobuf keeps the
                 # old bytes alive in its arena. Main-graph initializers are written straight to disk.
+                if factor is not None and current.tensor.data_location == TensorProto.EXTERNAL:
+                    prev = self.index.pending.get(id(current.tensor))
+                    if prev is not None and isinstance(prev[1], ScaledTensor):
+                        factor = prev[1].factor * factor
+                    value = ScaledTensor(current.tensor, self.index.base_dir, factor, value.dtype)
                 self.index.pending[id(current.tensor)] = (current.tensor, value)
                 self.changed = True
                 return old
@@ -331,8 +328,9 @@ class Scope:
 class ModelIndex:
     """All scopes of a model plus the model-wide use counts and name table."""
 
-    def __init__(self, model: ModelProto, allow_overridable: bool = False) -> None:
+    def __init__(self, model: ModelProto, allow_overridable: bool = False, base_dir: Optional[str] = None) -> None:
         self.model = model
+        self.base_dir = base_dir  # where external data lives
         self.allow_overridable = allow_overridable
         self.default_opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
         self.refs: Counter = Counter()
@@ -466,15 +464,16 @@ class ModelIndex:
         return ranks
 
     # -- finishing -------------------------------------------------------------------
-    def take_replacements(self) -> Dict[str, np.ndarray]:
-        """New values of main-graph initializers, by name; every other pending edit is applied."""
+    def take_replacements(self) -> Dict[str, object]:
+        """New values of main-graph initializers by name (arrays or :class:`ScaledTensor`);
+        every other pending edit is applied to its tensor."""
         main = self.main.initializers
-        out: Dict[str, np.ndarray] = {}
+        out: Dict[str, object] = {}
         for tensor, value in self.pending.values():
             if main.get(tensor.name) is tensor:
                 out[tensor.name] = value
             else:
-                overwrite_tensor(tensor, value)
+                set_tensor_data(tensor, value if isinstance(value, np.ndarray) else value.materialize())
         self.pending.clear()
         return out
 

@@ -57,6 +57,60 @@ def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
             yield from node_tensors(node)
 
 
+def _external_info(t: TensorProto) -> Dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
+    """The values of ``t``, reading only its own bytes when it lives in external data."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    return np.array(external_view(t, base_dir))
+
+
+def external_view(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
+    """A read-only memory map of an external tensor (locations were checked at load)."""
+    info = _external_info(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    path = Path(base_dir or ".") / info["location"]
+    shape = tuple(t.dims)
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0) or 0), shape=shape)
+
+
+class ScaledTensor:
+    """A folded weight not yet computed: ``round(source * factor)`` in ``dtype``.
+
+    Kept for weights in external data, so that a model of many gigabytes is folded
+    with a few tensors in memory at a time: the values are computed block by block
+    while the output is written.
+    """
+
+    def __init__(self, source: TensorProto, base_dir: Optional[PathLike], factor: np.ndarray, dtype) -> None:
+        self.source, self.base_dir, self.factor, self.dtype = source, base_dir, factor, np.dtype(dtype)
+        self.shape = tuple(source.dims)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def materialize(self) -> np.ndarray:
+        from .numerics import scale_round
+
+        return scale_round(read_tensor(self.source, self.base_dir), self.factor, self.dtype, "the folded weight")
+
+    def blocks(self, block_bytes: int = 1 << 24) -> Iterator[np.ndarray]:
+        from .numerics import scale_round
+
+        src = external_view(self.source, self.base_dir)
+        if src.ndim == 0 or src.size == 0:
+            yield self.materialize()
+            return
+        rows = max(1, block_bytes // max(1, src[0].nbytes))
+        per_row = self.factor.ndim == src.ndim and self.factor.shape[0] != 1
+        for i in range(0, src.shape[0], rows):
+            f = self.factor[i:i + rows] if per_row else self.factor
+            yield scale_round(src[i:i + rows], f, self.dtype, "the folded weight")
+
+
 def uses_external_data(model: ModelProto) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model))
 
@@ -257,31 +311,32 @@ class StagedModel:
 
 
 def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None,
-                replacements: Optional[Dict[str, np.ndarray]] = None) -> StagedModel:
+                replacements: Optional[Dict[str, object]] = None, base_dir: Optional[PathLike] = None) -> StagedModel:
     """Write ``model`` for ``path`` into a temporary folder beside it (see :class:`StagedModel`).
 
-    ``replacements`` gives new data for main-graph initializers by name; they are
-    streamed to disk without entering the model. With ``external_data`` (or when the
-    weights pass protobuf's 2 GB limit) the weights go to ``<name>.data`` beside it;
-    that converts the tensors of ``model`` in place to refer to that file.
+    ``replacements`` gives new data for main-graph initializers by name (arrays or
+    :class:`ScaledTensor`); they are streamed to disk without entering the model.
+    Tensors still in external data are read from ``base_dir``. With
+    ``external_data`` (or when the weights pass protobuf's 2 GB limit) the weights go
+    to ``<name>.data`` beside the model, copied or computed piece by piece; that
+    converts the tensors of ``model`` in place to refer to that file.
     """
     p = Path(path)
     _check_writable_folder(p)
     replacements = dict(replacements or {})
-    if external_data is None:
+    if uses_external_data(model):
+        external_data = True  # its weights stay out of the protobuf, as they came
+    elif external_data is None:
         external_data = sum(tensor_nbytes(t) or 0 for t in iter_tensors(model)) > EXTERNAL_THRESHOLD
     tmpdir = tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.")
     try:
         if external_data:
-            from .graph import overwrite_tensor
-
-            for t in model.graph.initializer:
-                if t.name in replacements:
-                    overwrite_tensor(t, replacements.pop(t.name))
             data_name = p.name + ".data"
-            onnx.save_model(model, os.path.join(tmpdir, p.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            files = tuple(n for n in (data_name, p.name) if os.path.exists(os.path.join(tmpdir, n)))
+            with open(os.path.join(tmpdir, data_name), "wb") as data_file:
+                write_external_data(model, data_file, data_name, replacements, base_dir)
+            with open(os.path.join(tmpdir, p.name), "wb") as f:
+                write_model(model, f)
+            files = (data_name, p.name)
         else:
             # Atomic against interruption and write errors (temporary file, then rename); no
             # fsync: a power-loss barrier would cost ~10% of a fold and the input is never touched.
@@ -296,6 +351,93 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
             raise BnfoldError(f"could not be written ({e}); nothing was changed", p) from None
         raise
     return StagedModel(p, tmpdir, files)
+
+
+_ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
+_INLINE_BYTES = 1024
+
+
+def set_tensor_data(tensor: TensorProto, value: np.ndarray) -> None:
+    """Replace the data of ``tensor`` (same dims) by ``value`` inline, keeping name and doc."""
+    if sys.byteorder == "little" and onnx.helper.np_dtype_to_tensor_dtype(value.dtype) == tensor.data_type:
+        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data",
+                  "data_location"):
+            tensor.ClearField(f)
+        tensor.raw_data = np.ascontiguousarray(value).tobytes()
+        return
+    fresh = numpy_helper.from_array(value, tensor.name)
+    fresh.doc_string = tensor.doc_string
+    tensor.CopyFrom(fresh)
+
+
+def write_external_data(model: ModelProto, data_file, data_name: str, replacements: Dict[str, object],
+                        base_dir: Optional[PathLike]) -> None:
+    """Write every large or external tensor of ``model`` into ``data_file`` and point the
+    tensors at it. Replaced initializers take their new data; external tensors are
+    copied piece by piece from their source; nothing is held whole in memory."""
+    main = list(model.graph.initializer)
+    main_ids = {id(t) for t in main}
+    others = [t for t in iter_tensors(model) if id(t) not in main_ids]
+    offset = 0
+    for t in main + others:
+        rep = replacements.get(t.name) if id(t) in main_ids else None
+        external = t.data_location == TensorProto.EXTERNAL
+        size = rep.nbytes if rep is not None else (tensor_nbytes(t) or 0) if external else _inline_nbytes(t)
+        if size <= _INLINE_BYTES:  # small tensors live in the model (runtimes read shapes from them)
+            if rep is not None or external:
+                value = rep if isinstance(rep, np.ndarray) else rep.materialize() if rep is not None \
+                    else read_tensor(t, base_dir)
+                set_tensor_data(t, value)
+            continue
+        pad = (-offset) % _ALIGN
+        data_file.write(b"\0" * pad)
+        offset += pad
+        start = offset
+        if isinstance(rep, np.ndarray):
+            offset += _write_array(data_file, rep)
+        elif rep is not None:
+            for block in rep.blocks():
+                offset += _write_array(data_file, block)
+        elif external:
+            offset += _copy_external(t, base_dir, data_file)
+        else:
+            raw = t.raw_data
+            data_file.write(raw)
+            offset += len(raw)
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                  "external_data"):
+            t.ClearField(f)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(offset - start))):
+            t.external_data.add(key=key, value=value)
+
+
+def _inline_nbytes(t: TensorProto) -> int:
+    return (tensor_nbytes(t) or 0) if t.HasField("raw_data") and t.data_type not in _PACKED_TYPES else 0
+
+
+def _write_array(f, value: np.ndarray) -> int:
+    arr = np.ascontiguousarray(value)
+    if sys.byteorder != "little":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    f.write(memoryview(arr).cast("B"))
+    return arr.nbytes
+
+
+def _copy_external(t: TensorProto, base_dir: Optional[PathLike], out) -> int:
+    info = _external_info(t)
+    offset = int(info.get("offset", 0) or 0)
+    length = int(info["length"]) if info.get("length") else tensor_nbytes(t)
+    with open(Path(base_dir or ".") / info["location"], "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, 1 << 24))
+            if not chunk:
+                raise ValueError(f"external data of tensor '{t.name}' ends early")
+            out.write(chunk)
+            left -= len(chunk)
+    return length
 
 
 # -- streaming serialization ---------------------------------------------------------------
