@@ -119,8 +119,14 @@ class FuseResult:
         """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`)."""
         from .modelio import stage_model
 
+        from pathlib import Path
+
+        from .modelio import external_files
+
+        overwriting_source = self.source is not None and Path(path).resolve() == Path(self.source).resolve()
+        avoid = () if overwriting_source else external_files(self._model, self.base_dir)
         return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
-                           base_dir=self.base_dir)
+                           base_dir=self.base_dir, avoid=avoid)
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""

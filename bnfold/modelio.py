@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 import sys
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -109,6 +109,12 @@ class ScaledTensor:
         for i in range(0, src.shape[0], rows):
             f = self.factor[i:i + rows] if per_row else self.factor
             yield scale_round(src[i:i + rows], f, self.dtype, "the folded weight")
+
+
+def external_files(model: ModelProto, base_dir: Optional[PathLike]) -> set:
+    """The external data files ``model`` refers to, resolved against ``base_dir``."""
+    return {(Path(base_dir or ".") / _external_info(t).get("location", "")).resolve()
+            for t in iter_tensors(model) if t.data_location == TensorProto.EXTERNAL}
 
 
 def uses_external_data(model: ModelProto) -> bool:
@@ -214,8 +220,8 @@ def check_external_data(model: ModelProto, path: PathLike) -> None:
         offset = int(info.get("offset", 0) or 0)
         length = info.get("length")
         need = tensor_nbytes(t)
-        if length is not None and need is not None and int(length) < need:
-            raise BnfoldError(f"{where}: length {length} is less than the {need} bytes its dims need", path)
+        if length is not None and need is not None and int(length) != need:
+            raise BnfoldError(f"{where}: length {length} differs from the {need} bytes its dims need", path)
         end = offset + (int(length) if length is not None else (need or 0))
         if end > sizes[full]:
             raise BnfoldError(f"{where}: file is {sizes[full]} bytes, shorter than the {end} bytes it should hold",
@@ -311,7 +317,8 @@ class StagedModel:
 
 
 def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None,
-                replacements: Optional[Dict[str, object]] = None, base_dir: Optional[PathLike] = None) -> StagedModel:
+                replacements: Optional[Dict[str, object]] = None, base_dir: Optional[PathLike] = None,
+                avoid: Iterable[Path] = ()) -> StagedModel:
     """Write ``model`` for ``path`` into a temporary folder beside it (see :class:`StagedModel`).
 
     ``replacements`` gives new data for main-graph initializers by name (arrays or
@@ -319,7 +326,8 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
     Tensors still in external data are read from ``base_dir``. With
     ``external_data`` (or when the weights pass protobuf's 2 GB limit) the weights go
     to ``<name>.data`` beside the model, copied or computed piece by piece; that
-    converts the tensors of ``model`` in place to refer to that file.
+    converts the tensors of ``model`` in place to refer to that file, named after the
+    output and never one of the files in ``avoid`` (the input's data files).
     """
     p = Path(path)
     _check_writable_folder(p)
@@ -332,6 +340,11 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
     try:
         if external_data:
             data_name = p.name + ".data"
+            taken = {Path(a).resolve() for a in avoid}
+            k = 0
+            while (p.parent / data_name).resolve() in taken:
+                k += 1
+                data_name = f"{p.name}.{k}.data"
             with open(os.path.join(tmpdir, data_name), "wb") as data_file:
                 write_external_data(model, data_file, data_name, replacements, base_dir)
             with open(os.path.join(tmpdir, p.name), "wb") as f:

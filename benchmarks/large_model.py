@@ -1,0 +1,85 @@
+"""The large-model benchmark: fold a >= 3 GB external-data Conv/BN model.
+
+    python benchmarks/large_model.py [--layers 20] [--channels 2048]
+
+Targets (issue: production scale): peak RSS <= 3 x the largest tensor + 300 MB, and
+wall time <= 1.5 x copying the model's files. Prints the figures and writes
+benchmarks/LARGE.md. The model is generated once into benchmarks/work/large/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(args) -> tuple:
+    p = subprocess.run(["/usr/bin/time", "-f", "@@%e %M"] + args, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{args[0]} failed: {p.stderr[-500:]}")
+    wall, rss = [ln for ln in p.stderr.splitlines() if ln.startswith("@@")][-1][2:].split()
+    return float(wall), int(rss) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--channels", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    work = HERE / "work" / "large"
+    src, out, copy = work / "src", work / "out", work / "copy"
+    for d in (src, out, copy):
+        d.mkdir(parents=True, exist_ok=True)
+    model = src / "big.onnx"
+    if not model.exists():
+        subprocess.run([sys.executable, str(HERE / "make_large_model.py"), str(model), "--layers", str(args.layers),
+                        "--channels", str(args.channels)], check=True)
+    data_bytes = (src / "big.onnx.data").stat().st_size
+    largest = args.channels * args.channels * 9 * 4
+    copies, folds = [], []
+    for _ in range(args.repeat):
+        shutil.rmtree(copy)
+        copy.mkdir()
+        copies.append(timed(["cp", str(model), str(src / "big.onnx.data"), str(copy)]))
+        for f in out.iterdir():
+            f.unlink()
+        folds.append(timed([sys.executable, "-m", "bnfold", "fuse", str(model), "-o", str(out / "big.onnx"),
+                            "--no-verify", "-q"]))
+    copy_s = statistics.median(c[0] for c in copies)
+    fold_s = statistics.median(f[0] for f in folds)
+    rss = max(f[1] for f in folds)
+    t = time.perf_counter()
+    v = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(model), str(out / "big.onnx"), "--samples", "1",
+                        "--providers", "cpu"], capture_output=True, text=True)
+    verify_s = time.perf_counter() - t
+    budget_rss = 3 * largest / 2**20 + 300
+    lines = [
+        "# Large-model benchmark", "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores; "
+        f"`python benchmarks/large_model.py` (median of {args.repeat}).", "",
+        f"Model: {args.layers} × (Conv {args.channels}→{args.channels} 3×3 + BN + ReLU), "
+        f"{data_bytes / 2**30:.2f} GiB of external data, largest tensor {largest / 2**20:.0f} MiB.", "",
+        "| measure | figure | target | met |", "|---|---|---|---|",
+        f"| peak RSS of `bnfold fuse --no-verify` | {rss:.0f} MB | ≤ 3 × {largest / 2**20:.0f} + 300 = "
+        f"{budget_rss:.0f} MB | {'yes' if rss <= budget_rss else 'no'} |",
+        f"| wall time of `bnfold fuse --no-verify` | {fold_s:.1f} s | ≤ 1.5 × copying the files "
+        f"({copy_s:.1f} s) = {1.5 * copy_s:.1f} s | {'yes' if fold_s <= 1.5 * copy_s else 'no'} |",
+        f"| `bnfold verify` of the output (1 sample, CPU) | {verify_s:.1f} s, "
+        f"{'equivalent' if v.returncode == 0 else 'NOT equivalent (exit %d)' % v.returncode} | — | — |",
+    ]
+    text = "\n".join(lines) + "\n"
+    (HERE / "LARGE.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Models with external data: fold without loading everything, write external data safely."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import onnx
+from click.testing import CliRunner
+
+from bnfold.cli import main
+from conftest import ROOT, assert_equivalent, bn_count, feeds_for
+
+
+def make(path, layers=3, channels=64):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_large_model.py"), str(path), "--layers",
+                    str(layers), "--channels", str(channels)], check=True, capture_output=True)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_external_data_model_folds_and_verifies(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make(src / "big.onnx")
+    before = snapshot(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = CliRunner().invoke(main, ["fuse", str(src / "big.onnx"), "-o", str(out / "big.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "EQUIVALENT" in res.output
+    assert snapshot(src) == before  # input bytes untouched
+    assert sorted(p.name for p in out.iterdir()) == ["big.onnx", "big.onnx.data"]
+    folded = onnx.load(str(out / "big.onnx"))
+    assert bn_count(folded) == 0
+    original = onnx.load(str(src / "big.onnx"))
+    assert_equivalent(original, folded, feeds=feeds_for(original))
+
+
+def test_output_data_file_never_takes_the_inputs_name(tmp_path):
+    make(tmp_path / "a.onnx")  # its data: a.onnx.data
+    (tmp_path / "a.onnx").rename(tmp_path / "b.onnx")  # b.onnx refers to a.onnx.data
+    before = (tmp_path / "a.onnx.data").read_bytes()
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "b.onnx"), "-o", str(tmp_path / "a.onnx")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a.onnx.data").read_bytes() == before
+    assert (tmp_path / "a.onnx.1.data").exists()
+    assert bn_count(onnx.load(str(tmp_path / "a.onnx"))) == 0
+
+
+def test_in_place_replaces_the_models_own_data(tmp_path):
+    make(tmp_path / "m.onnx")
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "--in-place"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert bn_count(onnx.load(str(tmp_path / "m.onnx"))) == 0
