@@ -1,6 +1,6 @@
 """The large-model benchmark: fold a >= 3 GB external-data Conv/BN model.
 
-    python benchmarks/large_model.py [--layers 20] [--channels 2048]
+    python benchmarks/large_model.py [--layers 22] [--channels 2048]
 
 Targets (issue: production scale): peak RSS <= 3 x the largest tensor + 300 MB, and
 wall time <= 1.5 x copying the model's files. Prints the figures and writes
@@ -31,7 +31,7 @@ def timed(args) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--channels", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
@@ -39,17 +39,17 @@ def main() -> None:
     src, out, copy = work / "src", work / "out", work / "copy"
     for d in (src, out, copy):
         d.mkdir(parents=True, exist_ok=True)
-    model = src / "big.onnx"
+    model = src / f"conv{args.layers}x{args.channels}.onnx"
     if not model.exists():
         subprocess.run([sys.executable, str(HERE / "make_large_model.py"), str(model), "--layers", str(args.layers),
                         "--channels", str(args.channels)], check=True)
-    data_bytes = (src / "big.onnx.data").stat().st_size
+    data_bytes = Path(str(model) + ".data").stat().st_size
     largest = args.channels * args.channels * 9 * 4
     copies, folds = [], []
     for _ in range(args.repeat):
         shutil.rmtree(copy)
         copy.mkdir()
-        copies.append(timed(["cp", str(model), str(src / "big.onnx.data"), str(copy)]))
+        copies.append(timed(["cp", str(model), str(model) + ".data", str(copy)]))
         for f in out.iterdir():
             f.unlink()
         folds.append(timed([sys.executable, "-m", "bnfold", "fuse", str(model), "-o", str(out / "big.onnx"),

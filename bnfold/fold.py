@@ -573,7 +573,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
     new_host_bias = new_add = None
     try:
         factor = rule.weight_factor(host, w_val, s)
-        new_w = numerics.scale_round(w_val, factor, dtype, "the folded weight")
+        numerics.check_scale_fits(w_val, factor, dtype, "the folded weight")  # the weight itself: at apply
         if path.add is not None:  # the Add carries the shift; the host's own bias is only scaled
             new_add = numerics.round_to(numerics.fold_bias(add_bias, s, t), dtype, "the folded bias")
             if host_bias is not None:
@@ -587,6 +587,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
 
     def apply() -> None:
         host_label = _name_base(host)
+        new_w = lambda: numerics.scale_round(w_val, factor, dtype, "the folded weight")  # noqa: E731
         scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold", factor=factor)
         if new_host_bias is not None:
             scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")

@@ -274,7 +274,8 @@ class Scope:
         does not change; otherwise stores ``value`` under a fresh name (a shared
         tensor is never modified). ``factor`` says that ``value`` is the old tensor
         times ``factor``: for a tensor in external data only that recipe is kept, and
-        the values are computed again, block by block, when the model is written.
+        the values are computed, block by block, when the model is written. ``value``
+        may be a function returning the array, called only when the array is needed.
         """
         old = node.input[i] if i < len(node.input) else ""
         if old:
@@ -283,17 +284,22 @@ class Scope:
                     and self.index.refs[old] == 1
                     and old not in current.scope.outputs
                     and current.tensor is not None
-                    and tuple(current.tensor.dims) == tuple(value.shape)):
+                    and (factor is not None or tuple(current.tensor.dims) == tuple(value.shape))):
                 # Recorded, not written: replacing a field's bytes inside a loaded protobuf keeps the
                 # old bytes alive in its arena. Main-graph initializers are written straight to disk.
                 if factor is not None and current.tensor.data_location == TensorProto.EXTERNAL:
                     prev = self.index.pending.get(id(current.tensor))
                     if prev is not None and isinstance(prev[1], ScaledTensor):
                         factor = prev[1].factor * factor
-                    value = ScaledTensor(current.tensor, self.index.base_dir, factor, value.dtype)
+                    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(current.tensor.data_type))
+                    value = ScaledTensor(current.tensor, self.index.base_dir, factor, dtype)
+                elif callable(value):
+                    value = value()
                 self.index.pending[id(current.tensor)] = (current.tensor, value)
                 self.changed = True
                 return old
+        if callable(value):
+            value = value()
         name = self.index.fresh_name(base)
         tensor = numpy_helper.from_array(value, name)
         if self.is_function or (self.parent is not None and self.index.model.ir_version < 4):

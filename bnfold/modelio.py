@@ -65,7 +65,7 @@ def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
     """The values of ``t``, reading only its own bytes when it lives in external data."""
     if t.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
-    return np.array(external_view(t, base_dir))
+    return external_view(t, base_dir)  # read-only map: pages are read as they are used
 
 
 def external_view(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:

@@ -99,6 +99,19 @@ def scale_round(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str) -
     return out
 
 
+def check_scale_fits(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str) -> None:
+    """Raise :class:`FoldOverflow` exactly when ``scale_round(w, factor, dtype)`` would, without
+    computing the product: the largest ``|w|`` along the axes ``factor`` does not vary on,
+    times ``|factor|``, is the largest magnitude of the product, and rounding is monotonic."""
+    w = np.asarray(w)
+    factor = np.asarray(factor, dtype=FLOAT64)
+    if w.size == 0:
+        return
+    axes = tuple(i for i in range(w.ndim) if i >= factor.ndim or factor.shape[i] == 1)
+    peak = np.maximum(np.max(w, axis=axes, keepdims=True), -np.min(w, axis=axes, keepdims=True))
+    round_to(np.multiply(peak, np.abs(factor), dtype=FLOAT64), dtype, what)
+
+
 def conv_input_shift(w: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
     """Per-output-channel constant a Conv produces from a per-input-channel shift ``t``.
 

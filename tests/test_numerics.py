@@ -117,3 +117,22 @@ def test_blockwise_overflow_is_refused():
     s[150] = 1000.0
     with pytest.raises(numerics.FoldOverflow):
         numerics.scale_round(w, numerics.axis_factor(s, 0, 2), np.float16, "w")
+
+
+@given(st.integers(0, 2**31), st.sampled_from([np.float16, np.float32]))
+def test_check_scale_fits_agrees_with_computing_the_product(seed, dtype):
+    rng = np.random.default_rng(seed)
+    w = (rng.normal(size=(6, 3, 2)) * 10.0 ** rng.uniform(0, 4)).astype(dtype)
+    axis = int(rng.integers(0, 3))
+    s = 10.0 ** rng.uniform(-2, 36 if dtype == np.float32 else 4, size=w.shape[axis])
+    factor = numerics.axis_factor(s, axis, 3)
+    try:
+        numerics.scale_round(w, factor, dtype, "w")
+        fits = True
+    except numerics.FoldOverflow:
+        fits = False
+    try:
+        numerics.check_scale_fits(w, factor, dtype, "w")
+        assert fits
+    except numerics.FoldOverflow:
+        assert not fits
