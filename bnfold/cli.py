@@ -104,6 +104,8 @@ def main() -> None:
     bnfold inspect model.onnx       show what fuse would do, write nothing
     bnfold verify ref.onnx new.onnx compare two models through ONNX Runtime
     bnfold check models/            CI gate: fold in memory, verify, apply a policy
+    bnfold insert model.onnx        add BNs (identity, or with calibrated statistics)
+    bnfold recalibrate model.onnx   re-estimate BN statistics from new data
 
     Exit codes: 0 success, 1 verification failed, 2 bad usage or unusable input.
     """
@@ -520,6 +522,139 @@ def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_p
     data["output"] = data["verification"] = None
     _finish([{"model": str(model), "output": None, "exit_code": 0, "error": None, "warnings": [], "report": data}],
             report_path, None, as_json, verbose, quiet, single=True)
+
+
+def calibration_options(fn):
+    opts = [
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+                     help="Samples per calibration batch (m/(m-1) uses the values per channel of one batch)."),
+        click.option("--estimator", type=click.Choice(["population", "momentum"]), default="population",
+                     show_default=True, help="population: the BN paper's inference statistics; momentum: the "
+                                             "running averages frameworks keep in training."),
+        click.option("--momentum", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+                     help="Momentum of the running averages (Keras' default 0.99); also written into new BNs."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+        click.option("-v", "--verbose", count=True, help="List skipped ops too."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _progress_bar(label: str, quiet: bool):
+    """A click progress bar on a terminal (counting batches), else nothing."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    bar = click.progressbar(length=None, label=label, file=sys.stderr, show_pos=True)
+    return bar, lambda n: bar.update(n)
+
+
+def _write_result(model, target: Path) -> None:
+    from .modelio import stage_model
+
+    stage_model(model, target).commit()
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the model [default: <stem>.bn.onnx beside MODEL].")
+@click.option("--op", "ops", multiple=True, help="Op types to follow with a BN (repeatable) "
+                                                 "[default: Conv, ConvTranspose, Gemm, MatMul].")
+@click.option("--node", help="Only ops whose name (or output) matches this regular expression.")
+@click.option("--exclude", help="Skip ops whose name (or output) matches this regular expression.")
+@click.option("--position", type=click.Choice(["pre-activation", "post-activation"]), default="pre-activation",
+              show_default=True, help="Directly after the op (the BN paper), or after its activation.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
+@click.option("--mode", type=click.Choice(["preserve", "normalize"]), default="preserve", show_default=True,
+              help="With data: preserve keeps the function (scale=sqrt(var+eps), bias=mean); normalize "
+                   "standardises activations (scale=1, bias=0), changing outputs on purpose.")
+@click.option("--epsilon", type=float, default=1e-5, show_default=True, help="BN epsilon attribute.")
+@calibration_options
+@handle_errors
+def insert(model: Path, output: Optional[Path], ops, node, exclude, position, calibration, mode, epsilon, batch_size,
+           estimator, momentum, as_json, quiet, verbose) -> None:
+    """Add BatchNormalization after chosen ops of a trained model.
+
+    Without --calibration each BN is exactly the identity in the model's dtype. With
+    it, the BNs carry statistics measured on the data through ONNX Runtime, in
+    batches, accumulated in float64 without holding the activations.
+    """
+    from .insert import DEFAULT_OPS, insert as insert_bn
+
+    target = output or model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.bn.onnx")
+    if _same_file(model, target):
+        raise BnfoldError("output path is the input model", target)
+    bar, progress = _progress_bar("calibrating", quiet)
+    try:
+        result = insert_bn(model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position,
+                           calibration=calibration, batch_size=batch_size, estimator=estimator, momentum=momentum,
+                           mode=mode, epsilon=epsilon, progress=progress)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    _write_result(result.model, target)
+    data = result.to_dict()
+    data["output"] = str(target)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif not quiet:
+        cal = data["calibration"]
+        how = ("identity (no data)" if cal is None else
+               f"{cal['estimator']} statistics from {cal['samples']} samples in {cal['batches']} batches, "
+               f"{cal['passes']} pass(es)")
+        click.echo(f"{model} -> {target}: {data['inserted']} BatchNormalization inserted, {how}")
+        if cal is not None and mode == "normalize":
+            click.echo("note: normalize mode standardises activations: the outputs change, on purpose")
+        for r in data["records"]:
+            if r["inserted"] and verbose:
+                click.echo(f"  {r['detail']}")
+            elif not r["inserted"]:
+                click.echo(f"  skipped {r['host_op']} '{r['host']}': {r['reason']}: {r['detail']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calibration", type=click.Path(path_type=Path), required=True,
+              help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the model [default: <stem>.recalibrated.onnx beside MODEL].")
+@calibration_options
+@handle_errors
+def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_size, estimator, momentum, as_json,
+                quiet, verbose) -> None:
+    """Re-estimate the running mean and variance of every inference BN from new data.
+
+    Scale and bias stay. Each BN is measured on its input in the model as calibrated
+    so far (AdaBN-style domain adaptation; re-estimation after pruning or quantisation).
+    """
+    from .insert import recalibrate as recalibrate_bn
+
+    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    target = output or model.with_name(f"{stem}.recalibrated.onnx")
+    if _same_file(model, target):
+        raise BnfoldError("output path is the input model", target)
+    bar, progress = _progress_bar("calibrating", quiet)
+    try:
+        result = recalibrate_bn(model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum,
+                                progress=progress)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    _write_result(result.model, target)
+    data = result.to_dict()
+    data["output"] = str(target)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif not quiet:
+        cal = data["calibration"]
+        click.echo(f"{model} -> {target}: {len(data['recalibrated'])} BatchNormalization recalibrated "
+                   f"({cal['estimator']}, {cal['samples']} samples, {cal['batches']} batches, "
+                   f"{cal['passes']} pass(es))")
+        for s in data["skipped"]:
+            click.echo(f"  skipped '{s['node']}': {s['why']}")
 
 
 if __name__ == "__main__":  # pragma: no cover
