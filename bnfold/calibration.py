@@ -99,11 +99,11 @@ class ChannelStats:
         self._var: Optional[np.ndarray] = None
 
     def update(self, x: np.ndarray) -> None:
-        x64 = np.moveaxis(np.asarray(x, dtype=np.float64), 1, 0)
-        per_channel = x64.reshape(x64.shape[0], -1)
-        m = per_channel.shape[1]
-        mean = per_channel.mean(axis=1)
-        var = per_channel.var(axis=1)  # biased, within the batch
+        x = np.asarray(x)
+        x3 = x.reshape(x.shape[0], x.shape[1], -1)  # a view: N, C, positions
+        m = x3.shape[0] * x3.shape[2]
+        mean = x3.mean(axis=(0, 2), dtype=np.float64)
+        var = x3.var(axis=(0, 2), dtype=np.float64)  # biased, within the batch; float64 throughout
         unbiased = var * (m / (m - 1)) if m > 1 else var
         if self._mean is None:
             c = mean.shape[0]
