@@ -89,9 +89,9 @@ def render_fuse(data: dict, verbose: int) -> str:
     return "\n".join(lines)
 
 
-def _default_output(model: Path) -> Path:
+def _default_output(model: Path, tag: str = "fused") -> Path:
     stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
-    return model.with_name(f"{stem}.fused.onnx")
+    return model.with_name(f"{stem}.{tag}.onnx")
 
 
 @click.group(context_settings=CONTEXT)
@@ -542,18 +542,28 @@ def calibration_options(fn):
     return fn
 
 
-def _progress_bar(label: str, quiet: bool):
-    """A click progress bar on a terminal (counting batches), else nothing."""
-    if quiet or not sys.stderr.isatty():
-        return None, None
-    bar = click.progressbar(length=None, label=label, file=sys.stderr, show_pos=True)
-    return bar, lambda n: bar.update(n)
-
-
-def _write_result(model, target: Path) -> None:
+def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run) -> dict:
+    """Shared by insert and recalibrate: pick the output, show a progress bar on a terminal
+    while ``run(progress)`` measures, write the model atomically, return the report."""
     from .modelio import stage_model
 
-    stage_model(model, target).commit()
+    target = output or _default_output(model, tag)
+    if _same_file(model, target):
+        raise BnfoldError("output path is the input model", target)
+    if quiet or not sys.stderr.isatty():
+        result = run(None)
+    else:
+        with click.progressbar(length=None, label="calibrating", file=sys.stderr, show_pos=True) as bar:
+            result = run(bar.update)
+    stage_model(result.model, target).commit()
+    data = result.to_dict()
+    data["source"], data["output"] = str(model), str(target)
+    return data
+
+
+def _calibration_line(cal: dict) -> str:
+    return (f"{cal['estimator']} statistics from {cal['samples']} samples in {cal['batches']} batches, "
+            f"{cal['passes']} pass(es)")
 
 
 @main.command(context_settings=CONTEXT)
@@ -584,28 +594,16 @@ def insert(model: Path, output: Optional[Path], ops, node, exclude, position, ca
     """
     from .insert import DEFAULT_OPS, insert as insert_bn
 
-    target = output or model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.bn.onnx")
-    if _same_file(model, target):
-        raise BnfoldError("output path is the input model", target)
-    bar, progress = _progress_bar("calibrating", quiet)
-    try:
-        result = insert_bn(model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position,
-                           calibration=calibration, batch_size=batch_size, estimator=estimator, momentum=momentum,
-                           mode=mode, epsilon=epsilon, progress=progress)
-    finally:
-        if bar is not None:
-            bar.render_finish()
-    _write_result(result.model, target)
-    data = result.to_dict()
-    data["output"] = str(target)
+    data = _calibrated(model, output, "bn", quiet, lambda progress: insert_bn(
+        model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position, calibration=calibration,
+        batch_size=batch_size, estimator=estimator, momentum=momentum, mode=mode, epsilon=epsilon,
+        progress=progress))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     elif not quiet:
         cal = data["calibration"]
-        how = ("identity (no data)" if cal is None else
-               f"{cal['estimator']} statistics from {cal['samples']} samples in {cal['batches']} batches, "
-               f"{cal['passes']} pass(es)")
-        click.echo(f"{model} -> {target}: {data['inserted']} BatchNormalization inserted, {how}")
+        how = "identity (no data)" if cal is None else _calibration_line(cal)
+        click.echo(f"{model} -> {data['output']}: {data['inserted']} BatchNormalization inserted, {how}")
         if cal is not None and mode == "normalize":
             click.echo("note: normalize mode standardises activations: the outputs change, on purpose")
         for r in data["records"]:
@@ -632,27 +630,13 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     """
     from .insert import recalibrate as recalibrate_bn
 
-    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
-    target = output or model.with_name(f"{stem}.recalibrated.onnx")
-    if _same_file(model, target):
-        raise BnfoldError("output path is the input model", target)
-    bar, progress = _progress_bar("calibrating", quiet)
-    try:
-        result = recalibrate_bn(model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum,
-                                progress=progress)
-    finally:
-        if bar is not None:
-            bar.render_finish()
-    _write_result(result.model, target)
-    data = result.to_dict()
-    data["output"] = str(target)
+    data = _calibrated(model, output, "recalibrated", quiet, lambda progress: recalibrate_bn(
+        model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, progress=progress))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     elif not quiet:
-        cal = data["calibration"]
-        click.echo(f"{model} -> {target}: {len(data['recalibrated'])} BatchNormalization recalibrated "
-                   f"({cal['estimator']}, {cal['samples']} samples, {cal['batches']} batches, "
-                   f"{cal['passes']} pass(es))")
+        click.echo(f"{model} -> {data['output']}: {len(data['recalibrated'])} BatchNormalization recalibrated, "
+                   f"{_calibration_line(data['calibration'])}")
         for s in data["skipped"]:
             click.echo(f"  skipped '{s['node']}': {s['why']}")
 
