@@ -159,7 +159,6 @@ class Scope:
         self.removed: Set[int] = set()
         self.insert_before: Dict[int, List[NodeProto]] = defaultdict(list)
         self.insert_after: Dict[int, List[NodeProto]] = defaultdict(list)
-        self.changed = False
 
     # -- queries ---------------------------------------------------------------------
     def label_of(self, node: NodeProto) -> str:
@@ -214,7 +213,6 @@ class Scope:
         if name:
             self.consumers[name].append(node)
             self.index.refs[name] += 1
-        self.changed = True
 
     def _drop_use(self, name: str, node: NodeProto) -> None:
         users = self.consumers.get(name)
@@ -234,7 +232,6 @@ class Scope:
         node.output[i] = name
         self.producer[name] = node
         self.index.vanished.discard(name)
-        self.changed = True
 
     def remove_node(self, node: NodeProto) -> None:
         for name in node.input:
@@ -245,7 +242,6 @@ class Scope:
                 del self.producer[name]
                 self.index.vanished.add(name)
         self.removed.add(id(node))
-        self.changed = True
 
     def add_node_after(self, anchor: NodeProto, node: NodeProto) -> None:
         self.insert_after[id(anchor)].append(node)
@@ -264,7 +260,6 @@ class Scope:
             if name:
                 self.consumers[name].append(node)
                 self.index.refs[name] += 1
-        self.changed = True
 
     def write_constant(self, node: NodeProto, i: int, value: np.ndarray, base: str,
                        factor: Optional[np.ndarray] = None) -> str:
@@ -296,7 +291,6 @@ class Scope:
                 elif callable(value):
                     value = value()
                 self.index.pending[id(current.tensor)] = (current.tensor, value)
-                self.changed = True
                 return old
         if callable(value):
             value = value()
@@ -501,7 +495,6 @@ class ModelIndex:
                 dead = [i for i, t in enumerate(g.initializer) if t.name in orphans]
                 for i in reversed(dead):
                     del g.initializer[i]
-                    scope.changed = True
                 inputs_to_drop = [i for i, v in enumerate(g.input) if v.name in orphans and v.name in scope.initializers]
                 for i in reversed(inputs_to_drop):
                     del g.input[i]
