@@ -173,8 +173,8 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def render_verify(rep: dict) -> str:
-    """A verify report (``VerifyReport.to_dict``) as text."""
+def render_verify(rep: dict, verbose: int = 0) -> str:
+    """A verify report (``VerifyReport.to_dict``) as text (``verbose``: worst elements' values too)."""
     verdict = _paint("EQUIVALENT", "green") if rep["equivalent"] else _paint("NOT EQUIVALENT", "red")
     used = ", ".join(c["name"] for c in rep["comparisons"])
     lines = [f"verify: {rep['reference']} vs {rep['candidate']}: {verdict} "
@@ -198,6 +198,13 @@ def render_verify(rep: dict) -> str:
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         lines.append("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    if verbose:
+        for c in rep["comparisons"]:
+            for o in c["outputs"]:
+                if o["worst"]:
+                    w = o["worst"]
+                    lines.append(f"  worst {c['name']}:{o['name']} sample {w['sample']} at {w['index']}: "
+                                 f"reference {w['reference']!r}, candidate {w['candidate']!r}")
     for sk in rep["skipped"]:
         lines.append(f"  skipped {sk['name']}: {sk['why']}")
     loc = rep["localized"]
@@ -356,7 +363,7 @@ def _finish(outcomes: list, report_path, junit_path, as_json: bool, verbose: int
             for rep in reports:
                 click.echo(render_fuse(rep, verbose))
                 if rep["verification"]:
-                    click.echo(render_verify(rep["verification"]))
+                    click.echo(render_verify(rep["verification"], verbose))
         else:
             click.echo(render_summary(outcomes))
     github = os.environ.get("GITHUB_ACTIONS") == "true"
@@ -483,9 +490,10 @@ def _run_verify(reference: Path, candidate: Path, kwargs: dict, junit_path: Opti
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in the README).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors; the exit code tells the verdict.")
+@click.option("-v", "--verbose", count=True, help="Also show the values at each output's worst element.")
 @verify_options
 @handle_errors
-def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, junit_path: Optional[Path],
+def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose: int, junit_path: Optional[Path],
            **verify_opts) -> None:
     """Check that CANDIDATE computes what REFERENCE computes.
 
@@ -498,7 +506,7 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, junit_p
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
-        click.echo(render_verify(report.to_dict()))
+        click.echo(render_verify(report.to_dict(), verbose))
     sys.exit(0 if report.equivalent else 1)
 
 
