@@ -108,7 +108,13 @@ def check_scale_fits(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: s
     if w.size == 0:
         return
     axes = tuple(i for i in range(w.ndim) if i >= factor.ndim or factor.shape[i] == 1)
-    peak = np.maximum(np.max(w, axis=axes, keepdims=True), -np.min(w, axis=axes, keepdims=True))
+    # block by block along axis 0, so max and min read each block from cache
+    rows = max(1, (_BLOCK << 2) // max(1, w[0].size)) if w.ndim else 1
+    peaks = []
+    for i in range(0, w.shape[0] if w.ndim else 1, rows):
+        block = w[i:i + rows] if w.ndim else w
+        peaks.append(np.maximum(np.max(block, axis=axes, keepdims=True), -np.min(block, axis=axes, keepdims=True)))
+    peak = np.maximum.reduce(peaks) if (0 in axes or not w.ndim) else np.concatenate(peaks, axis=0)
     round_to(np.multiply(peak, np.abs(factor), dtype=FLOAT64), dtype, what)
 
 

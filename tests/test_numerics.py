@@ -136,3 +136,15 @@ def test_check_scale_fits_agrees_with_computing_the_product(seed, dtype):
         assert fits
     except numerics.FoldOverflow:
         assert not fits
+
+
+@pytest.mark.parametrize("axis", [0, 1, 3])
+def test_check_scale_fits_block_by_block(axis):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(900, 70, 3, 3)).astype(np.float16)
+    s = np.ones(w.shape[axis])
+    numerics.check_scale_fits(w, numerics.axis_factor(s, axis, 4), np.float16, "w")
+    w[450, 35, 1, 1] = 60000.0
+    s[:] = 1.5
+    with pytest.raises(numerics.FoldOverflow):
+        numerics.check_scale_fits(w, numerics.axis_factor(s, axis, 4), np.float16, "w")
