@@ -98,17 +98,28 @@ class ScaledTensor:
         return scale_round(read_tensor(self.source, self.base_dir), self.factor, self.dtype, "the folded weight")
 
     def blocks(self, block_bytes: int = 1 << 24) -> Iterator[np.ndarray]:
+        """The folded values, a block of leading-axis rows at a time (read into one reused buffer)."""
         from .numerics import scale_round
 
-        src = external_view(self.source, self.base_dir)
-        if src.ndim == 0 or src.size == 0:
+        shape = self.shape
+        if len(shape) == 0 or 0 in shape:
             yield self.materialize()
             return
-        rows = max(1, block_bytes // max(1, src[0].nbytes))
-        per_row = self.factor.ndim == src.ndim and self.factor.shape[0] != 1
-        for i in range(0, src.shape[0], rows):
-            f = self.factor[i:i + rows] if per_row else self.factor
-            yield scale_round(src[i:i + rows], f, self.dtype, "the folded weight")
+        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
+        row = int(np.prod(shape[1:]))
+        rows = max(1, block_bytes // max(1, row * src_dtype.itemsize))
+        per_row = self.factor.ndim == len(shape) and self.factor.shape[0] != 1
+        info = _external_info(self.source)
+        buf = np.empty(min(rows, shape[0]) * row, src_dtype)
+        with open(Path(self.base_dir or ".") / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0) or 0))
+            for i in range(0, shape[0], rows):
+                n = min(rows, shape[0] - i)
+                view = buf[:n * row]
+                if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                    raise ValueError(f"external data of tensor '{self.source.name}' ends early")
+                f_block = self.factor[i:i + n] if per_row else self.factor
+                yield scale_round(view.reshape((n,) + tuple(shape[1:])), f_block, self.dtype, "the folded weight")
 
 
 def external_files(model: ModelProto, base_dir: Optional[PathLike]) -> set:

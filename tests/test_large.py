@@ -55,3 +55,25 @@ def test_in_place_replaces_the_models_own_data(tmp_path):
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert bn_count(onnx.load(str(tmp_path / "m.onnx"))) == 0
+
+
+def test_chained_folds_on_external_weights(tmp_path):
+    """Conv -> BN -> BN and BN -> Conv with weights in external data: the recipes compose."""
+    from conftest import bn_params, build, rand
+
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[N,64,6,6] x) => (float[N,64,6,6] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, W)
+        d = BatchNormalization (c, as, ab, am, av)
+        e = BatchNormalization (d, bs, bb, bm, bv)
+        f = BatchNormalization (e, cs, cb, cm, cv)
+        y = Conv (f, W2)
+    }""", W=rand(64, 64, 3, 3), W2=rand(64, 64, 1, 1, seed=3), **bn_params(64, 1, "a"), **bn_params(64, 2, "b"),
+        **bn_params(64, 4, "c"))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
+                    size_threshold=1024)
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx")])
+    assert res.exit_code == 0, res.output
+    folded = onnx.load(str(tmp_path / "out.onnx"))
+    assert bn_count(folded) == 0
+    assert_equivalent(model, folded)
