@@ -70,7 +70,9 @@ def test_chained_folds_on_external_weights(tmp_path):
         y = Conv (f, W2)
     }""", W=rand(64, 64, 3, 3), W2=rand(64, 64, 1, 1, seed=3), **bn_params(64, 1, "a"), **bn_params(64, 2, "b"),
         **bn_params(64, 4, "c"))
-    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # save_model moves the weights out of the proto it is given
+    onnx.save_model(external, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
                     size_threshold=1024)
     res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx")])
     assert res.exit_code == 0, res.output
