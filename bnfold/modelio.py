@@ -420,7 +420,7 @@ def write_external_data(model: ModelProto, data_file, data_name: str, replacemen
         if isinstance(rep, np.ndarray):
             offset += _write_array(data_file, rep)
         elif rep is not None:
-            for block in rep.blocks():
+            for block in _prefetched(rep.blocks()):  # compute the next block while this one is written
                 offset += _write_array(data_file, block)
         elif external:
             offset += _copy_external(t, base_dir, data_file)
@@ -434,6 +434,46 @@ def write_external_data(model: ModelProto, data_file, data_name: str, replacemen
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", data_name), ("offset", str(start)), ("length", str(offset - start))):
             t.external_data.add(key=key, value=value)
+
+
+def _prefetched(blocks: Iterator[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+    """Iterate ``blocks`` computed in a worker thread, at most ``depth`` ahead (numpy and
+    file writes release the GIL, so computing and writing overlap)."""
+    import queue
+    import threading
+
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for b in blocks:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _inline_nbytes(t: TensorProto) -> int:

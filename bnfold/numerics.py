@@ -77,7 +77,7 @@ def scale(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 # Elements per block in scale_round: big enough to amortise numpy's call overhead,
 # small enough that the float64 intermediate stays in cache.
-_BLOCK = 1 << 16
+_BLOCK = 1 << 17
 
 
 def scale_round(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
