@@ -22,7 +22,6 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from .errors import BnfoldError, PathLike
 
-PROTOBUF_LIMIT = 2**31 - 1
 # Sub-byte and string types: their raw_data length does not follow from dims x itemsize.
 _PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
                                         ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}

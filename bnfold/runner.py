@@ -33,11 +33,11 @@ def ort():
     return onnxruntime
 
 
-def session_options(optimize: bool = False):
+def session_options():
+    """Graph optimisations off (ORT's own BN fusions must not hide or cause differences), quiet."""
     rt = ort()
     so = rt.SessionOptions()
-    so.graph_optimization_level = (rt.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
-                                   else rt.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     return so
 
