@@ -541,6 +541,16 @@ def _host_weight(scope: Scope, path: _Path) -> Union[Tuple[BackwardHost, np.ndar
     return rule, w.value
 
 
+def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype) -> Union[np.ndarray, Callable[[], np.ndarray]]:
+    """``w * factor`` rounded once, or raise FoldOverflow. A weight mapped from external data
+    is only checked here (without computing the product); its values come later, computed
+    block by block as the output is written, unless something needs them as an array."""
+    if isinstance(w, np.memmap):
+        numerics.check_scale_fits(w, factor, dtype, "the folded weight")
+        return lambda: numerics.scale_round(w, factor, dtype, "the folded weight")
+    return numerics.scale_round(w, factor, dtype, "the folded weight")
+
+
 def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> Union[Callable[[], None], Refusal]:
     """Check and compute folding ``s * x + t`` into the host of ``path``; return the edit.
 
@@ -573,7 +583,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
     new_host_bias = new_add = None
     try:
         factor = rule.weight_factor(host, w_val, s)
-        numerics.check_scale_fits(w_val, factor, dtype, "the folded weight")  # the weight itself: at apply
+        new_w = _scaled_weight(w_val, factor, dtype)
         if path.add is not None:  # the Add carries the shift; the host's own bias is only scaled
             new_add = numerics.round_to(numerics.fold_bias(add_bias, s, t), dtype, "the folded bias")
             if host_bias is not None:
@@ -587,7 +597,6 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
 
     def apply() -> None:
         host_label = _name_base(host)
-        new_w = lambda: numerics.scale_round(w_val, factor, dtype, "the folded weight")  # noqa: E731
         scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold", factor=factor)
         if new_host_bias is not None:
             scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
@@ -689,7 +698,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     dtype = w_val.dtype
     try:
         factor, b64 = rule.fold(nxt, w_val, bias, s, t)
-        new_w = numerics.scale_round(w_val, factor, dtype, "the folded weight")
+        new_w = _scaled_weight(w_val, factor, dtype)
         new_b = numerics.round_to(b64, dtype, "the folded bias")
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")
