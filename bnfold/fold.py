@@ -90,6 +90,7 @@ class FuseResult:
         self.source = source
         self.source_external_data = source_external_data
         """Whether the source file kept its weights in external data."""
+        self._external_unloaded = source_external_data  # untouched tensors still on disk
         self.base_dir = base_dir
         self.merges = merges or []
         """Multi-branch blocks merged into one Conv (:class:`bnfold.reparam.Merge`)."""
@@ -101,27 +102,25 @@ class FuseResult:
         if self._model is None:
             raise ValueError("the model was released (release_model) after saving")
         if self._replacements:
-            from .modelio import set_tensor_data
+            from .modelio import as_array, set_tensor_data
 
             for t in self._model.graph.initializer:
                 value = self._replacements.pop(t.name, None)
                 if value is not None:
-                    set_tensor_data(t, value if isinstance(value, np.ndarray) else value.materialize())
+                    set_tensor_data(t, as_array(value))
             self._replacements = {}
-        if self.source_external_data:  # bring the untouched external tensors in too
+        if self._external_unloaded:  # bring the untouched external tensors in too
             from onnx.external_data_helper import load_external_data_for_model
 
             load_external_data_for_model(self._model, self.base_dir)
-            self.source_external_data = False
+            self._external_unloaded = False
         return self._model
 
     def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None):
         """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`)."""
-        from .modelio import stage_model
-
         from pathlib import Path
 
-        from .modelio import external_files
+        from .modelio import external_files, stage_model
 
         overwriting_source = self.source is not None and Path(path).resolve() == Path(self.source).resolve()
         avoid = () if overwriting_source else external_files(self._model, self.base_dir)

@@ -11,7 +11,6 @@ its own names.
 from __future__ import annotations
 
 import itertools
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Set, Union
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
-from .modelio import ScaledTensor, read_tensor, set_tensor_data
+from .modelio import ScaledTensor, as_array, read_tensor, set_tensor_data
 from .reasons import Reason
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -99,7 +98,7 @@ class Constant:
         if self.tensor is not None:
             pending = self.scope.index.pending.get(id(self.tensor))
             if pending is not None:
-                return pending[1] if isinstance(pending[1], np.ndarray) else pending[1].materialize()
+                return as_array(pending[1])
             return read_tensor(self.tensor, self.scope.index.base_dir)
         # Constant node with value_float / value_floats / value_int(s)
         for key in ("value_float", "value_floats", "value_int", "value_ints"):
@@ -465,17 +464,22 @@ class ModelIndex:
 
     # -- finishing -------------------------------------------------------------------
     def take_replacements(self) -> Dict[str, object]:
-        """New values of main-graph initializers by name (arrays or :class:`ScaledTensor`);
-        every other pending edit is applied to its tensor."""
+        """New values of main-graph initializers by name (arrays or :class:`ScaledTensor`), left
+        for the writer to stream; every other pending edit is applied to its tensor."""
         main = self.main.initializers
         out: Dict[str, object] = {}
-        for tensor, value in self.pending.values():
+        for key, (tensor, value) in list(self.pending.items()):
             if main.get(tensor.name) is tensor:
                 out[tensor.name] = value
-            else:
-                set_tensor_data(tensor, value if isinstance(value, np.ndarray) else value.materialize())
-        self.pending.clear()
+                del self.pending[key]
+        self.apply_pending()
         return out
+
+    def apply_pending(self) -> None:
+        """Write every pending edit into its tensor."""
+        for tensor, value in self.pending.values():
+            set_tensor_data(tensor, as_array(value))
+        self.pending.clear()
 
     def finish(self) -> None:
         """Drop tensors that folding orphaned, stale value_info, and write node lists back."""

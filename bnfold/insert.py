@@ -228,7 +228,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
     summary = None
     if added:
         index.finish()
-        _freeze(index)
+        index.apply_pending()  # calibration reads the model back
         if calibration is not None:
             def set_stats(bn: NodeProto, mean: np.ndarray, var: np.ndarray, dtype: np.dtype) -> None:
                 eps = float(attr(bn, "epsilon", 1e-5))
@@ -273,7 +273,7 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
         for i in (3, 4):
             scope.write_constant(n, i, np.array(index.resolve(scope, n.input[i]).value), f"{n.name}.recal")
     index.finish()
-    _freeze(index)
+    index.apply_pending()  # calibration reads the model back
 
     def set_stats(bn: NodeProto, mean: np.ndarray, var: np.ndarray, dtype: np.dtype) -> None:
         _set_param(model, bn.input[3], mean.astype(dtype))
@@ -282,15 +282,6 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
     summary = _calibrate(model, path, bns, dtypes, calibration, batch_size, estimator, momentum, set_stats,
                          sequential=True, progress=progress)
     return RecalibrateResult(model, [n.name for n in bns], skipped, summary)
-
-
-def _freeze(index: ModelIndex) -> None:
-    """Write pending tensor edits into the model (small models; calibration re-reads them)."""
-    from .modelio import set_tensor_data
-
-    for tensor, value in index.pending.values():
-        set_tensor_data(tensor, value if isinstance(value, np.ndarray) else value.materialize())
-    index.pending.clear()
 
 
 def _set_param(model: ModelProto, name: str, value: np.ndarray) -> None:

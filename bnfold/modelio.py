@@ -56,6 +56,15 @@ def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
             yield from node_tensors(node)
 
 
+# The typed value fields of a TensorProto, besides raw_data and string_data.
+_VALUE_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def as_array(value) -> np.ndarray:
+    """A pending tensor value as an array: arrays as they are, a :class:`ScaledTensor` computed now."""
+    return value if isinstance(value, np.ndarray) else value.materialize()
+
+
 def _external_info(t: TensorProto) -> Dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
@@ -213,7 +222,7 @@ def check_external_data(model: ModelProto, path: PathLike) -> None:
     for t in iter_tensors(model):
         if t.data_location != TensorProto.EXTERNAL:
             continue
-        info = {e.key: e.value for e in t.external_data}
+        info = _external_info(t)
         loc = info.get("location", "")
         where = f"tensor '{t.name}' external data location '{loc}'"
         if not loc:
@@ -383,8 +392,7 @@ _INLINE_BYTES = 1024
 def set_tensor_data(tensor: TensorProto, value: np.ndarray) -> None:
     """Replace the data of ``tensor`` (same dims) by ``value`` inline, keeping name and doc."""
     if sys.byteorder == "little" and onnx.helper.np_dtype_to_tensor_dtype(value.dtype) == tensor.data_type:
-        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "external_data",
-                  "data_location"):
+        for f in _VALUE_FIELDS + ("external_data", "data_location"):
             tensor.ClearField(f)
         tensor.raw_data = np.ascontiguousarray(value).tobytes()
         return
@@ -408,9 +416,7 @@ def write_external_data(model: ModelProto, data_file, data_name: str, replacemen
         size = rep.nbytes if rep is not None else (tensor_nbytes(t) or 0) if external else _inline_nbytes(t)
         if size <= _INLINE_BYTES:  # small tensors live in the model (runtimes read shapes from them)
             if rep is not None or external:
-                value = rep if isinstance(rep, np.ndarray) else rep.materialize() if rep is not None \
-                    else read_tensor(t, base_dir)
-                set_tensor_data(t, value)
+                set_tensor_data(t, as_array(rep) if rep is not None else read_tensor(t, base_dir))
             continue
         pad = (-offset) % _ALIGN
         data_file.write(b"\0" * pad)
@@ -427,8 +433,7 @@ def write_external_data(model: ModelProto, data_file, data_name: str, replacemen
             raw = t.raw_data
             data_file.write(raw)
             offset += len(raw)
-        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                  "external_data"):
+        for f in ("raw_data", "external_data") + _VALUE_FIELDS:
             t.ClearField(f)
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", data_name), ("offset", str(start)), ("length", str(offset - start))):
@@ -554,7 +559,7 @@ def _tensor_pieces(t: TensorProto, replacement: Optional[np.ndarray]):
             fresh.doc_string = t.doc_string
             return fresh.SerializeToString(), None
         head = _copy_except(t, "raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        for f in _VALUE_FIELDS:
             head.ClearField(f)
         return head.SerializeToString(), replacement.nbytes
     n = tensor_nbytes(t)
