@@ -135,6 +135,7 @@ def test_without_onnxruntime_fuse_warns_and_verify_says_how_to_install(model, mo
         raise MissingDependencyError(f"ONNX Runtime is not installed: {runner.INSTALL_HINT}")
 
     monkeypatch.setattr(runner, "ort", missing)
+    monkeypatch.setattr(runner, "ORT_MODULE", "onnxruntime_absent")  # what the worker path looks up
     res = run("fuse", model)
     assert res.exit_code == 0 and "not verified" in res.output and "bnfold[cpu]" in res.output
     assert model.with_name("net.fused.onnx").exists()

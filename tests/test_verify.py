@@ -292,6 +292,7 @@ def test_cuda_detection_checks_the_session_not_the_list(monkeypatch):
 
     runner.cuda_status.cache_clear()
     monkeypatch.setattr(runner, "ort", lambda: FakeOrt)
+    monkeypatch.setattr(runner, "ISOLATE", False)  # FakeOrt replaces the module in this process
     try:
         ok, why = runner.cuda_status()
         assert not ok and "fell back to the CPU" in why
