@@ -131,8 +131,9 @@ def verify_options(fn):
     opts = [
         click.option("--providers", default="auto", show_default=True,
                      help="auto (CPU, plus CUDA when it really works), cpu, cuda, or cpu,cuda."),
-        click.option("--samples", type=click.IntRange(1), default=2, show_default=True,
-                     help="Random input sets to compare on."),
+        click.option("--samples", type=click.IntRange(1), default=None,
+                     help="Random input sets to compare on [default: 2]; not with --inputs (its arrays are the "
+                          "one sample)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
                      help="Value of a symbolic dimension (repeatable). Unnamed dynamic dims default to "
@@ -141,11 +142,18 @@ def verify_options(fn):
                      help="Whole shape of one input (repeatable)."),
         click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
                      help="Real inputs: .npz with one array per input name, or .npy for a single-input model."),
-        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype, float32 1e-3]."),
+        click.option("--rtol", type=float,
+                     help="Relative tolerance: switches to the fixed element-wise check [default: calibrated "
+                          "on measured noise, see 'How verify decides' in the README]."),
         click.option("--atol", type=float,
-                     help="Absolute tolerance [default: by dtype, float32 1e-4 x max|reference output|]."),
+                     help="Absolute tolerance: switches to the fixed element-wise check (the other part "
+                          "then by dtype, float32 rtol 1e-3, atol 1e-4 x max|reference output|)."),
         click.option("--output-tol", "output_tols", multiple=True, metavar="OUTPUT=RTOL:ATOL",
-                     help="Tolerances for one output (either part may be empty; repeatable)."),
+                     help="Fixed tolerances for one output (either part may be empty; repeatable)."),
+        click.option("--exact-budget", "exact_budget", type=click.FloatRange(0), default=60.0, show_default=True,
+                     metavar="SECONDS",
+                     help="Skip the float64 pass (fixed-tolerance fallback, said in the report) when its "
+                          "estimated cost exceeds this; 0 never runs it."),
         click.option("--localize", is_flag=True,
                      help="On a difference, name the first intermediate tensor (same name in both) that diverges."),
         click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -156,7 +164,8 @@ def verify_options(fn):
     return fn
 
 
-def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, atol, output_tols, localize) -> dict:
+def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, atol, output_tols, localize,
+                   exact_budget=60.0) -> dict:
     from .inputs import parse_assignments, parse_shape
 
     def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
@@ -166,23 +175,44 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
     return dict(providers=providers, samples=samples, seed=seed,
                 dims=parse_assignments(dims, "--dim", int), shapes=parse_assignments(shapes, "--shape", parse_shape),
                 inputs=inputs_path, rtol=rtol, atol=atol,
-                output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol), localize=localize)
+                output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol), localize=localize,
+                exact_budget_s=exact_budget)
 
 
 def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _pct(x: float) -> str:
+    return "inf" if x == float("inf") else f"{x:.0%}"
+
+
 def render_verify(rep: dict, verbose: int = 0) -> str:
     """A verify report (``VerifyReport.to_dict``) as text (``verbose``: worst elements' values too)."""
     verdict = _paint("EQUIVALENT", "green") if rep["equivalent"] else _paint("NOT EQUIVALENT", "red")
     used = ", ".join(c["name"] for c in rep["comparisons"])
+    method = rep.get("method", "fixed")
     lines = [f"verify: {rep['reference']} vs {rep['candidate']}: {verdict} "
-             f"({rep['samples']} sample(s), seed {rep['seed']}; {used})"]
+             f"({rep['samples']} sample(s), seed {rep['seed']}; {used}; {method} verdict)"]
     for name, info in rep["inputs"].items():
         lines.append(f"  input {name}: {info['dtype']}{info['shape']} ({info['source']})")
     for note in rep["notes"]:
         lines.append(f"  note: {note}")
+    ex = rep.get("exact")
+    if ex and ex["ran"]:
+        lines.append(f"  float64 check (sample 0, {ex['perturbations']} half-ulp perturbations, "
+                     f"limit {ex['multiple']:g} x allowance, {ex['seconds']:.2f} s):")
+        for o in ex["outputs"]:
+            if o["problem"]:
+                lines.append(f"    {o['name']}: FAIL: {o['problem']}")
+                continue
+            state = "ok" if o["equivalent"] else _paint("FAIL", "red")
+            text = (f"    {o['name']}: {state}: deviation {_g(o['deviation'])}, noise floor (allowance) "
+                    f"{_g(o['allowance'])}, uses {_pct(o['used'])} of the limit {_g(o['limit'])}")
+            if o["direction"]:
+                text += (f"; vs exact arithmetic the candidate is {o['direction']} "
+                         f"({_g(o['candidate_noise'])} vs the reference's {_g(o['reference_noise'])})")
+            lines.append(text)
     head = ("comparison", "output", "max abs", "max rel", "mean abs", "cosine", "fail", "atol", "rtol", "worst at")
     rows = []
     for c in rep["comparisons"]:
@@ -191,13 +221,19 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
                 rows.append((c["name"], o["name"], "FAIL: " + o["problem"], "", "", "", "", "", "", ""))
                 continue
             worst = "" if o["worst"] is None else f"#{o['worst']['sample']}{o['worst']['index']}"
+            cos = "n/a" if o["cosine_similarity"] is None else f"{o['cosine_similarity']:.6f}"
             rows.append((c["name"], o["name"], _g(o["max_abs_error"]), _g(o["max_rel_error"]),
-                         _g(o["mean_abs_error"]), f"{o['cosine_similarity']:.6f}",
+                         _g(o["mean_abs_error"]), cos,
                          f"{o['fail_fraction']:.2%}" + ("" if o["equivalent"] else " FAIL"),
                          _g(o["atol"]), _g(o["rtol"]), worst))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         lines.append("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    for c in rep["comparisons"]:
+        if c.get("placement"):
+            parts = [f"{side} {p['by_provider'].get('CUDAExecutionProvider', 0)} of {p['nodes']} nodes on CUDA"
+                     for side, p in c["placement"].items()]
+            lines.append(f"  {c['name']}: " + ", ".join(parts))
     if verbose:
         for c in rep["comparisons"]:
             for o in c["outputs"]:
@@ -210,13 +246,22 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
     loc = rep["localized"]
     if loc:
         if loc["first_divergent"]:
-            res = loc["result"]
-            lines.append(f"  first divergent tensor: '{loc['first_divergent']}' from {loc['producer']} "
-                         f"(max abs {_g(res['max_abs_error'])}, {res['fail_fraction']:.2%} failing)")
+            res = loc["result"] or {}
+            if "max_abs_error" in res:
+                fig = f"max abs {_g(res['max_abs_error'])}, {res['fail_fraction']:.2%} failing"
+            elif res.get("deviation") is not None:
+                fig = f"float64 deviation {_g(res['deviation'])}, limit {_g(res['limit'])}"
+            else:
+                fig = "values differ"
+            lines.append(f"  first divergent tensor ({loc.get('method', 'runtime')}): '{loc['first_divergent']}', "
+                         f"reference producer {loc['producer']}, candidate producer {loc.get('candidate_producer')} "
+                         f"({fig})")
         else:
             lines.append(f"  localize: none of {loc['checked']} shared intermediate tensors diverges; "
                          "the difference arises in the nodes producing the outputs")
-    lines.append(f"  time: {rep['timing']['total_s']:.2f} s ({rep['timing']['inference_s']:.2f} s inference)")
+    t = rep["timing"]
+    lines.append(f"  time: {t['total_s']:.2f} s ({t['inference_s']:.2f} s inference, "
+                 f"{t.get('float64_s', 0.0):.2f} s float64)")
     return "\n".join(lines)
 
 

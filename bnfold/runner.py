@@ -724,3 +724,39 @@ def _handle(msg: dict, sessions: Dict[int, Any], ids) -> Tuple[str, Any]:
     if op == "ping":
         return "ok", msg.get("echo")
     raise ValueError(f"unknown request {op!r}")
+
+
+    return Runner(os.fspath(path), CPU, ev, True, [o.name for o in model.graph.output], input_specs(model))
+
+
+def node_placement(path: str, provider: str, feeds: Dict[str, np.ndarray]) -> Dict[str, Tuple[str, str]]:
+    """``{node name: (op type, execution provider)}`` as ONNX Runtime placed the model's nodes.
+
+    Read from one profiled run (the profiler records each node's provider); nodes ORT
+    inserted itself (Memcpy) are included under their own names.
+    """
+    import json
+    import tempfile
+
+    rt = ort()
+    so = session_options()
+    with tempfile.TemporaryDirectory(prefix="bnfold-profile-") as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "profile")
+        try:
+            sess = rt.InferenceSession(os.fspath(path), so, providers=provider_list(provider))
+            sess.run(None, feeds)
+        except Exception as e:
+            raise BnfoldError(f"ONNX Runtime failed to run it ({_first_line(e)})", path) from None
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    placed: Dict[str, Tuple[str, str]] = {}
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") == "Node" and "provider" in args and "op_name" in args:
+            name = ev.get("name", "")
+            for suffix in ("_kernel_time", "_fence_before", "_fence_after"):
+                if name.endswith(suffix):
+                    name = name[: -len(suffix)]
+            placed[name] = (args["op_name"], args["provider"])
+    return placed
