@@ -252,6 +252,13 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
             if not found:
                 raise BnfoldError("folder holds no *.onnx file (outside skipped and excluded folders)", p)
             models.extend((q, p) for q in found)
+        elif p.name.endswith(".data") and p.is_file():  # external data: check the model(s) reading it
+            from .paths import models_reading
+
+            owners = models_reading(p)
+            if not owners:
+                raise BnfoldError("no *.onnx model in its folder keeps its external data in it", p)
+            models.extend((q, None) for q in owners)
         else:
             models.append((p, None))
     return unique_models(models)
@@ -351,11 +358,13 @@ def _check_report_paths(paths: Sequence[Optional[Path]], report) -> None:
 
 def _precheck_report_paths(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
     """The cheap part of :func:`_check_report_paths`, before any work: the model files themselves."""
-    from .paths import check_output
+    from .paths import check_output, files_read
 
-    for p in paths:
-        if p is not None:
-            check_output(p, models, what="report")
+    if any(p is not None for p in paths):
+        reads = files_read(models)
+        for p in paths:
+            if p is not None:
+                check_output(p, reads, what="report")
 
 
 def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
@@ -550,13 +559,13 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
     equivalent, 2 could not run, 3 internal error. --junit is written in every case.
     """
     from .modelio import write_bytes_atomic
-    from .paths import check_output
+    from .paths import check_output, files_read
     from .reports import junit_for_verify
     from .verification import verify as verify_models
     from .workflow import exit_code_for, internal_error_message, verify_exit_code
 
     if junit_path is not None:
-        check_output(junit_path, [reference, candidate], what="report")
+        check_output(junit_path, files_read([reference, candidate]), what="report")
     try:
         report = verify_models(reference, candidate, **_verify_kwargs(**verify_opts))
     except (Exception, KeyboardInterrupt) as e:
@@ -584,12 +593,12 @@ def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_p
             verbose: int, quiet: bool) -> None:
     """Show which BNs fuse would fold and why the others stay; write no model."""
     from .fold import fuse as fuse_model
-    from .paths import check_output, model_files
+    from .paths import check_output, files_read
     from .workflow import Report, Status, _outcome
 
     t0 = time.perf_counter()
     if report_path is not None:
-        check_output(report_path, model_files(model), what="report")
+        check_output(report_path, files_read([model]), what="report")
     data = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize).to_dict()
     data["output"] = data["verification"] = None
     report = Report([_outcome(model, Status.PASSED, report=data)])

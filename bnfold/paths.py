@@ -50,6 +50,18 @@ def model_files(path: PathLike, model=None) -> List[Path]:
     return [p] + sorted(external_files(model, p.parent))
 
 
+def files_read(paths: Iterable[PathLike]) -> List[Path]:
+    """:func:`model_files` of each model, or just its path when it cannot be loaded (its
+    problem is reported where it is used)."""
+    out: List[Path] = []
+    for p in paths:
+        try:
+            out.extend(model_files(p))
+        except BnfoldError:
+            out.append(Path(p))
+    return out
+
+
 def check_output(target: PathLike, reads: Iterable[PathLike], *, what: str = "output",
                  allowed: Iterable[PathLike] = ()) -> None:
     """Refuse (``BnfoldError``, exit 2) a ``target`` that is one of the files in ``reads``.
@@ -174,3 +186,25 @@ def _excluded(rel: Path, globs: Sequence[str]) -> bool:
     text = rel.as_posix()
     return any(fnmatch.fnmatchcase(text, g) or any(fnmatch.fnmatchcase(part, g) for part in rel.parts)
                for g in globs)
+
+
+def models_reading(data_file: Path) -> List[Path]:
+    """The ``*.onnx`` models beside ``data_file`` whose external data lives in it (so a
+    pre-commit run that is handed only a changed ``.onnx.data`` file checks its model).
+    ``m.onnx.data`` belongs to ``m.onnx`` by name when that model exists; otherwise the
+    models in its folder are read (weights not loaded) to find the ones that refer to it."""
+    from .modelio import external_files, load_model
+
+    by_name = data_file.with_name(data_file.name[:-len(".data")])
+    if data_file.name.endswith(".onnx.data") and by_name.is_file():
+        return [by_name]
+    target = data_file.resolve()
+    found = []
+    for candidate in sorted(data_file.parent.glob("*.onnx")):
+        try:
+            model = load_model(candidate, load_external=False)
+        except BnfoldError:  # an unusable neighbour is not what was asked about
+            continue
+        if target in external_files(model, candidate.parent):
+            found.append(candidate)
+    return found

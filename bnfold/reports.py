@@ -157,6 +157,7 @@ def github_summary(command: str, outcomes: Iterable[dict]) -> str:
         if ver is not None and o.get("status") in ("written", "passed"):
             verdict += ", equivalent"
         elif o.get("error") and o.get("status") not in ("written", "passed"):
-            verdict += f": {o['error']}"
+            error = o["error"]
+            verdict += ": " + (error[len(o["model"]) + 2:] if error.startswith(o["model"] + ": ") else error)
         lines.append(f"| {_cell(o['model'])} | {bn} | {_cell(verdict)} | {_margin(ver)} |")
     return "\n".join(lines) + "\n\n"
