@@ -334,16 +334,15 @@ def render_summary(report) -> str:
     return "\n".join(lines)
 
 
-def _interrupt_line(report) -> str:
+def _interrupt_line(report, limit: int = 10) -> str:
+    def names(paths: List[str]) -> str:
+        shown = ", ".join(paths[:limit])
+        return f" ({shown}{', ...' if len(paths) > limit else ''})" if paths else ""
+
     written = report.written
     not_done = [o.model for o in report.outcomes if o.output is None]
-    text = f"interrupted: {len(written)} output(s) written"
-    if written:
-        text += " (" + ", ".join(written) + ")"
-    text += f"; {len(not_done)} model(s) not written"
-    if not_done:
-        text += " (" + ", ".join(not_done) + ")"
-    return text
+    return (f"interrupted: {len(written)} output(s) written{names(written)}; "
+            f"{len(not_done)} model(s) not written{names(not_done)}")
 
 
 def _check_report_paths(paths: Sequence[Optional[Path]], report) -> None:

@@ -38,8 +38,6 @@ EXIT_UNUSABLE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
-BUG_REPORT_URL = "https://github.com/bnfold/bnfold/issues"
-
 
 class Status(str, enum.Enum):
     """What happened to one model. The value is part of the JSON report: never rename one."""
@@ -117,7 +115,7 @@ def _outcome(model: PathLike, status: Status, **kw: Any) -> FuseOutcome:
 def internal_error_message(exc: BaseException) -> str:
     """The one line shown for a bug in bnfold."""
     return (f"internal error ({type(exc).__name__}: {exc}); this is a bug in bnfold {__version__}: "
-            f"please report it at {BUG_REPORT_URL} (-v shows the traceback)")
+            "please report it on bnfold's issue tracker with this line and the traceback (-v shows it)")
 
 
 @dataclass

@@ -85,6 +85,18 @@ def test_check_fails_on_an_internal_error_and_a_batch_goes_on(model, boom, tmp_p
     assert (out / "plain.onnx").exists() and not (out / "net.onnx").exists()
 
 
+def test_a_bug_while_writing_is_an_internal_error_not_an_unwritable_output(model, monkeypatch):
+    from bnfold import modelio
+
+    def bug(*args, **kwargs):
+        raise ValueError("planted bug in the writer")
+
+    monkeypatch.setattr(modelio, "write_model", bug)
+    res = run("fuse", model, "--no-verify")
+    assert res.exit_code == 3 and "could not be written" not in res.output and "planted bug" in res.output
+    assert sorted(p.name for p in model.parent.iterdir()) == ["net.onnx"]  # no output, no temporary
+
+
 def test_library_reports_an_internal_error_as_an_outcome(model, boom):
     outcome = bnfold.fuse_file(model, model.with_name("x.onnx"))
     assert outcome.status == "internal_error" and outcome.exit_code == 3 and not outcome.written
