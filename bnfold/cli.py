@@ -386,7 +386,7 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     if junit_path is not None:
         write_bytes_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
+    if summary and command != "inspect":  # the CI commands
         _append_step_summary(Path(summary), github_summary(command, dicts))
     if as_json and doc is not None:
         click.echo(json.dumps(doc, indent=2))

@@ -56,7 +56,8 @@ def problems(xml_text: str) -> List[str]:
                 out.append(f"{path}: attribute {a!r} not allowed on <{el.tag}>")
         for a in required - set(el.attrib):
             out.append(f"{path}: <{el.tag}> lacks required attribute {a!r}")
-        if el.tag in ("testsuites", "testsuite") and "time" in el.attrib and not SUREFIRE_TIME.fullmatch(el.get("time")):
+        timed = el.tag in ("testsuites", "testsuite") and "time" in el.attrib
+        if timed and not SUREFIRE_TIME.fullmatch(el.get("time")):
             out.append(f"{path}: time {el.get('time')!r} does not match SUREFIRE_TIME")
         if el.tag == "testsuites" and any(c.tag != "testsuite" for c in el):
             out.append(f"{path}: <testsuites> holds only <testsuite>")
