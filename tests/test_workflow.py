@@ -342,7 +342,7 @@ def test_a_data_file_is_checked_through_its_model(tmp_path):
     res = run("check", tmp_path / "m.onnx.data", path, "--json")  # both changed: checked once
     assert len(json.loads(res.stdout)["models"]) == 1
     import re
-    pattern = re.search(r"files: (.*)", (ROOT / ".pre-commit-hooks.yaml").read_text()).group(1)
+    pattern = re.search(r"^\s+files: (.*)$", (ROOT / ".pre-commit-hooks.yaml").read_text(), re.M).group(1)
     assert re.search(pattern, "m.onnx.data") and re.search(pattern, "m.onnx")
 
 
