@@ -7,6 +7,7 @@ the problem), 3 internal error (a bug: please report it), 130 interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -372,6 +373,7 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
     from .modelio import write_bytes_atomic
     from .reports import github_summary, junit_for_outcomes
+    from .workflow import Status
 
     _check_report_paths([report_path, junit_path], report)
     outcomes = report.outcomes
@@ -404,11 +406,11 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
         if not quiet:
             for w in o.warnings:
                 click.echo(f"bnfold: warning: {w}", err=True)
-        if o.error and o.status.value != "interrupted":
+        if o.error and o.status is not Status.INTERRUPTED:
             line = o.error + (f" ({o.hint})" if o.hint else "")
-            if o.status.value == "forced":
+            if o.status is Status.FORCED:
                 click.echo(f"bnfold: warning: {line}", err=True)
-            elif single or quiet or as_json or o.status.value == "internal_error":
+            elif single or quiet or as_json or o.status is Status.INTERNAL_ERROR:
                 click.echo(f"bnfold: error: {line}", err=True)
             if o.traceback and verbose:
                 click.echo(o.traceback.rstrip(), err=True)
@@ -418,6 +420,29 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
         click.echo(f"bnfold: {_interrupt_line(report)}", err=True)
     if report.exit_code:
         sys.exit(report.exit_code)
+
+
+@contextlib.contextmanager
+def _junit_on_refusal(command: str, junit_path: Optional[Path]):
+    """When a run is refused before any model runs (a usage error, a missing folder, clashing
+    outputs), still write the JUnit file CI reads: one ``<error>`` case saying why."""
+    from .paths import same_file
+
+    try:
+        yield
+    except (BnfoldError, click.UsageError) as e:
+        refused_itself = isinstance(e, BnfoldError) and e.path is not None and junit_path is not None \
+            and same_file(e.path, junit_path)
+        if junit_path is not None and not refused_itself:
+            from .modelio import write_bytes_atomic
+            from .reports import junit_for_outcomes
+
+            case = {"model": str(getattr(e, "path", None) or "bnfold"), "status": "unusable", "error": str(e)}
+            try:
+                write_bytes_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
+            except BnfoldError:
+                pass  # an unwritable report must not hide the refusal, which is what the user must see
+        raise
 
 
 def _append_step_summary(path: Path, text: str) -> None:
@@ -477,32 +502,34 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
     from .paths import check_batch_targets
 
     t0 = time.perf_counter()
-    if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
-        raise click.UsageError("use only one of --output, --out-dir and --in-place")
-    found = _collect(models, exclude)
-    if output is not None and len(found) > 1:
-        raise click.UsageError("--output takes one MODEL; use --out-dir for several")
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise BnfoldError("output folder is not a folder", out_dir)
-    pairs = []
-    for model, root in found:
-        if in_place:
-            target = model
-        elif output is not None:
-            target = output
-        elif out_dir is not None:
-            target = out_dir / (model.relative_to(root) if root is not None else Path(model.name))
-        else:
-            target = _default_output(model)
-        pairs.append((model, target))
-    check_batch_targets(pairs, in_place=in_place)
-    _precheck_report_paths([report_path, junit_path], [m for m, _ in pairs] + [t for _, t in pairs])
-    if out_dir is not None:  # only now, when nothing is refused: a missing --out-dir is created
-        for _, target in pairs:
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise BnfoldError(f"output folder cannot be created ({e.strerror or e})", target.parent) from None
+    with _junit_on_refusal("fuse", junit_path):
+        if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
+            raise click.UsageError("use only one of --output, --out-dir and --in-place")
+        found = _collect(models, exclude)
+        if output is not None and len(found) > 1:
+            raise click.UsageError("--output takes one MODEL; use --out-dir for several")
+        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+            raise BnfoldError("output folder is not a folder", out_dir)
+        pairs = []
+        for model, root in found:
+            if in_place:
+                target = model
+            elif output is not None:
+                target = output
+            elif out_dir is not None:
+                target = out_dir / (model.relative_to(root) if root is not None else Path(model.name))
+            else:
+                target = _default_output(model)
+            pairs.append((model, target))
+        check_batch_targets(pairs, in_place=in_place)
+        _precheck_report_paths([report_path, junit_path], [m for m, _ in pairs] + [t for _, t in pairs])
+        if out_dir is not None:  # only now, when nothing is refused: a missing --out-dir is created
+            for _, target in pairs:
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise BnfoldError(f"output folder cannot be created ({e.strerror or e})",
+                                      target.parent) from None
     opts = _options(allow_overridable, reparameterize, verify_opts, in_place=in_place, verify=do_verify,
                     force=force)
     single = len(models) == 1 and len(pairs) == 1 and not models[0].is_dir()
@@ -533,8 +560,9 @@ def check(models, require_folded: bool, jobs: int, exclude, allow_overridable: b
     step summary.
     """
     t0 = time.perf_counter()
-    pairs = [(m, None) for m, _ in _collect(models, exclude)]
-    _precheck_report_paths([report_path, junit_path], [m for m, _ in pairs])
+    with _junit_on_refusal("check", junit_path):
+        pairs = [(m, None) for m, _ in _collect(models, exclude)]
+        _precheck_report_paths([report_path, junit_path], [m for m, _ in pairs])
     opts = _options(allow_overridable, reparameterize, verify_opts, require_folded=require_folded)
     report = _run(pairs, opts, jobs, True, single=False)
     _finish("check", report, report_path, junit_path, as_json, verbose, quiet, False, t0)

@@ -310,6 +310,18 @@ def test_junit_from_verify_on_exit_2_and_from_fuse(model, tmp_path):
     assert "fuse" in names and "cpu:scores" in names
 
 
+def test_junit_is_written_when_the_run_is_refused_before_it_starts(model, tmp_path):
+    xml = tmp_path / "r.xml"
+    res = run("check", tmp_path / "nowhere", "--junit", xml)
+    assert res.exit_code == 2 and problems(xml.read_text()) == []
+    error = ET.parse(xml).getroot().find("testsuite/testcase/error")
+    assert error is not None and "no such file" in error.get("message")
+    res = run("fuse", model, "--out-dir", tmp_path / "o", "-o", tmp_path / "x.onnx", "--junit", xml)  # usage
+    assert res.exit_code == 2 and ET.parse(xml).getroot().find("testsuite/testcase/error") is not None
+    res = run("fuse", model, "--junit", model)  # the JUnit path itself refused: not written
+    assert res.exit_code == 2 and model.read_bytes() == (MODELS / "mlp_bn1d.onnx").read_bytes()
+
+
 def test_junit_checker_rejects_what_the_schema_rejects():
     assert problems('<testsuites><testsuite name="a" tests="1" failures="0" errors="0">'
                     '<testcase name="x" classname="m.onnx" time="0.100"/></testsuite></testsuites>') == []
