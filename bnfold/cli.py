@@ -335,11 +335,17 @@ def render_summary(report) -> str:
     return "\n".join(lines)
 
 
-def _interrupt_line(report, limit: int = 10) -> str:
+def _interrupt_line(report, command: str, limit: int = 10) -> str:
     def names(paths: List[str]) -> str:
         shown = ", ".join(paths[:limit])
         return f" ({shown}{', ...' if len(paths) > limit else ''})" if paths else ""
 
+    from .workflow import Status
+
+    if command == "check":  # writes no model: say which were checked
+        pending = [o.model for o in report.outcomes if o.status is Status.INTERRUPTED]
+        return (f"interrupted: {len(report.outcomes) - len(pending)} model(s) checked; "
+                f"{len(pending)} not checked{names(pending)}")
     written = report.written
     not_done = [o.model for o in report.outcomes if o.output is None]
     return (f"interrupted: {len(written)} output(s) written{names(written)}; "
@@ -417,7 +423,7 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
             if github:
                 click.echo(f"::error file={o.model}::{line}")
     if report.interrupted:
-        click.echo(f"bnfold: {_interrupt_line(report)}", err=True)
+        click.echo(f"bnfold: {_interrupt_line(report, command)}", err=True)
     if report.exit_code:
         sys.exit(report.exit_code)
 

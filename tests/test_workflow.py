@@ -97,6 +97,28 @@ def test_a_bug_while_writing_is_an_internal_error_not_an_unwritable_output(model
     assert sorted(p.name for p in model.parent.iterdir()) == ["net.onnx"]  # no output, no temporary
 
 
+def test_a_batch_goes_on_after_a_runtime_crash_reported_as_bnfold_error(tmp_path, monkeypatch):
+    from bnfold import verification
+    from bnfold.errors import BnfoldError
+
+    class RuntimeCrashed(BnfoldError):  # as a worker process reports a native crash
+        exit_code = 2
+
+    real = verification.verify
+
+    def crash_on_a(reference, candidate, **kw):
+        if os.fspath(reference).endswith("a.onnx"):
+            raise RuntimeCrashed("ONNX Runtime crashed (SIGSEGV)", reference)
+        return real(reference, candidate, **kw)
+
+    monkeypatch.setattr(verification, "verify", crash_on_a)
+    for n in ("a", "b"):
+        shutil.copy(MODELS / "mlp_bn1d.onnx", tmp_path / f"{n}.onnx")
+    res = run("fuse", tmp_path / "a.onnx", tmp_path / "b.onnx", "--out-dir", tmp_path / "o")
+    assert res.exit_code == 2 and "SIGSEGV" in res.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["b.onnx"]
+
+
 def test_library_reports_an_internal_error_as_an_outcome(model, boom):
     outcome = bnfold.fuse_file(model, model.with_name("x.onnx"))
     assert outcome.status == "internal_error" and outcome.exit_code == 3 and not outcome.written
