@@ -166,12 +166,13 @@ def check_file(model: PathLike, *, require_folded: bool = False, verify: Optiona
     return run_one(Path(model), None, opts)
 
 
-def run_one(model: Path, target: Optional[Path], opts: FuseOptions) -> FuseOutcome:
+def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> FuseOutcome:
     """:func:`fuse_file` (``target`` given) or :func:`check_file` (``target`` None) with options.
 
     ``KeyboardInterrupt`` propagates (after the staged files are removed); :func:`run_batch`
     turns it into an ``interrupted`` outcome.
     """
+    model, target = Path(model), (None if target is None else Path(target))
     warnings: List[str] = []
     reads: List[str] = [os.fspath(model)]
     t0 = time.perf_counter()
@@ -273,7 +274,7 @@ def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str], rea
 
 # -- many models ---------------------------------------------------------------------------
 
-Job = Tuple[Path, Optional[Path]]
+Job = Tuple[PathLike, Optional[PathLike]]
 
 
 def _job(model: Path, target: Optional[Path], opts: FuseOptions) -> FuseOutcome:
@@ -299,10 +300,14 @@ def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
     worker processes when above 1. One failure does not stop the rest. ``on_outcome(outcome,
     done, total)`` is called as each finishes (for progress display).
 
-    On Ctrl-C the batch stops: with workers, models already running finish, those not
+    Raises :class:`BnfoldError` before anything runs when two jobs would write the same file
+    or a job would write over another job's model. On Ctrl-C the batch stops: with workers, models already running finish, those not
     started are cancelled; the :class:`Report` lists every model, ``interrupted`` for those
     that were not done, so it says exactly what was written.
     """
+    from .paths import check_batch_targets
+
+    check_batch_targets(jobs, in_place=opts.in_place)  # raises before anything is written
     report = Report()
     done: Dict[int, FuseOutcome] = {}
 
