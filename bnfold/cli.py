@@ -244,7 +244,7 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
     """``(model, root)`` pairs: files as given (root None), folders searched for ``*.onnx``
     (hidden folders, virtualenvs, site-packages, node_modules and ``--exclude`` globs
     skipped); a file named twice is kept once."""
-    from .paths import find_models, unique_models
+    from .paths import find_models, models_reading, unique_models
 
     models = []
     for p in paths:
@@ -254,8 +254,6 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
                 raise BnfoldError("folder holds no *.onnx file (outside skipped and excluded folders)", p)
             models.extend((q, p) for q in found)
         elif p.name.endswith(".data") and p.is_file():  # external data: check the model(s) reading it
-            from .paths import models_reading
-
             owners = models_reading(p)
             if not owners:
                 raise BnfoldError("no *.onnx model in its folder keeps its external data in it", p)
