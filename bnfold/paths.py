@@ -75,19 +75,20 @@ def check_output(target: PathLike, reads: Iterable[PathLike], *, what: str = "ou
 
 
 def check_model_output(target: PathLike, reads: Sequence[PathLike], *, in_place: bool = False,
-                       external_data: bool = True) -> None:
+                       external_data: bool = True, hint: str = "") -> None:
     """Refuse a model output that would replace a file ``reads`` (model file first, then its
     external data) lists: the model file itself, and the ``<target>.data`` file it may write.
 
     With ``in_place`` the input model and its data files may be replaced (that is the point);
     the external data the output writes never takes the name of an input data file
-    otherwise (:func:`bnfold.modelio.stage_model` picks another name).
+    otherwise (:func:`bnfold.modelio.stage_model` picks another name). ``hint`` ends the
+    message when the output is the model itself (e.g. ``"; use --in-place to overwrite it"``).
     """
     model = reads[0] if reads else None
     if in_place:
         return
     if model is not None and same_file(target, model):
-        raise BnfoldError("output path is the input model; use --in-place to overwrite it", target)
+        raise BnfoldError(f"output path is the input model{hint}", target)
     check_output(target, reads)
     if external_data and model is not None:
         data = Path(target).with_name(Path(target).name + ".data")

@@ -197,7 +197,8 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     from .paths import check_model_output
 
     if target is not None and not opts.in_place:
-        check_model_output(target, [model], external_data=False)  # before any work: the obvious case
+        # before any work: the obvious case
+        check_model_output(target, [model], external_data=False, hint="; use --in-place to overwrite it")
     result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
     if result.source_external_data:
         reads.extend(os.fspath(p) for p in sorted(external_files(result._model, result.base_dir)))
