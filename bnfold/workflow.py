@@ -19,6 +19,7 @@ Nothing here prints: the CLI renders outcomes.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import shutil
@@ -27,7 +28,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import BnfoldError, MissingDependencyError, PathLike
@@ -228,16 +229,54 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                                 reads=reads)
             if target is None:
                 return _policy(model, data, opts, warnings, reads)
-            staged.commit()
+            with _sigint_held() as interrupted:
+                staged.commit()
             data["output"] = str(target)
             if failed:
-                return _outcome(model, Status.FORCED, output=str(target), report=data, reads=reads,
-                                warnings=warnings,
-                                error=f"{target}: written with --force although it is not equivalent to {model}")
-            return _outcome(model, Status.WRITTEN, output=str(target), report=data, reads=reads, warnings=warnings)
+                outcome = _outcome(model, Status.FORCED, output=str(target), report=data, reads=reads,
+                                   warnings=warnings,
+                                   error=f"{target}: written with --force although it is not equivalent to {model}")
+            else:
+                outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data, reads=reads,
+                                   warnings=warnings)
+            if interrupted:
+                raise InterruptedAfterWrite(outcome)
+            return outcome
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """Ctrl-C arrived while the output was being renamed into place: it was held until the
+    output was complete, and is raised now, carrying the outcome (the output *was* written)."""
+
+    def __init__(self, outcome: FuseOutcome) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[List[int]]:
+    """Hold Ctrl-C while files are renamed into place, so that an output (model and data file)
+    is never half replaced. Yields a list that is non-empty if an interrupt arrived. Only the
+    main thread can handle signals; elsewhere, and where Ctrl-C is ignored, nothing changes."""
+    import signal
+    import threading
+
+    caught: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield caught
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[str]):
@@ -278,13 +317,17 @@ def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str], rea
 Job = Tuple[PathLike, Optional[PathLike]]
 
 
-def _job(model: Path, target: Optional[Path], opts: FuseOptions) -> FuseOutcome:
-    """One batch job; Ctrl-C in it becomes an ``interrupted`` outcome (its staged files are gone)."""
+def _job(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> Tuple[FuseOutcome, bool]:
+    """One batch job, and whether Ctrl-C stopped the batch in it: an interrupt while it ran
+    gives an ``interrupted`` outcome (its staged files are gone); one held while its output
+    was committed gives its real outcome."""
     try:
-        return run_one(model, target, opts)
+        return run_one(model, target, opts), False
+    except InterruptedAfterWrite as e:
+        return e.outcome, True
     except KeyboardInterrupt:
         return _outcome(model, Status.INTERRUPTED, error=f"{model}: interrupted while it ran; nothing written "
-                                                         "for it")
+                                                         "for it"), True
 
 
 def _ignore_sigint() -> None:
@@ -325,20 +368,20 @@ def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
             futures = {pool.submit(_job, m, t, opts): i for i, (m, t) in enumerate(jobs)}
             try:
                 for f in as_completed(futures):
-                    record(futures[f], f.result())
+                    record(futures[f], f.result()[0])  # workers ignore Ctrl-C: the parent handles it
             except KeyboardInterrupt:
                 report.interrupted = True
                 pool.shutdown(wait=True, cancel_futures=True)
                 for f, i in futures.items():  # finished after the interrupt: still counted
                     if i not in done and f.done() and not f.cancelled() and f.exception() is None:
-                        done[i] = f.result()
+                        done[i] = f.result()[0]
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         else:
             for i, (m, t) in enumerate(jobs):
-                o = _job(m, t, opts)
+                o, stop = _job(m, t, opts)
                 record(i, o)
-                if o.status is Status.INTERRUPTED:
+                if stop:
                     report.interrupted = True
                     break
     except KeyboardInterrupt:  # between jobs, or in the progress callback

@@ -278,6 +278,31 @@ def test_interrupt_says_what_was_written_and_leaves_no_temporaries(tmp_path, mon
     assert data["interrupted"] is True and data["exit_code"] == 130
 
 
+def test_ctrl_c_while_an_output_is_renamed_into_place_is_held_until_it_is_complete(tmp_path, monkeypatch):
+    import signal
+
+    from bnfold import modelio
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("a", "b"):
+        shutil.copy(MODELS / "mlp_bn1d.onnx", src / f"{n}.onnx")
+    real = modelio.StagedModel.commit
+
+    def interrupted_commit(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between staging and the renames
+        real(self)
+
+    monkeypatch.setattr(modelio.StagedModel, "commit", interrupted_commit)
+    out = tmp_path / "out"
+    res = run("fuse", src, "--out-dir", out, "--no-verify", "--json")
+    assert res.exit_code == 130
+    data = json.loads(res.stdout)
+    assert [m["status"] for m in data["models"]] == ["written", "interrupted"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx"]
+    assert bn_count(onnx.load(str(out / "a.onnx"))) == 0  # complete, not half written
+
+
 # -- H: folder search --------------------------------------------------------------------------
 
 def test_folder_search_skips_environments_and_honours_exclude(tmp_path):
