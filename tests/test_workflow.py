@@ -189,6 +189,8 @@ def test_output_over_the_inputs_external_data_is_refused(tmp_path):
     assert res.exit_code == 2
     res = run("insert", path, "-o", data)
     assert res.exit_code == 2 and "a file the input reads" in res.output
+    res = run("recalibrate", path, "--calibration", tmp_path / "none.npz", "-o", data)
+    assert res.exit_code == 2 and "a file the input reads" in res.output
     assert files_under(tmp_path) == before
     assert run("fuse", path, "--no-verify").exit_code == 0  # the default output is fine
 
