@@ -350,18 +350,9 @@ def _interrupt_line(report, command: str, limit: int = 10) -> str:
             f"{len(not_done)} model(s) not written{names(not_done)}")
 
 
-def _check_report_paths(paths: Sequence[Optional[Path]], report) -> None:
-    """Refuse a --report/--junit path that is a file the run read or wrote (data loss otherwise)."""
-    from .paths import check_output
-
-    touched = [r for o in report.outcomes for r in (o.reads or [o.model])] + report.written
-    for p in paths:
-        if p is not None:
-            check_output(p, touched, what="report")
-
-
-def _precheck_report_paths(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
-    """The cheap part of :func:`_check_report_paths`, before any work: the model files themselves."""
+def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
+    """Before any work: refuse a --report/--junit path that is a model of the run, a file one
+    reads (external data), or (for fuse) an output, so a report can never destroy one."""
     from .paths import check_output, files_read
 
     if any(p is not None for p in paths):
@@ -379,7 +370,6 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     from .reports import github_summary, junit_for_outcomes
     from .workflow import Status
 
-    _check_report_paths([report_path, junit_path], report)
     outcomes = report.outcomes
     dicts = [o.to_dict() for o in outcomes]
     # one model: its fuse report (none when it could not be processed); several: {"models": [...]}
@@ -526,7 +516,7 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                 target = _default_output(model)
             pairs.append((model, target))
         check_batch_targets(pairs, in_place=in_place)
-        _precheck_report_paths([report_path, junit_path], [m for m, _ in pairs] + [t for _, t in pairs])
+        _refuse_reports_over_inputs([report_path, junit_path], [m for m, _ in pairs] + [t for _, t in pairs])
         if out_dir is not None:  # only now, when nothing is refused: a missing --out-dir is created
             for _, target in pairs:
                 try:
@@ -566,7 +556,7 @@ def check(models, require_folded: bool, jobs: int, exclude, allow_overridable: b
     t0 = time.perf_counter()
     with _junit_on_refusal("check", junit_path):
         pairs = [(m, None) for m, _ in _collect(models, exclude)]
-        _precheck_report_paths([report_path, junit_path], [m for m, _ in pairs])
+        _refuse_reports_over_inputs([report_path, junit_path], [m for m, _ in pairs])
     opts = _options(allow_overridable, reparameterize, verify_opts, require_folded=require_folded)
     report = _run(pairs, opts, jobs, True, single=False)
     _finish("check", report, report_path, junit_path, as_json, verbose, quiet, False, t0)
@@ -590,13 +580,11 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
     equivalent, 2 could not run, 3 internal error. --junit is written in every case.
     """
     from .modelio import write_bytes_atomic
-    from .paths import check_output, files_read
     from .reports import junit_for_verify
     from .verification import verify as verify_models
     from .workflow import exit_code_for, internal_error_message, verify_exit_code
 
-    if junit_path is not None:
-        check_output(junit_path, files_read([reference, candidate]), what="report")
+    _refuse_reports_over_inputs([junit_path], [reference, candidate])
     try:
         report = verify_models(reference, candidate, **_verify_kwargs(**verify_opts))
     except (Exception, KeyboardInterrupt) as e:
@@ -624,12 +612,10 @@ def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_p
             verbose: int, quiet: bool) -> None:
     """Show which BNs fuse would fold and why the others stay; write no model."""
     from .fold import fuse as fuse_model
-    from .paths import check_output, files_read
     from .workflow import Report, Status, _outcome
 
     t0 = time.perf_counter()
-    if report_path is not None:
-        check_output(report_path, files_read([model]), what="report")
+    _refuse_reports_over_inputs([report_path], [model])
     data = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize).to_dict()
     data["output"] = data["verification"] = None
     report = Report([_outcome(model, Status.PASSED, report=data)])

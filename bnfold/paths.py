@@ -25,15 +25,9 @@ SKIPPED_FOLDER_NAMES = frozenset({"site-packages", "dist-packages", "node_module
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:
-    """Whether ``a`` and ``b`` name the same file: equal once ``..`` and symlinks are
-    resolved, or (both existing) the same inode, as hard links are."""
-    pa, pb = Path(a), Path(b)
-    try:
-        if pa.resolve() == pb.resolve():
-            return True
-        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
-    except OSError:  # unreadable or looping paths: compare the names we were given
-        return os.path.abspath(pa) == os.path.abspath(pb)
+    """Whether ``a`` and ``b`` name the same file: the same inode where both exist (symlinks
+    followed, hard links included), else equal once ``..`` and symlinks are resolved."""
+    return _identity(a) == _identity(b)
 
 
 def model_files(path: PathLike, model=None) -> List[Path]:

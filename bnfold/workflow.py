@@ -90,8 +90,6 @@ class FuseOutcome:
     """The traceback of an internal error."""
     time_s: float = 0.0
     """Seconds the workflow took on this model."""
-    reads: List[str] = field(default_factory=list)
-    """The files this model reads (model, external data): later writes must not replace them."""
 
     @property
     def written(self) -> bool:
@@ -104,7 +102,7 @@ class FuseOutcome:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["status"] = self.status.value
-        del d["traceback"], d["reads"]
+        del d["traceback"]
         return d
 
 
@@ -175,24 +173,21 @@ def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> F
     """
     model, target = Path(model), (None if target is None else Path(target))
     warnings: List[str] = []
-    reads: List[str] = [os.fspath(model)]
     t0 = time.perf_counter()
     try:
-        outcome = _run_one(model, target, opts, warnings, reads)
+        outcome = _run_one(model, target, opts, warnings)
     except BnfoldError as e:
-        outcome = _outcome(model, Status.UNUSABLE, exit_code=e.exit_code, error=str(e), warnings=warnings,
-                           reads=reads)
+        outcome = _outcome(model, Status.UNUSABLE, exit_code=e.exit_code, error=str(e), warnings=warnings)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # anything else is a bug in bnfold: reported, never written
         outcome = _outcome(model, Status.INTERNAL_ERROR, error=f"{model}: {internal_error_message(e)}",
-                           warnings=warnings, reads=reads, traceback=traceback.format_exc())
+                           warnings=warnings, traceback=traceback.format_exc())
     outcome.time_s = time.perf_counter() - t0
     return outcome
 
 
-def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: List[str],
-             reads: List[str]) -> FuseOutcome:
+def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
     from .fold import fuse as fuse_model
     from .modelio import external_files
     from .paths import check_model_output
@@ -201,10 +196,9 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         # before any work: the obvious case
         check_model_output(target, [model], external_data=False, hint="; use --in-place to overwrite it")
     result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
-    if result.source_external_data:
-        reads.extend(os.fspath(p) for p in sorted(external_files(result._model, result.base_dir)))
-    if target is not None:
-        check_model_output(target, [Path(r) for r in reads], in_place=opts.in_place)
+    if target is not None:  # now that its external data files are known (the model as loaded)
+        reads = [model] + sorted(external_files(result._model, result.base_dir))
+        check_model_output(target, reads, in_place=opts.in_place)
     data = result.to_dict()
     data["output"] = data["verification"] = None
     scratch = None
@@ -225,19 +219,18 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                 error = (f"{target}: not written: the folded model is not equivalent to {model} "
                          "(--force writes it anyway)" if target is not None else
                          f"{model}: folding it gives a model that is not equivalent")
-                return _outcome(model, Status.NOT_EQUIVALENT, error=error, warnings=warnings, report=data,
-                                reads=reads)
+                return _outcome(model, Status.NOT_EQUIVALENT, error=error, warnings=warnings, report=data)
             if target is None:
-                return _policy(model, data, opts, warnings, reads)
+                return _policy(model, data, opts, warnings)
             with _sigint_held() as interrupted:
                 staged.commit()
             data["output"] = str(target)
             if failed:
-                outcome = _outcome(model, Status.FORCED, output=str(target), report=data, reads=reads,
+                outcome = _outcome(model, Status.FORCED, output=str(target), report=data,
                                    warnings=warnings,
                                    error=f"{target}: written with --force although it is not equivalent to {model}")
             else:
-                outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data, reads=reads,
+                outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data,
                                    warnings=warnings)
             if interrupted:
                 raise InterruptedAfterWrite(outcome)
@@ -296,20 +289,20 @@ def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[
         raise err from None
 
 
-def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str], reads: List[str]) -> FuseOutcome:
+def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
     """``check``'s policy on a fold that verified (or was not verified)."""
     if opts.require_folded:
         overridable = [r for r in data["records"] if not r["folded"] and r["reason"] == "OVERRIDABLE_PARAMETER"]
         if data["folded"]:
-            return _outcome(model, Status.POLICY_FAILED, report=data, reads=reads, warnings=warnings,
+            return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
                             error=f"{model}: {data['folded']} BatchNormalization can still be folded",
                             hint="run bnfold fuse on it")
         if overridable:
-            return _outcome(model, Status.POLICY_FAILED, report=data, reads=reads, warnings=warnings,
+            return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
                             error=f"{model}: {len(overridable)} BatchNormalization kept only because their "
                                   "parameters are overridable graph inputs (OVERRIDABLE_PARAMETER)",
                             hint="run bnfold fuse --allow-overridable on it if nobody feeds those inputs")
-    return _outcome(model, Status.PASSED, report=data, reads=reads, warnings=warnings)
+    return _outcome(model, Status.PASSED, report=data, warnings=warnings)
 
 
 # -- many models ---------------------------------------------------------------------------
@@ -345,9 +338,10 @@ def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
     done, total)`` is called as each finishes (for progress display).
 
     Raises :class:`BnfoldError` before anything runs when two jobs would write the same file
-    or a job would write over another job's model. On Ctrl-C the batch stops: with workers, models already running finish, those not
-    started are cancelled; the :class:`Report` lists every model, ``interrupted`` for those
-    that were not done, so it says exactly what was written.
+    or a job would write over another job's model. On Ctrl-C the batch stops: with workers,
+    models already running finish, those not started are cancelled; the :class:`Report` lists
+    every model, ``interrupted`` for those that were not done, so it says exactly what was
+    written.
     """
     from .paths import check_batch_targets
 
