@@ -328,6 +328,10 @@ class Runner:
                             self._label(), e.signal_name, stage, where)
 
 
+class _PlacementFailed(Exception):
+    """ONNX Runtime refused the profiled run (its message is the argument)."""
+
+
 class _LoadFailed(Exception):
     """ONNX Runtime refused to load a model (its message as text)."""
 
@@ -721,20 +725,40 @@ def _handle(msg: dict, sessions: Dict[int, Any], ids) -> Tuple[str, Any]:
         return "ok", values
     if op == "cuda":
         return "ok", _probe_cuda()
+    if op == "placement":
+        try:
+            return "ok", _placement(msg["path"], msg["provider"], msg["feeds"])
+        except _PlacementFailed as e:
+            return "ort_error", str(e)
     if op == "ping":
         return "ok", msg.get("echo")
     raise ValueError(f"unknown request {op!r}")
 
-
-    return Runner(os.fspath(path), CPU, ev, True, [o.name for o in model.graph.output], input_specs(model))
 
 
 def node_placement(path: str, provider: str, feeds: Dict[str, np.ndarray]) -> Dict[str, Tuple[str, str]]:
     """``{node name: (op type, execution provider)}`` as ONNX Runtime placed the model's nodes.
 
     Read from one profiled run (the profiler records each node's provider); nodes ORT
-    inserted itself (Memcpy) are included under their own names.
+    inserted itself (Memcpy) are included under their own names. Runs in the worker
+    process like every other session.
     """
+    if not _isolated():
+        return _placement(os.fspath(path), provider, feeds)
+    _require_installed()
+    try:
+        kind, value = _worker().request({"op": "placement", "path": os.path.abspath(path), "provider": provider,
+                                         "feeds": feeds})
+    except _WorkerDied as e:
+        where = PROVIDER_NAMES.get(provider, provider)
+        raise RuntimeCrash(f"ONNX Runtime crashed ({e.signal_name}) while profiling it on {where}",
+                           os.fspath(path), e.signal_name, "profiling", where) from None
+    if kind == "ort_error":
+        raise BnfoldError(f"ONNX Runtime failed to run it ({ort_message(value)})", os.fspath(path))
+    return value
+
+
+def _placement(path: str, provider: str, feeds: Dict[str, np.ndarray]) -> Dict[str, Tuple[str, str]]:
     import json
     import tempfile
 
@@ -747,7 +771,7 @@ def node_placement(path: str, provider: str, feeds: Dict[str, np.ndarray]) -> Di
             sess = rt.InferenceSession(os.fspath(path), so, providers=provider_list(provider))
             sess.run(None, feeds)
         except Exception as e:
-            raise BnfoldError(f"ONNX Runtime failed to run it ({_first_line(e)})", path) from None
+            raise _PlacementFailed(str(e)) from None
         with open(sess.end_profiling()) as f:
             events = json.load(f)
     placed: Dict[str, Tuple[str, str]] = {}

@@ -40,7 +40,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -163,35 +162,10 @@ class VerifyReport:
         return asdict(self)
 
     def to_junit(self) -> str:
-        """JUnit XML: one test case per (comparison, output)."""
-        return junit_xml([self.to_dict()])
+        """JUnit XML: one test case per (comparison, output) (see :mod:`bnfold.reports`)."""
+        from .reports import junit_for_verify
 
-
-def junit_xml(reports: List[dict]) -> str:
-    """JUnit XML for verify reports (as ``to_dict`` gives them): one suite per report,
-    one test case per comparison and output, skipped providers as skipped cases."""
-    suites = []
-    for rep in reports:
-        cases = []
-        failures = 0
-        for comp in rep["comparisons"]:
-            for o in comp["outputs"]:
-                name = quoteattr(f"{comp['name']}:{o['name']}")
-                body = ""
-                if not o["equivalent"]:
-                    failures += 1
-                    msg = o["problem"] or (f"max abs error {o['max_abs_error']:.3g} (atol {o['atol']:.3g}), "
-                                           f"max rel error {o['max_rel_error']:.3g} (rtol {o['rtol']:.3g}), "
-                                           f"{o['fail_fraction']:.3%} of elements fail")
-                    body = f"<failure message={quoteattr(msg)} type=\"NotEquivalent\"/>"
-                cases.append(f'    <testcase classname="bnfold.verify" name={name}>{body}</testcase>')
-        for sk in rep["skipped"]:
-            cases.append(f'    <testcase classname="bnfold.verify" name={quoteattr(sk["name"])}>'
-                         f'<skipped message={quoteattr(sk["why"])}/></testcase>')
-        suite = quoteattr(f"{Path(rep['reference']).name} vs {Path(rep['candidate']).name}")
-        suites.append(f"  <testsuite name={suite} tests=\"{len(cases)}\" failures=\"{failures}\" "
-                      f"skipped=\"{len(rep['skipped'])}\">\n" + "\n".join(cases) + "\n  </testsuite>")
-    return "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<testsuites>\n" + "\n".join(suites) + "\n</testsuites>\n"
+        return junit_for_verify(self.to_dict(), candidate=self.candidate)
 
 
 def _compare(name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray], rtol: Optional[float],
