@@ -182,7 +182,7 @@ _ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 _NODE_FAILED = re.compile(r"Non-zero status code returned while running (\S+) node\.\s*Name:\s*'([^']*)'\s*"
                           r"Status Message:\s*")
 # "/onnxruntime_src/.../reshape_helper.h:84 onnxruntime::ReshapeHelper::ReshapeHelper(const ...&, bool) "
-_SOURCE = re.compile(r"(?:[A-Za-z]:)?[\\/]?(?:[\w.+-]+[\\/])+[\w.+-]+\.(?:h|hpp|cc|cpp|cu|cuh):\d+\s+"
+_SOURCE = re.compile(r"(?:(?<!\w)[A-Za-z]:)?[\\/]?(?:[\w.+-]+[\\/])+[\w.+-]+\.(?:h|hpp|cc|cpp|cu|cuh):\d+\s+"
                      r"(?:[\w:~<>,*& ]+\([^()]*\)(?:\s*const)?\s+)?")
 _BOILERPLATE = ("Please fix either the inputs/outputs or the model.",)
 
@@ -654,6 +654,9 @@ def _serve_fd(fd: int, parent: int) -> None:
 def _serve(sock: socket.socket, parent: int) -> None:
     """Answer requests until the parent closes the socket or dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import faulthandler
+
+    faulthandler.disable()  # inherited from a parent (pytest, PYTHONFAULTHANDLER): a crash is reported there
     try:
         import resource
 
@@ -721,6 +724,10 @@ def _handle(msg: dict, sessions: Dict[int, Any], ids) -> Tuple[str, Any]:
         return "ok", values
     if op == "cuda":
         return "ok", _probe_cuda()
-    if op == "ping":
+    if op == "ping":  # benchmarks and tests: the round trip, the start with onnxruntime imported
+        if msg.get("import_ort"):
+            ort()
         return "ok", msg.get("echo")
+    if op == "stats":  # tests: what the worker holds
+        return "ok", {"pid": os.getpid(), "sessions": sorted(sessions)}
     raise ValueError(f"unknown request {op!r}")
