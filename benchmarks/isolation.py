@@ -103,18 +103,31 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def any_size_copy(model: Path) -> Path:
-    """A copy of ``model`` whose input takes any batch and spatial size (the corpus is exported at 64x64)."""
-    import onnx
+def _interleaved_ms(fns: dict, runs: int) -> dict:
+    """Median ms of each function, run in turn (load on a shared machine drifts: this spreads it evenly)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
-    m = onnx.load(str(model))
-    for d, name in zip(m.graph.input[0].type.tensor_type.shape.dim, ("batch", None, "height", "width")):
-        if name:
-            d.dim_param = name
-    del m.graph.value_info[:]
-    path = Path(tempfile.mkdtemp(prefix="bnfold-bench-")) / model.name
-    onnx.save(m, str(path))
-    return path
+
+def _pair(model: Path):
+    """The same model in the worker and (ISOLATE off) in this process; the worker first, so it forks
+    before this process imports onnxruntime."""
+    from bnfold import runner
+
+    remote = runner.open_runner(model, runner.CPU)
+    runner.ISOLATE = False
+    try:
+        local = runner.open_runner(model, runner.CPU)
+    finally:
+        runner.ISOLATE = True
+    return remote, local
 
 
 def per_run(model: Path, runs: int) -> dict:
@@ -122,26 +135,16 @@ def per_run(model: Path, runs: int) -> dict:
 
     from bnfold import runner
 
-    res = {}
+    remote, local = _pair(model)
+    w = runner._worker()
+    res = {"start_method": w.method}
     for batch in (1, 8):
-        remote = runner.open_runner(model, runner.CPU)
         name = remote.inputs[0].name
         feeds = {name: np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)}
-        w = runner._worker()
-        res[f"batch{batch}"] = {
-            "input_mb": feeds[name].nbytes / 2**20,
-            "worker_ms": _median_ms(lambda: remote.run(feeds), runs),
-            "round_trip_ms": _median_ms(lambda: w.request({"op": "ping", "echo": feeds}), runs),
-        }
-        remote.close()
-    runner.shutdown_worker()
-    runner.ISOLATE = False  # now ONNX Runtime in this process, same options
-    for batch in (1, 8):
-        local = runner.open_runner(model, runner.CPU)
-        name = local.inputs[0].name
-        feeds = {name: np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)}
-        res[f"batch{batch}"]["in_process_ms"] = _median_ms(lambda: local.run(feeds), runs)
-    runner.ISOLATE = True
+        ms = _interleaved_ms({"worker_ms": lambda: remote.run(feeds), "in_process_ms": lambda: local.run(feeds),
+                              "round_trip_ms": lambda: w.request({"op": "ping", "echo": feeds})}, runs)
+        res[f"batch{batch}"] = {"input_mb": feeds[name].nbytes / 2**20, **ms}
+    remote.close()
     return res
 
 
@@ -159,27 +162,24 @@ def calibration(model: Path, runs: int) -> dict:
         m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     tmp = Path(tempfile.mkdtemp()) / "probe.onnx"
     onnx.save(m, str(tmp))
-    r = runner.open_runner(tmp, runner.CPU)
-    name = r.inputs[0].name
+    remote, local = _pair(tmp)
+    name = remote.inputs[0].name
     feeds = {name: np.random.default_rng(0).normal(size=(8, 3, 224, 224)).astype(np.float32)}
-    outs = r.run(feeds)
+    outs = remote.run(feeds)
     mb = sum(v.nbytes for v in outs.values()) / 2**20
     w = runner._worker()
     echo_ms = _median_ms(lambda: w.request({"op": "ping", "echo": outs}), 3)
     del outs
     stats = {n: ChannelStats() for n in names}
-    out = {"bn_inputs": len(names), "outputs_mb": mb,
-           "worker_all_outputs_ms": _median_ms(lambda: r.run(feeds), runs),
-           "outputs_one_way_ms": echo_ms / 2,
-           "worker_reduce_ms": _median_ms(lambda: r.run_reduce(feeds, names, runner.UpdateEach(stats)), runs)}
-    r.close()
-    runner.shutdown_worker()
-    runner.ISOLATE = False
-    local = runner.open_runner(tmp, runner.CPU)
-    out["in_process_reduce_ms"] = _median_ms(lambda: runner.UpdateEach(stats)(local.run(feeds)), runs)
-    runner.ISOLATE = True
+    ms = _interleaved_ms({
+        "worker_all_outputs_ms": lambda: remote.run(feeds),
+        "in_process_all_outputs_ms": lambda: local.run(feeds),
+        "worker_reduce_ms": lambda: remote.run_reduce(feeds, names, runner.UpdateEach(stats)),
+        "in_process_reduce_ms": lambda: runner.UpdateEach(stats)(local.run(feeds)),
+    }, runs)
+    remote.close()
     os.unlink(tmp)
-    return out
+    return {"bn_inputs": len(names), "outputs_mb": mb, "outputs_one_way_ms": echo_ms / 2, **ms}
 
 
 def main() -> None:

@@ -136,7 +136,8 @@ def provider_list(provider: str) -> list:
 
 
 def _isolated() -> bool:
-    return ISOLATE
+    # Windows cannot hand a socket to a fresh interpreter (no pass_fds) nor fork: there ORT runs in-process
+    return ISOLATE and os.name == "posix"
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,11 +266,11 @@ class Runner:
         return self._run(feeds, names, reducer)
 
     def close(self) -> None:
-        """Drop the session now (otherwise when this Runner is garbage-collected)."""
+        """Drop the worker's session now (otherwise when this Runner is garbage-collected);
+        a later ``run`` opens it again."""
         if self._remote is not None:
             self._remote.close()
             self._remote = None
-        self.session = None
 
     def __enter__(self) -> "Runner":
         return self
@@ -293,8 +294,11 @@ class Runner:
         return reducer(values) if reducer is not None else values
 
     def _run_remote(self, feeds: Dict[str, np.ndarray], names: List[str], reducer) -> Any:
-        if self._remote is None or not self._remote.worker.alive:
-            self._open_remote()  # first use, or the worker died since: a fresh session in a fresh worker
+        if self._remote is None or not self._remote.worker.usable():
+            try:  # first use, or the worker died since: a fresh session in a fresh worker
+                self._open_remote()
+            except _LoadFailed as e:
+                raise BnfoldError(f"ONNX Runtime cannot load it ({ort_message(str(e))})", self._label()) from None
         assert self._remote is not None
         msg = {"op": "run", "sid": self._remote.sid, "outputs": names, "feeds": feeds, "reducer": reducer,
                "crash": _crash_hook("run")}
@@ -494,7 +498,9 @@ class _Worker:
         with self.lock:
             if not self.alive:
                 raise _WorkerDied("the worker had already stopped")
-            drop, self.dropped[:] = list(self.dropped), []
+            drop = []
+            while self.dropped:  # pop, not copy-and-clear: a finalizer in another thread may append meanwhile
+                drop.append(self.dropped.pop())
             msg = dict(msg, drop=drop)
             try:
                 packed = _pack(msg)  # before sending: an unpicklable value leaves the worker in step
@@ -512,6 +518,10 @@ class _Worker:
         if reply[0] == "raise":
             raise reply[1]
         return reply
+
+    def usable(self) -> bool:
+        """Alive, and this process's own (not a forked parent's)."""
+        return self.alive and self.owner == os.getpid()
 
     def _died(self) -> str:
         self.alive = False
@@ -562,14 +572,29 @@ class _Worker:
 
 _WORKER: Optional[_Worker] = None
 _WORKER_LOCK = threading.Lock()
+_EXIT_HOOK_PID = 0
 
 
 def _worker() -> _Worker:
     global _WORKER
     with _WORKER_LOCK:
-        if _WORKER is None or not _WORKER.alive or _WORKER.owner != os.getpid():
+        if _WORKER is None or not _WORKER.usable():
+            _register_exit_hook()
             _WORKER = _Worker()
         return _WORKER
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_HOOK_PID
+    if _EXIT_HOOK_PID == os.getpid():
+        return
+    _EXIT_HOOK_PID = os.getpid()
+    atexit.register(shutdown_worker)  # once per process (a forked child may run its parent's too: harmless)
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None and mp_util.__dict__.get("_exit_function"):
+        # multiprocessing children (--jobs pool processes) end with os._exit after running these
+        # finalizers, not atexit handlers: stop and reap the worker there too
+        mp_util.Finalize(None, shutdown_worker, exitpriority=100)
 
 
 def shutdown_worker() -> None:
@@ -594,7 +619,6 @@ def _forget_worker_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_worker_after_fork)
-atexit.register(shutdown_worker)
 
 
 # -- the wire: pickle protocol 5, arrays out of band ------------------------------------------------

@@ -63,6 +63,9 @@ def test_a_real_crash_becomes_runtime_crash_and_the_next_model_runs(crash_path):
     e = info.value
     assert (e.signal_name, e.stage, e.provider, e.exit_code) == ("SIGSEGV", "running", "CPUExecutionProvider", 2)
     assert str(e) == f"{crash_path}: ONNX Runtime crashed (SIGSEGV) while running it on CPUExecutionProvider"
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(e))) == str(e)  # crosses process pools intact
     # this process goes on, with a fresh worker
     good = MODELS / "mlp_bn1d.onnx"
     g = runner.open_runner(good, runner.CPU)
