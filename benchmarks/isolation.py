@@ -116,6 +116,20 @@ def _interleaved_ms(fns: dict, runs: int) -> dict:
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
+def any_size_copy(model: Path) -> Path:
+    """A copy of ``model`` whose input takes any batch and spatial size (the corpus is exported at 64x64)."""
+    import onnx
+
+    m = onnx.load(str(model))
+    for d, name in zip(m.graph.input[0].type.tensor_type.shape.dim, ("batch", None, "height", "width")):
+        if name:
+            d.dim_param = name
+    del m.graph.value_info[:]
+    path = Path(tempfile.mkdtemp(prefix="bnfold-bench-")) / model.name
+    onnx.save(m, str(path))
+    return path
+
+
 def _pair(model: Path):
     """The same model in the worker and (ISOLATE off) in this process; the worker first, so it forks
     before this process imports onnxruntime."""

@@ -23,16 +23,15 @@ One worker per bnfold process serves every session of a job and of the jobs afte
 that were closed or garbage-collected are dropped with the next request;
 :func:`shutdown_worker` (also run at exit) stops it.
 
-Start method. Measured here (2 cores, Python 3.11, ORT 1.31; benchmarks/isolation.py),
-from the request to start until the worker has imported onnxruntime and answered:
-fork about 0.07 s, spawn (a fresh interpreter) about 0.40 s, forkserver about 0.45 s
-for the first worker of a process (its server is itself spawned; later workers fork
-from it in about 0.07 s, but bnfold starts one worker per process). So the worker is
-forked when that is safe: on Linux, with onnxruntime not imported in this process (no
-ORT thread pools or CUDA context to inherit) and no other Python thread alive (no lock
-held by another thread can be copied locked). Otherwise it is a fresh interpreter
-(``subprocess``, not ``multiprocessing``: no re-import of ``__main__``, and it works
-inside daemonic pool processes). ``BNFOLD_WORKER_START=fork|spawn`` overrides it.
+Start method. Measured here (2 shared cores, Python 3.11, ORT 1.31; benchmarks/isolation.py),
+from asking for a worker until it has imported onnxruntime and answered: fork 0.08-0.09 s,
+spawn (a fresh interpreter) 0.29-0.44 s, multiprocessing's forkserver 0.46-0.63 s for a
+process's first worker (its server is itself spawned; a second worker 0.26-0.33 s, but
+bnfold starts one worker per process). So the worker is forked when that is safe: on
+Linux, with onnxruntime not imported in this process (no ORT thread pools or CUDA context
+to inherit) and no other Python thread alive (no lock held by another thread can be copied
+locked). Otherwise it is a fresh interpreter (``subprocess``, not ``multiprocessing``: no
+re-import of ``__main__``, and it works inside daemonic pool processes). ``BNFOLD_WORKER_START=fork|spawn`` overrides it.
 
 Signals. The worker ignores SIGINT: Ctrl-C reaches the whole foreground process
 group, and the parent, on KeyboardInterrupt, kills its worker (SIGKILL: it holds
@@ -49,8 +48,9 @@ exposes every BN input as an output (hundreds of MB per batch at real sizes): us
 :class:`UpdateEach` over per-channel statistics objects. Measured overhead against
 in-process ONNX Runtime: see README ("ONNX Runtime in a worker process").
 
-Environment: ``BNFOLD_ORT_ISOLATION=0`` runs ONNX Runtime in bnfold's own process
-(debugging only: a crash then takes bnfold down). ``BNFOLD_TEST_CRASH=load|run[:SIGNAL]``
+Environment: ``BNFOLD_ORT_ISOLATION=0`` (or :data:`ISOLATE` set False) runs ONNX Runtime
+in bnfold's own process (debugging only: a crash then takes bnfold down); so does Windows,
+which can neither fork nor hand a socket to a new interpreter. ``BNFOLD_TEST_CRASH=load|run[:SIGNAL]``
 is for tests: the worker kills itself with SIGNAL (default SIGSEGV) before loading or
 running a model.
 """
