@@ -52,7 +52,7 @@ Environment: ``BNFOLD_ORT_ISOLATION=0`` (or :data:`ISOLATE` set False) runs ONNX
 in bnfold's own process (debugging only: a crash then takes bnfold down); so does Windows,
 which can neither fork nor hand a socket to a new interpreter. ``BNFOLD_TEST_CRASH=load|run[:SIGNAL]``
 is for tests: the worker kills itself with SIGNAL (default SIGSEGV) before loading or
-running a model.
+running a model (``cuda``: before the CUDA probe).
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -152,7 +152,7 @@ def cuda_status() -> Tuple[bool, str]:
         return _probe_cuda()
     _require_installed()
     try:
-        return _worker().request({"op": "cuda"})[1]
+        return _worker().request({"op": "cuda", "crash": _crash_hook("cuda")})[1]
     except _WorkerDied as e:
         return False, f"probing the CUDA provider crashed ONNX Runtime ({e.signal_name})"
 
@@ -281,7 +281,7 @@ class Runner:
     def _label(self) -> str:
         return self.name or self.path
 
-    def _run(self, feeds: Dict[str, np.ndarray], names: List[str], reducer) -> Any:
+    def _run(self, feeds: Dict[str, np.ndarray], names: List[str], reducer: Optional[Callable]) -> Any:
         if self.session is None:
             return self._run_remote(feeds, names, reducer)
         if self.reference_fallback:  # pure Python: cannot crash the process
@@ -293,7 +293,7 @@ class Runner:
                 raise BnfoldError(f"ONNX Runtime failed to run it ({ort_message(str(e))})", self._label()) from None
         return reducer(values) if reducer is not None else values
 
-    def _run_remote(self, feeds: Dict[str, np.ndarray], names: List[str], reducer) -> Any:
+    def _run_remote(self, feeds: Dict[str, np.ndarray], names: List[str], reducer: Optional[Callable]) -> Any:
         if self._remote is None or not self._remote.worker.usable():
             try:  # first use, or the worker died since: a fresh session in a fresh worker
                 self._open_remote()
@@ -718,7 +718,7 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)  # orphaned: nobody will read our answers
 
 
-def _handle(msg: dict, sessions: Dict[int, Any], ids) -> Tuple[str, Any]:
+def _handle(msg: dict, sessions: Dict[int, Any], ids: Iterator[int]) -> Tuple[str, Any]:
     op = msg["op"]
     if msg.get("crash"):  # tests only: a deterministic native-style death
         if msg["crash"] == signal.SIGABRT:

@@ -100,6 +100,15 @@ def test_test_hook_crashes_are_reported_with_stage_and_signal(monkeypatch, hook,
     assert worker_stats()["pid"] != before
 
 
+def test_a_crashing_cuda_probe_means_no_cuda(monkeypatch):
+    runner.cuda_status.cache_clear()
+    monkeypatch.setenv(runner.CRASH_ENV, "cuda:SIGABRT")
+    try:
+        assert runner.cuda_status() == (False, "probing the CUDA provider crashed ONNX Runtime (SIGABRT)")
+    finally:
+        runner.cuda_status.cache_clear()
+
+
 def test_one_worker_serves_every_session_and_drops_closed_ones():
     a = runner.open_runner(MODELS / "mlp_bn1d.onnx", runner.CPU)
     b = runner.open_runner(MODELS / "resnet_mini.onnx", runner.CPU)
