@@ -334,15 +334,14 @@ def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dty
             probe_path = os.path.join(tmpdir, "probe.onnx")
             with open(probe_path, "wb") as f:
                 f.write(probe.SerializeToString())
-            run = runner.open_runner(probe_path, runner.CPU)
+            run = runner.open_runner(probe_path, runner.CPU, name=path)
             specs = list(run.inputs)
             stats = {n: ChannelStats(estimator, momentum) for n in names}
             batches = samples = 0
             for feeds in iter_batches(data, [s.name for s in specs], batch_size):
                 feeds = {s.name: np.asarray(feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
-                outs = run.run(feeds, list(stats))
-                for n, st in stats.items():
-                    st.update(outs[n])
+                # statistics update in ONNX Runtime's worker: only they come back, not the activations
+                stats = run.run_reduce(feeds, list(stats), runner.UpdateEach(stats))
                 batches += 1
                 samples += len(next(iter(feeds.values())))
                 if progress:

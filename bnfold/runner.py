@@ -23,16 +23,15 @@ One worker per bnfold process serves every session of a job and of the jobs afte
 that were closed or garbage-collected are dropped with the next request;
 :func:`shutdown_worker` (also run at exit) stops it.
 
-Start method. Measured here (2 cores, Python 3.11, ORT 1.31; benchmarks/isolation.py),
-from the request to start until the worker has imported onnxruntime and answered:
-fork about 0.07 s, spawn (a fresh interpreter) about 0.40 s, forkserver about 0.45 s
-for the first worker of a process (its server is itself spawned; later workers fork
-from it in about 0.07 s, but bnfold starts one worker per process). So the worker is
-forked when that is safe: on Linux, with onnxruntime not imported in this process (no
-ORT thread pools or CUDA context to inherit) and no other Python thread alive (no lock
-held by another thread can be copied locked). Otherwise it is a fresh interpreter
-(``subprocess``, not ``multiprocessing``: no re-import of ``__main__``, and it works
-inside daemonic pool processes). ``BNFOLD_WORKER_START=fork|spawn`` overrides it.
+Start method. Measured here (2 shared cores, Python 3.11, ORT 1.31; benchmarks/isolation.py),
+from asking for a worker until it has imported onnxruntime and answered: fork 0.08-0.09 s,
+spawn (a fresh interpreter) 0.29-0.44 s, multiprocessing's forkserver 0.46-0.63 s for a
+process's first worker (its server is itself spawned; a second worker 0.26-0.33 s, but
+bnfold starts one worker per process). So the worker is forked when that is safe: on
+Linux, with onnxruntime not imported in this process (no ORT thread pools or CUDA context
+to inherit) and no other Python thread alive (no lock held by another thread can be copied
+locked). Otherwise it is a fresh interpreter (``subprocess``, not ``multiprocessing``: no
+re-import of ``__main__``, and it works inside daemonic pool processes). ``BNFOLD_WORKER_START=fork|spawn`` overrides it.
 
 Signals. The worker ignores SIGINT: Ctrl-C reaches the whole foreground process
 group, and the parent, on KeyboardInterrupt, kills its worker (SIGKILL: it holds
@@ -49,10 +48,11 @@ exposes every BN input as an output (hundreds of MB per batch at real sizes): us
 :class:`UpdateEach` over per-channel statistics objects. Measured overhead against
 in-process ONNX Runtime: see README ("ONNX Runtime in a worker process").
 
-Environment: ``BNFOLD_ORT_ISOLATION=0`` runs ONNX Runtime in bnfold's own process
-(debugging only: a crash then takes bnfold down). ``BNFOLD_TEST_CRASH=load|run[:SIGNAL]``
+Environment: ``BNFOLD_ORT_ISOLATION=0`` (or :data:`ISOLATE` set False) runs ONNX Runtime
+in bnfold's own process (debugging only: a crash then takes bnfold down); so does Windows,
+which can neither fork nor hand a socket to a new interpreter. ``BNFOLD_TEST_CRASH=load|run[:SIGNAL]``
 is for tests: the worker kills itself with SIGNAL (default SIGSEGV) before loading or
-running a model.
+running a model (``cuda``: before the CUDA probe).
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -136,7 +136,8 @@ def provider_list(provider: str) -> list:
 
 
 def _isolated() -> bool:
-    return ISOLATE
+    # Windows cannot hand a socket to a fresh interpreter (no pass_fds) nor fork: there ORT runs in-process
+    return ISOLATE and os.name == "posix"
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +152,7 @@ def cuda_status() -> Tuple[bool, str]:
         return _probe_cuda()
     _require_installed()
     try:
-        return _worker().request({"op": "cuda"})[1]
+        return _worker().request({"op": "cuda", "crash": _crash_hook("cuda")})[1]
     except _WorkerDied as e:
         return False, f"probing the CUDA provider crashed ONNX Runtime ({e.signal_name})"
 
@@ -182,7 +183,7 @@ _ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 _NODE_FAILED = re.compile(r"Non-zero status code returned while running (\S+) node\.\s*Name:\s*'([^']*)'\s*"
                           r"Status Message:\s*")
 # "/onnxruntime_src/.../reshape_helper.h:84 onnxruntime::ReshapeHelper::ReshapeHelper(const ...&, bool) "
-_SOURCE = re.compile(r"(?:[A-Za-z]:)?[\\/]?(?:[\w.+-]+[\\/])+[\w.+-]+\.(?:h|hpp|cc|cpp|cu|cuh):\d+\s+"
+_SOURCE = re.compile(r"(?:(?<!\w)[A-Za-z]:)?[\\/]?(?:[\w.+-]+[\\/])+[\w.+-]+\.(?:h|hpp|cc|cpp|cu|cuh):\d+\s+"
                      r"(?:[\w:~<>,*& ]+\([^()]*\)(?:\s*const)?\s+)?")
 _BOILERPLATE = ("Please fix either the inputs/outputs or the model.",)
 
@@ -265,11 +266,11 @@ class Runner:
         return self._run(feeds, names, reducer)
 
     def close(self) -> None:
-        """Drop the session now (otherwise when this Runner is garbage-collected)."""
+        """Drop the worker's session now (otherwise when this Runner is garbage-collected);
+        a later ``run`` opens it again."""
         if self._remote is not None:
             self._remote.close()
             self._remote = None
-        self.session = None
 
     def __enter__(self) -> "Runner":
         return self
@@ -280,7 +281,7 @@ class Runner:
     def _label(self) -> str:
         return self.name or self.path
 
-    def _run(self, feeds: Dict[str, np.ndarray], names: List[str], reducer) -> Any:
+    def _run(self, feeds: Dict[str, np.ndarray], names: List[str], reducer: Optional[Callable]) -> Any:
         if self.session is None:
             return self._run_remote(feeds, names, reducer)
         if self.reference_fallback:  # pure Python: cannot crash the process
@@ -292,9 +293,12 @@ class Runner:
                 raise BnfoldError(f"ONNX Runtime failed to run it ({ort_message(str(e))})", self._label()) from None
         return reducer(values) if reducer is not None else values
 
-    def _run_remote(self, feeds: Dict[str, np.ndarray], names: List[str], reducer) -> Any:
-        if self._remote is None or not self._remote.worker.alive:
-            self._open_remote()  # first use, or the worker died since: a fresh session in a fresh worker
+    def _run_remote(self, feeds: Dict[str, np.ndarray], names: List[str], reducer: Optional[Callable]) -> Any:
+        if self._remote is None or not self._remote.worker.usable():
+            try:  # first use, or the worker died since: a fresh session in a fresh worker
+                self._open_remote()
+            except _LoadFailed as e:
+                raise BnfoldError(f"ONNX Runtime cannot load it ({ort_message(str(e))})", self._label()) from None
         assert self._remote is not None
         msg = {"op": "run", "sid": self._remote.sid, "outputs": names, "feeds": feeds, "reducer": reducer,
                "crash": _crash_hook("run")}
@@ -498,7 +502,9 @@ class _Worker:
         with self.lock:
             if not self.alive:
                 raise _WorkerDied("the worker had already stopped")
-            drop, self.dropped[:] = list(self.dropped), []
+            drop = []
+            while self.dropped:  # pop, not copy-and-clear: a finalizer in another thread may append meanwhile
+                drop.append(self.dropped.pop())
             msg = dict(msg, drop=drop)
             try:
                 packed = _pack(msg)  # before sending: an unpicklable value leaves the worker in step
@@ -516,6 +522,10 @@ class _Worker:
         if reply[0] == "raise":
             raise reply[1]
         return reply
+
+    def usable(self) -> bool:
+        """Alive, and this process's own (not a forked parent's)."""
+        return self.alive and self.owner == os.getpid()
 
     def _died(self) -> str:
         self.alive = False
@@ -566,14 +576,29 @@ class _Worker:
 
 _WORKER: Optional[_Worker] = None
 _WORKER_LOCK = threading.Lock()
+_EXIT_HOOK_PID = 0
 
 
 def _worker() -> _Worker:
     global _WORKER
     with _WORKER_LOCK:
-        if _WORKER is None or not _WORKER.alive or _WORKER.owner != os.getpid():
+        if _WORKER is None or not _WORKER.usable():
+            _register_exit_hook()
             _WORKER = _Worker()
         return _WORKER
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_HOOK_PID
+    if _EXIT_HOOK_PID == os.getpid():
+        return
+    _EXIT_HOOK_PID = os.getpid()
+    atexit.register(shutdown_worker)  # once per process (a forked child may run its parent's too: harmless)
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None and mp_util.__dict__.get("_exit_function"):
+        # multiprocessing children (--jobs pool processes) end with os._exit after running these
+        # finalizers, not atexit handlers: stop and reap the worker there too
+        mp_util.Finalize(None, shutdown_worker, exitpriority=100)
 
 
 def shutdown_worker() -> None:
@@ -598,7 +623,6 @@ def _forget_worker_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_worker_after_fork)
-atexit.register(shutdown_worker)
 
 
 # -- the wire: pickle protocol 5, arrays out of band ------------------------------------------------
@@ -658,6 +682,9 @@ def _serve_fd(fd: int, parent: int) -> None:
 def _serve(sock: socket.socket, parent: int) -> None:
     """Answer requests until the parent closes the socket or dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import faulthandler
+
+    faulthandler.disable()  # inherited from a parent (pytest, PYTHONFAULTHANDLER): a crash is reported there
     try:
         import resource
 
@@ -695,7 +722,7 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)  # orphaned: nobody will read our answers
 
 
-def _handle(msg: dict, sessions: Dict[int, Any], ids) -> Tuple[str, Any]:
+def _handle(msg: dict, sessions: Dict[int, Any], ids: Iterator[int]) -> Tuple[str, Any]:
     op = msg["op"]
     if msg.get("crash"):  # tests only: a deterministic native-style death
         if msg["crash"] == signal.SIGABRT:
@@ -730,8 +757,12 @@ def _handle(msg: dict, sessions: Dict[int, Any], ids) -> Tuple[str, Any]:
             return "ok", _placement(msg["path"], msg["provider"], msg["feeds"])
         except _PlacementFailed as e:
             return "ort_error", str(e)
-    if op == "ping":
+    if op == "ping":  # benchmarks and tests: the round trip, the start with onnxruntime imported
+        if msg.get("import_ort"):
+            ort()
         return "ok", msg.get("echo")
+    if op == "stats":  # tests: what the worker holds
+        return "ok", {"pid": os.getpid(), "sessions": sorted(sessions)}
     raise ValueError(f"unknown request {op!r}")
 
 
