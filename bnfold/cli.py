@@ -550,23 +550,63 @@ def calibration_options(fn):
     return fn
 
 
-def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run) -> dict:
+def _input_files(model: Path, calibration: Optional[Path]) -> list:
+    """Every file the command reads: the model, its external data, the calibration data.
+    (Unified at merge with the workflow engineer's output-safety function.)"""
+    from .modelio import external_files, load_model
+
+    files = [model]
+    if model.is_file():
+        files += sorted(external_files(load_model(model, load_external=False), model.parent))
+    if calibration is not None:
+        files += sorted(calibration.iterdir()) if calibration.is_dir() else [calibration]
+    return files
+
+
+def _refuse_overwrite(target: Path, inputs: list) -> None:
+    """Refuse an output that is (by path, symlink or hard link) a file an input reads."""
+    for f in inputs:
+        if _same_file(f, target):
+            what = "the input model" if f == inputs[0] else f"'{f}', which the input reads"
+            raise BnfoldError(f"output path is {what}; choose another -o", target)
+
+
+def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
+                calibration: Optional[Path] = None) -> dict:
     """Shared by insert and recalibrate: pick the output, show a progress bar on a terminal
-    while ``run(progress)`` measures, write the model atomically, return the report."""
+    while ``run(progress)`` measures, write the model atomically (external data kept as
+    the input had it), return the report."""
     from .modelio import stage_model
 
     target = output or _default_output(model, tag)
-    if _same_file(model, target):
-        raise BnfoldError("output path is the input model", target)
+    inputs = _input_files(model, calibration)
+    _refuse_overwrite(target, inputs)
     if quiet or not sys.stderr.isatty():
         result = run(None)
     else:
         with click.progressbar(length=None, label="calibrating", file=sys.stderr, show_pos=True) as bar:
             result = run(bar.update)
-    stage_model(result.model, target).commit()
+    with stage_model(result.model, target, external_data=result.source_external_data or None,
+                     avoid=inputs) as staged:
+        staged.commit()
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)
     return data
+
+
+def _only_with_calibration(ctx: click.Context, names: tuple) -> None:
+    """Options that mean something only with data: refuse them, given explicitly, without it."""
+    given = [n for n in names if ctx.get_parameter_source(n) not in
+             (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)]
+    if given:
+        opts = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise BnfoldError(f"{opts} only apply with --calibration (without data the BNs are the identity)")
+
+
+def _warn(data: dict, quiet: bool) -> None:
+    cal = data.get("calibration")
+    for w in (cal or {}).get("warnings", []):
+        click.echo(f"bnfold: warning: {w}", err=True)
 
 
 def _calibration_line(cal: dict) -> str:
@@ -589,23 +629,37 @@ def _calibration_line(cal: dict) -> str:
 @click.option("--mode", type=click.Choice(["preserve", "normalize"]), default="preserve", show_default=True,
               help="With data: preserve keeps the function (scale=sqrt(var+eps), bias=mean); normalize "
                    "standardises activations (scale=1, bias=0), changing outputs on purpose.")
-@click.option("--epsilon", type=float, default=1e-5, show_default=True, help="BN epsilon attribute.")
+@click.option("--epsilon", type=float, default=1e-5, show_default=True, help="BN epsilon attribute (> 0).")
 @calibration_options
+@click.pass_context
 @handle_errors
-def insert(model: Path, output: Optional[Path], ops, node, exclude, position, calibration, mode, epsilon, batch_size,
-           estimator, momentum, as_json, quiet, verbose) -> None:
+def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, exclude, position, calibration, mode,
+           epsilon, batch_size, estimator, momentum, as_json, quiet, verbose) -> None:
     """Add BatchNormalization after chosen ops of a trained model.
 
     Without --calibration each BN is exactly the identity in the model's dtype. With
     it, the BNs carry statistics measured on the data through ONNX Runtime, in
     batches, accumulated in float64 without holding the activations.
     """
-    from .insert import DEFAULT_OPS, insert as insert_bn
+    from .insert import DEFAULT_OPS, check_epsilon, check_ops, insert as insert_bn
 
-    data = _calibrated(model, output, "bn", quiet, lambda progress: insert_bn(
-        model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position, calibration=calibration,
-        batch_size=batch_size, estimator=estimator, momentum=momentum, mode=mode, epsilon=epsilon,
-        progress=progress))
+    if calibration is None:
+        _only_with_calibration(ctx, ("estimator", "mode", "batch_size"))
+    check_ops(ops)  # option errors before the model is read
+    check_epsilon(epsilon)
+
+    def run(progress):
+        result = insert_bn(model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position,
+                           calibration=calibration, batch_size=batch_size, estimator=estimator, momentum=momentum,
+                           mode=mode, epsilon=epsilon, progress=progress)
+        if not any(r.inserted for r in result.records):
+            first = result.records[0]
+            raise BnfoldError(f"no BatchNormalization inserted: all {len(result.records)} chosen op(s) refused "
+                              f"(first: {first.reason}: {first.detail}); nothing written", model)
+        return result
+
+    data = _calibrated(model, output, "bn", quiet, run, calibration)
+    _warn(data, quiet)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     elif not quiet:
@@ -639,7 +693,9 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     from .insert import recalibrate as recalibrate_bn
 
     data = _calibrated(model, output, "recalibrated", quiet, lambda progress: recalibrate_bn(
-        model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, progress=progress))
+        model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, progress=progress),
+        calibration)
+    _warn(data, quiet)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     elif not quiet:

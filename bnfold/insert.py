@@ -26,14 +26,15 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper
 
-from .calibration import ChannelStats, Data, iter_batches
+from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data, data_weight,
+                          iter_batches, moments)
 from .errors import BnfoldError
 from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
 from .hosts import ACTIVATIONS
@@ -75,10 +76,16 @@ class InsertRecord:
 
 @dataclass
 class CalibrationSummary:
+    """How statistics were measured. ``data_weight``: the weight of the data in them (1 for
+    population; 1 - momentum^batches for momentum, the rest being the start values 0 and 1).
+    ``warnings``: sentences the CLI shows (e.g. momentum statistics still near their start)."""
+
     estimator: str
     batches: int
     samples: int
     passes: int
+    data_weight: float = 1.0
+    warnings: List[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +97,7 @@ class InsertResult:
     records: List[InsertRecord]
     mode: str
     calibration: Optional[CalibrationSummary]
+    source_external_data: bool = False
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "function_preserving": self.mode == "preserve",
@@ -104,6 +112,7 @@ class RecalibrateResult:
     recalibrated: List[str]
     skipped: List[Tuple[str, str]]
     calibration: CalibrationSummary
+    source_external_data: bool = False
 
     def to_dict(self) -> dict:
         return {"recalibrated": self.recalibrated, "skipped": [{"node": n, "why": w} for n, w in self.skipped],
@@ -132,12 +141,38 @@ def param_dtype(dtype: np.dtype, opset: int) -> np.dtype:
     return np.dtype(np.float32) if opset >= 15 and dt.itemsize == 2 else dt
 
 
-def _load(model_or_path) -> Tuple[ModelProto, Optional[str]]:
+def _load(model_or_path) -> Tuple[ModelProto, Optional[str], bool]:
+    """The model (a copy), its path (None for a proto) and whether its file used external data."""
     if isinstance(model_or_path, ModelProto):
-        return copy.deepcopy(model_or_path), None
-    from .modelio import load_model
+        return copy.deepcopy(model_or_path), None, False
+    from .modelio import load_model_info
 
-    return load_model(model_or_path), os.fspath(model_or_path)
+    model, external = load_model_info(model_or_path)
+    return model, os.fspath(model_or_path), external
+
+
+def _regex(pattern: Optional[str], option: str) -> Optional["re.Pattern[str]"]:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise BnfoldError(f"{option} '{pattern}' is not a valid regular expression ({e})") from None
+
+
+def check_ops(ops: Sequence[str]) -> None:
+    """Refuse op types that cannot host a BN, suggesting the right spelling of a known one."""
+    for op in ops:
+        if op in DEFAULT_OPS:
+            continue
+        known = {o.lower(): o for o in DEFAULT_OPS}
+        hint = f"did you mean {known[op.lower()]}? " if op.lower() in known else ""
+        raise BnfoldError(f"{op} is not a supported host op: {hint}BNs go after {', '.join(DEFAULT_OPS)}")
+
+
+def check_epsilon(epsilon: float) -> None:
+    if not (np.isfinite(epsilon) and epsilon > 0):
+        raise BnfoldError(f"epsilon {epsilon} must be a positive number (BN divides by sqrt(var + epsilon))")
 
 
 def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str, int, np.dtype], InsertRecord]:
@@ -201,12 +236,17 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
         raise BnfoldError(f"position '{position}': use pre-activation or post-activation")
     if mode not in MODES:
         raise BnfoldError(f"mode '{mode}': use preserve or normalize")
-    model, path = _load(model_or_path)
+    check_ops(ops)
+    check_epsilon(epsilon)
+    pick, skip = _regex(node, "--node"), _regex(exclude, "--exclude")
+    if calibration is not None:
+        ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+    model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
-    pick, skip = (re.compile(node) if node else None), (re.compile(exclude) if exclude else None)
     records: List[InsertRecord] = []
     added: List[Tuple[NodeProto, np.dtype]] = []
+    selected = 0
     for n in list(scope.nodes):
         if n.op_type not in ops or not is_default_domain(n):
             continue
@@ -214,6 +254,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
         if (pick and not (pick.search(label) or pick.search(n.output[0]))) or \
                 (skip and (skip.search(label) or skip.search(n.output[0]))):
             continue
+        selected += 1
         site = _host_site(scope, n, position)
         if isinstance(site, InsertRecord):
             records.append(site)
@@ -225,6 +266,10 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
         where = "after its activation" if position == "post-activation" else "before its activation"
         records.append(InsertRecord(label, n.op_type, True, bn.name, tensor,
                                     detail=f"BatchNormalization '{bn.name}' after {n.op_type} '{label}' ({where})"))
+    if not selected:
+        what = " or ".join(ops)
+        filters = "".join(f" {o} '{p}'" for o, p in (("matching --node", node), ("outside --exclude", exclude)) if p)
+        raise BnfoldError(f"has no {what} node{filters}: no BatchNormalization to insert", path)
     summary = None
     if added:
         index.finish()
@@ -242,13 +287,14 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
                                  {b.name: param_dtype(d, scope.opset) for b, d in added}, calibration,
                                  batch_size, estimator, momentum, set_stats, sequential=mode == "normalize",
                                  progress=progress)
-    return InsertResult(model, records, mode, summary)
+    return InsertResult(model, records, mode, summary, external)
 
 
 def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] = 32, estimator: str = "population",
                 momentum: float = 0.99, progress: Progress = None) -> RecalibrateResult:
     """Re-estimate running mean and variance of every inference BN of the main graph."""
-    model, path = _load(model_or_path)
+    ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+    model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
     bns, skipped, dtypes = [], [], {}
@@ -268,6 +314,10 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
                 n.name = index.fresh_name("BatchNormalization")
             bns.append(n)
             dtypes[n.name] = consts[2].value.dtype
+    if not bns:
+        why = "; ".join(f"'{n}': {w}" for n, w in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        raise BnfoldError("has no inference BatchNormalization to recalibrate" + (f" ({why})" if why else ""),
+                          path)
     # every BN gets statistics tensors of its own, so a shared one is never half-updated
     for n in bns:
         for i in (3, 4):
@@ -281,7 +331,7 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
 
     summary = _calibrate(model, path, bns, dtypes, calibration, batch_size, estimator, momentum, set_stats,
                          sequential=True, progress=progress)
-    return RecalibrateResult(model, [n.name for n in bns], skipped, summary)
+    return RecalibrateResult(model, [n.name for n in bns], skipped, summary, external)
 
 
 def _set_param(model: ModelProto, name: str, value: np.ndarray) -> None:
@@ -314,12 +364,36 @@ def _waves(model: ModelProto, bns: List[NodeProto]) -> List[List[NodeProto]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _shape_check(specs, where: str) -> Callable[[Chunk], None]:
+    """A check that every calibration array fits its model input (rank, fixed dims, kind)."""
+
+    def check(chunk: Chunk) -> None:
+        for spec in specs:
+            a = chunk.arrays[spec.name]
+            if not spec.dims:  # no shape recorded (or a scalar input): ONNX Runtime will judge
+                continue
+            fixed = [(i, d) for i, d in enumerate(spec.dims) if isinstance(d, int) and d > 0 and i > 0]
+            if a.ndim != len(spec.dims) or any(a.shape[i] != d for i, d in fixed):
+                want = "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?")
+                                       for d in spec.dims) + "]"
+                message = (f"array '{spec.name}' has shape {list(a.shape)}, but input '{spec.name}' of {where} "
+                           f"takes {want}")
+                raise BnfoldError(message, chunk.source) if chunk.source else \
+                    BnfoldError(f"{chunk.where}: {message}")
+            if np.dtype(spec.dtype).kind == "f" and a.dtype.kind not in "fiub":
+                raise BnfoldError(f"array '{spec.name}' has dtype {a.dtype}, input '{spec.name}' takes "
+                                  f"{np.dtype(spec.dtype).name}", chunk.source)
+
+    return check
+
+
 def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
                data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
                sequential: bool, progress: Progress) -> CalibrationSummary:
     from . import runner
+    from .modelio import save_model
 
-    ChannelStats(estimator, momentum)  # validate the estimator before any run
+    where = path or "the model"
     waves = _waves(model, bns) if sequential else [bns]
     tmpdir = tempfile.mkdtemp(prefix="bnfold-calibrate-")
     batches = samples = 0
@@ -332,19 +406,26 @@ def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dty
             for n in dict.fromkeys(names):
                 probe.graph.output.append(helper.make_empty_tensor_value_info(n))
             probe_path = os.path.join(tmpdir, "probe.onnx")
-            with open(probe_path, "wb") as f:
-                f.write(probe.SerializeToString())
-            run = runner.open_runner(probe_path, runner.CPU)
+            save_model(probe, probe_path)  # external data above protobuf's 2 GB limit
+            del probe
+            try:
+                run = runner.open_runner(probe_path, runner.CPU)
+            except BnfoldError as e:
+                raise BnfoldError(e.message, path) from None
             specs = list(run.inputs)
             stats = {n: ChannelStats(estimator, momentum) for n in names}
             batches = samples = 0
-            for feeds in iter_batches(data, [s.name for s in specs], batch_size):
-                feeds = {s.name: np.asarray(feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
-                outs = run.run(feeds, list(stats))
+            for batch in iter_batches(data, [s.name for s in specs], batch_size, _shape_check(specs, where)):
+                feeds = {s.name: np.asarray(batch.feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
+                try:
+                    outs = run.run(feeds, list(stats))
+                except BnfoldError as e:
+                    raise BnfoldError(f"{e.message}, on calibration data from {', '.join(batch.sources)}",
+                                      path) from None
                 for n, st in stats.items():
-                    st.update(outs[n])
+                    _update(st, outs[n], n, batches, batch, where)
                 batches += 1
-                samples += len(next(iter(feeds.values())))
+                samples += batch.size
                 if progress:
                     progress(1)
             for b in group:
@@ -352,4 +433,28 @@ def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dty
                 set_stats(b, mean, var, dtypes[b.name])
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return CalibrationSummary(estimator, batches, samples, len(waves))
+    return _summary(estimator, momentum, batches, samples, len(waves))
+
+
+def _update(stats: ChannelStats, x: np.ndarray, tensor: str, k: int, batch: Batch, where: str) -> None:
+    """Add one batch of activations of ``tensor``, refusing what would give meaningless statistics."""
+    mean, var, m = moments(x)
+    if m < 2:
+        raise BnfoldError(f"calibration batch {k} ({batch.size} sample(s)) gives m = {m} value per channel at "
+                          f"tensor '{tensor}': the variance needs m >= 2 (use --batch-size 2 or more, and a "
+                          "sample count that leaves no final batch of one)", where)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        raise BnfoldError(f"tensor '{tensor}' is not finite (inf or NaN) on calibration batch {k}, from "
+                          f"{', '.join(batch.sources)}: its statistics would be meaningless", where)
+    stats.update_moments(mean, var, m)
+
+
+def _summary(estimator: str, momentum: float, batches: int, samples: int, passes: int) -> CalibrationSummary:
+    weight = data_weight(estimator, momentum, batches)
+    warnings = []
+    if weight < MOMENTUM_WARN_WEIGHT:
+        start_mean, start_var = MOMENTUM_START
+        warnings.append(f"momentum {momentum} over {batches} batch(es): the data weighs {weight:.1%} of the "
+                        f"statistics, the start values (mean {start_mean:g}, var {start_var:g}) {1 - weight:.1%}; "
+                        "use more batches, a lower --momentum, or --estimator population")
+    return CalibrationSummary(estimator, batches, samples, passes, round(weight, 6), warnings)
