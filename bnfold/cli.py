@@ -541,6 +541,13 @@ def calibration_options(fn):
                                              "running averages frameworks keep in training."),
         click.option("--momentum", type=click.FloatRange(0, 1), default=0.99, show_default=True,
                      help="Momentum of the running averages (Keras' default 0.99); also written into new BNs."),
+        click.option("--exact", is_flag=True,
+                     help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
+                          "the data per dependency wave (17 for resnet18), ONNX Runtime optimisations off, about "
+                          "20x slower. By default one pass in which every BN normalises with its current batch "
+                          "statistics (torch's update_bn, AdaBN); the two differ by batch noise that shrinks "
+                          "with --batch-size (README: measured differences). Worth it with small batches, "
+                          "or to reproduce statistics to float precision."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("-v", "--verbose", count=True, help="List skipped ops too."),
@@ -585,7 +592,13 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
         result = run(None)
     else:
         with click.progressbar(length=None, label="calibrating", file=sys.stderr, show_pos=True) as bar:
-            result = run(bar.update)
+            def progress(samples: int, k: int, passes: int) -> None:
+                label = f"calibrating, pass {k}/{passes}, samples"
+                if bar.label != label:  # a new pass counts its samples from 0
+                    bar.label, bar.pos = label, 0
+                bar.update(samples - bar.pos)
+
+            result = run(progress)
     with stage_model(result.model, target, external_data=result.source_external_data or None,
                      avoid=inputs) as staged:
         staged.commit()
@@ -610,8 +623,9 @@ def _warn(data: dict, quiet: bool) -> None:
 
 
 def _calibration_line(cal: dict) -> str:
+    how = "batch statistics upstream" if cal["method"] == "batch" else "exact"
     return (f"{cal['estimator']} statistics from {cal['samples']} samples in {cal['batches']} batches, "
-            f"{cal['passes']} pass(es)")
+            f"{cal['passes']} pass(es) ({how})")
 
 
 @main.command(context_settings=CONTEXT)
@@ -634,7 +648,7 @@ def _calibration_line(cal: dict) -> str:
 @click.pass_context
 @handle_errors
 def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, exclude, position, calibration, mode,
-           epsilon, batch_size, estimator, momentum, as_json, quiet, verbose) -> None:
+           epsilon, batch_size, estimator, momentum, exact, as_json, quiet, verbose) -> None:
     """Add BatchNormalization after chosen ops of a trained model.
 
     Without --calibration each BN is exactly the identity in the model's dtype. With
@@ -644,14 +658,14 @@ def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, e
     from .insert import DEFAULT_OPS, check_epsilon, check_ops, insert as insert_bn
 
     if calibration is None:
-        _only_with_calibration(ctx, ("estimator", "mode", "batch_size"))
+        _only_with_calibration(ctx, ("estimator", "mode", "batch_size", "exact"))
     check_ops(ops)  # option errors before the model is read
     check_epsilon(epsilon)
 
     def run(progress):
         result = insert_bn(model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position,
                            calibration=calibration, batch_size=batch_size, estimator=estimator, momentum=momentum,
-                           mode=mode, epsilon=epsilon, progress=progress)
+                           mode=mode, epsilon=epsilon, exact=exact, progress=progress)
         if not any(r.inserted for r in result.records):
             first = result.records[0]
             raise BnfoldError(f"no BatchNormalization inserted: all {len(result.records)} chosen op(s) refused "
@@ -683,8 +697,8 @@ def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, e
               help="Where to write the model [default: <stem>.recalibrated.onnx beside MODEL].")
 @calibration_options
 @handle_errors
-def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_size, estimator, momentum, as_json,
-                quiet, verbose) -> None:
+def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_size, estimator, momentum, exact,
+                as_json, quiet, verbose) -> None:
     """Re-estimate the running mean and variance of every inference BN from new data.
 
     Scale and bias stay. Each BN is measured on its input in the model as calibrated
@@ -693,7 +707,8 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     from .insert import recalibrate as recalibrate_bn
 
     data = _calibrated(model, output, "recalibrated", quiet, lambda progress: recalibrate_bn(
-        model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, progress=progress),
+        model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, exact=exact,
+        progress=progress),
         calibration)
     _warn(data, quiet)
     if as_json:

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, helper
+from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data, data_weight,
                           iter_batches, moments)
@@ -41,7 +41,8 @@ from .hosts import ACTIVATIONS
 
 DEFAULT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MODES = ("preserve", "normalize")
-Progress = Optional[Callable[[int], None]]
+# Called after each batch with (samples so far in this pass, pass number from 1, passes).
+Progress = Optional[Callable[[int, int, int], None]]
 
 
 class InsertReason(str, enum.Enum):
@@ -84,6 +85,7 @@ class CalibrationSummary:
     batches: int
     samples: int
     passes: int
+    method: str = "exact"
     data_weight: float = 1.0
     warnings: List[str] = field(default_factory=list)
 
@@ -230,8 +232,11 @@ def _add_bn(scope: Scope, producer: NodeProto, tensor: str, channels: int, dtype
 def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[str] = None,
            exclude: Optional[str] = None, position: str = "pre-activation", calibration: Optional[Data] = None,
            batch_size: Optional[int] = 32, estimator: str = "population", momentum: float = 0.99,
-           mode: str = "preserve", epsilon: float = 1e-5, progress: Progress = None) -> InsertResult:
-    """Insert BatchNormalization after the chosen ops of the main graph (see module doc)."""
+           mode: str = "preserve", epsilon: float = 1e-5, exact: bool = False,
+           progress: Progress = None) -> InsertResult:
+    """Insert BatchNormalization after the chosen ops of the main graph (see module doc).
+
+    ``exact`` matters for ``normalize`` mode only (see :func:`recalibrate`)."""
     if position not in ("pre-activation", "post-activation"):
         raise BnfoldError(f"position '{position}': use pre-activation or post-activation")
     if mode not in MODES:
@@ -286,13 +291,18 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
             summary = _calibrate(model, path, [b for b, _ in added],
                                  {b.name: param_dtype(d, scope.opset) for b, d in added}, calibration,
                                  batch_size, estimator, momentum, set_stats, sequential=mode == "normalize",
-                                 progress=progress)
+                                 progress=progress, exact=exact)
     return InsertResult(model, records, mode, summary, external)
 
 
 def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] = 32, estimator: str = "population",
-                momentum: float = 0.99, progress: Progress = None) -> RecalibrateResult:
-    """Re-estimate running mean and variance of every inference BN of the main graph."""
+                momentum: float = 0.99, exact: bool = False, progress: Progress = None) -> RecalibrateResult:
+    """Re-estimate running mean and variance of every inference BN of the main graph.
+
+    By default in one pass over the data during which every BN normalises with its current
+    batch statistics (torch's ``update_bn``, AdaBN), at about inference speed. With
+    ``exact``, each BN is measured with every BN upstream of it at its final statistics: one
+    pass per dependency wave (module doc)."""
     ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
     model, path, external = _load(model_or_path)
     index = ModelIndex(model)
@@ -330,7 +340,7 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
         _set_param(model, bn.input[4], var.astype(dtype))
 
     summary = _calibrate(model, path, bns, dtypes, calibration, batch_size, estimator, momentum, set_stats,
-                         sequential=True, progress=progress)
+                         sequential=True, progress=progress, exact=exact)
     return RecalibrateResult(model, [n.name for n in bns], skipped, summary, external)
 
 
@@ -389,56 +399,196 @@ def _shape_check(specs, where: str) -> Callable[[Chunk], None]:
 
 def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
                data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
-               sequential: bool, progress: Progress) -> CalibrationSummary:
+               sequential: bool, progress: Progress, exact: bool = False) -> CalibrationSummary:
+    """Measure the input statistics of ``bns`` and hand each BN's to ``set_stats``.
+
+    Not ``sequential`` (every BN an identity while measured): one pass, exact. ``sequential``:
+    by default one pass in which every BN normalises with its current batch statistics;
+    ``exact``: one pass per wave, every BN measured with those upstream at their final values.
+    """
+    if sequential and exact or _opset(model) < 7:
+        return _calibrate_waves(model, path, bns, dtypes, data, batch_size, estimator, momentum, set_stats,
+                                sequential, progress)
+    return _calibrate_batch(model, path, bns, dtypes, data, batch_size, estimator, momentum, set_stats,
+                            normalize=sequential, progress=progress)
+
+
+def _opset(model: ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
+
+
+def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: Data, batch_size: Optional[int],
+              optimize: bool, on_batch: Callable[[Dict[str, np.ndarray], int, Batch], None],
+              tick: Callable[[int], None]) -> Tuple[int, int]:
+    """One pass over the data through ``model`` (written to a private folder), calling
+    ``on_batch(outputs, k, batch)`` per batch; returns (batches, samples)."""
     from . import runner
     from .modelio import save_model
 
     where = path or "the model"
-    waves = _waves(model, bns) if sequential else [bns]
     tmpdir = tempfile.mkdtemp(prefix="bnfold-calibrate-")
-    batches = samples = 0
     try:
-        for group in waves:
-            probe = ModelProto()
-            probe.CopyFrom(model)
-            del probe.graph.output[:]
-            names = [b.input[0] for b in group]
-            for n in dict.fromkeys(names):
-                probe.graph.output.append(helper.make_empty_tensor_value_info(n))
-            probe_path = os.path.join(tmpdir, "probe.onnx")
-            save_model(probe, probe_path)  # external data above protobuf's 2 GB limit
-            del probe
+        probe_path = os.path.join(tmpdir, "probe.onnx")
+        save_model(model, probe_path)  # external data above protobuf's 2 GB limit
+        try:
+            run = runner.open_runner(probe_path, runner.CPU, optimize=optimize)
+        except BnfoldError as e:
+            raise BnfoldError(e.message, path) from None
+        specs = list(run.inputs)
+        batches = samples = 0
+        for batch in iter_batches(data, [s.name for s in specs], batch_size, _shape_check(specs, where)):
+            feeds = {s.name: np.asarray(batch.feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
             try:
-                run = runner.open_runner(probe_path, runner.CPU)
+                outs = run.run(feeds, outputs)
             except BnfoldError as e:
-                raise BnfoldError(e.message, path) from None
-            specs = list(run.inputs)
-            stats = {n: ChannelStats(estimator, momentum) for n in names}
-            batches = samples = 0
-            for batch in iter_batches(data, [s.name for s in specs], batch_size, _shape_check(specs, where)):
-                feeds = {s.name: np.asarray(batch.feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
-                try:
-                    outs = run.run(feeds, list(stats))
-                except BnfoldError as e:
-                    raise BnfoldError(f"{e.message}, on calibration data from {', '.join(batch.sources)}",
-                                      path) from None
-                for n, st in stats.items():
-                    _update(st, outs[n], n, batches, batch, where)
-                batches += 1
-                samples += batch.size
-                if progress:
-                    progress(1)
-            for b in group:
-                mean, var = stats[b.input[0]].result()
-                set_stats(b, mean, var, dtypes[b.name])
+                raise BnfoldError(f"{e.message}, on calibration data from {', '.join(batch.sources)}",
+                                  path) from None
+            on_batch(outs, batches, batch)
+            batches += 1
+            samples += batch.size
+            tick(samples)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return _summary(estimator, momentum, batches, samples, len(waves))
+    return batches, samples
 
 
-def _update(stats: ChannelStats, x: np.ndarray, tensor: str, k: int, batch: Batch, where: str) -> None:
-    """Add one batch of activations of ``tensor``, refusing what would give meaningless statistics."""
-    mean, var, m = moments(x)
+def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
+                     data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
+                     sequential: bool, progress: Progress) -> CalibrationSummary:
+    """The exact method: per wave, the BN inputs as graph outputs of the model as calibrated
+    so far, ONNX Runtime optimisations off, statistics in numpy float64."""
+    where = path or "the model"
+    waves = _waves(model, bns) if sequential else [bns]
+    batches = samples = 0
+    for k, group in enumerate(waves, 1):
+        probe = ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        names = list(dict.fromkeys(b.input[0] for b in group))
+        probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+        stats = {n: ChannelStats(estimator, momentum) for n in names}
+
+        def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
+            for n, st in stats.items():
+                x = outs[n]
+                _update(st, *moments(x), n, i, batch, where)
+
+        batches, samples = _run_pass(probe, path, names, data, batch_size, False, on_batch,
+                                     _ticker(progress, k, len(waves)))
+        del probe
+        for b in group:
+            mean, var = stats[b.input[0]].result()
+            set_stats(b, mean, var, dtypes[b.name])
+    return _summary(estimator, momentum, batches, samples, len(waves), "exact")
+
+
+def _ticker(progress: Progress, k: int, passes: int) -> Callable[[int], None]:
+    return (lambda samples: progress(samples, k, passes)) if progress else (lambda samples: None)
+
+
+def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
+                     data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
+                     normalize: bool, progress: Progress) -> CalibrationSummary:
+    """One pass, ONNX Runtime optimisations on: the probe computes every BN input's batch mean
+    and variance in float64 inside the graph (graph outputs, so no fusion removes them) and,
+    with ``normalize``, each BN normalises with them (torch's update_bn, AdaBN)."""
+    where = path or "the model"
+    probe, taps = batch_stats_probe(model, [b.name for b in bns], normalize)
+    outputs = [t for tap in taps.values() for t in tap]
+    stats = {b.name: ChannelStats(estimator, momentum) for b in bns}
+    inputs = {b.name: b.input[0] for b in bns}
+
+    def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
+        for name, (mean, var, shape) in taps.items():
+            n, _, p = (int(d) for d in outs[shape])
+            _update(stats[name], outs[mean].reshape(-1), outs[var].reshape(-1), n * p, inputs[name], i, batch, where)
+
+    batches, samples = _run_pass(probe, path, outputs, data, batch_size, True, on_batch, _ticker(progress, 1, 1))
+    del probe
+    for b in bns:
+        mean, var = stats[b.name].result()
+        set_stats(b, mean, var, dtypes[b.name])
+    return _summary(estimator, momentum, batches, samples, 1, "batch" if normalize else "exact")
+
+
+def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: bool
+                      ) -> Tuple[ModelProto, Dict[str, Tuple[str, str, str]]]:
+    """A copy of ``model`` whose outputs are, per BN named, its input's batch mean and biased
+    variance over every axis but 1 (float64, shape [1, C, 1]) and the shape [N, C, P] they
+    were taken over. With ``normalize`` each of these BNs is replaced by
+    ``(x - mean) / sqrt(var + eps) * scale + bias`` with those batch statistics (computed in
+    float64, cast back to the input's type); otherwise the BNs stay as they are."""
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    opset = _opset(probe)
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input} | \
+        {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+    counter = iter(range(1 << 30))
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name = f"{base}_{next(counter)}"
+        taken.add(name)
+        return name
+
+    inits = {t.name: t for t in graph.initializer}
+    targets = set(bn_names)
+    nodes: List[NodeProto] = []
+    taps: Dict[str, Tuple[str, str, str]] = {}
+    del graph.output[:]
+    for n in list(graph.node):
+        if n.name not in targets or n.op_type != "BatchNormalization":
+            nodes.append(n)
+            continue
+        p = fresh(f"{n.name}.calib")
+        x = n.input[0]
+        c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731
+        x3, shape, x64, mean, d, sq, var = (fresh(f"{p}.{s}") for s in ("x3", "shape", "x64", "mean", "d", "sq",
+                                                                        "var"))
+        new = [helper.make_node("Reshape", [x, c("to3d", np.array([0, 0, -1], np.int64))], [x3]),
+               helper.make_node("Shape", [x3], [shape]),
+               helper.make_node("Cast", [x3], [x64], to=onnx.TensorProto.DOUBLE)]
+        axes = np.array([0, 2], np.int64)
+        reduce = (lambda i, o: helper.make_node("ReduceMean", [i, c("axes", axes)], [o], keepdims=1)) \
+            if opset >= 18 else (lambda i, o: helper.make_node("ReduceMean", [i], [o], axes=[0, 2], keepdims=1))
+        new += [reduce(x64, mean), helper.make_node("Sub", [x64, mean], [d]),
+                helper.make_node("Mul", [d, d], [sq]), reduce(sq, var)]
+        if normalize:
+            scale, bias = (numpy_helper.to_array(inits[i]).astype(np.float64).reshape(1, -1, 1) for i in n.input[1:3])
+            eps = float(attr(n, "epsilon", 1e-5))
+            ve, sd, a, y1, y2, y3, xshape = (fresh(f"{p}.{s}") for s in ("ve", "sd", "a", "y1", "y2", "y3",
+                                                                          "xshape"))
+            new += [helper.make_node("Add", [var, c("eps", np.array(eps, np.float64))], [ve]),
+                    helper.make_node("Sqrt", [ve], [sd]),
+                    helper.make_node("Div", [c("scale", scale), sd], [a]),
+                    helper.make_node("Mul", [d, a], [y1]),
+                    helper.make_node("Add", [y1, c("bias", bias)], [y2])]
+            if opset >= 15:
+                new.append(helper.make_node("CastLike", [y2, x], [y3]))
+            else:  # before BN-15 the statistics share the input's type
+                to = inits[n.input[3]].data_type
+                new.append(helper.make_node("Cast", [y2], [y3], to=to))
+            new += [helper.make_node("Shape", [x], [xshape]), helper.make_node("Reshape", [y3, xshape], [n.output[0]])]
+        else:
+            nodes.append(n)
+        nodes.extend(new)
+        taps[n.name] = (mean, var, shape)
+        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in (mean, var, shape))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return probe, taps
+
+
+def _probe_const(graph, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _update(stats: ChannelStats, mean: np.ndarray, var: np.ndarray, m: int, tensor: str, k: int, batch: Batch,
+            where: str) -> None:
+    """Add one batch's moments of ``tensor``, refusing what would give meaningless statistics."""
     if m < 2:
         raise BnfoldError(f"calibration batch {k} ({batch.size} sample(s)) gives m = {m} value per channel at "
                           f"tensor '{tensor}': the variance needs m >= 2 (use --batch-size 2 or more, and a "
@@ -449,7 +599,8 @@ def _update(stats: ChannelStats, x: np.ndarray, tensor: str, k: int, batch: Batc
     stats.update_moments(mean, var, m)
 
 
-def _summary(estimator: str, momentum: float, batches: int, samples: int, passes: int) -> CalibrationSummary:
+def _summary(estimator: str, momentum: float, batches: int, samples: int, passes: int,
+             method: str) -> CalibrationSummary:
     weight = data_weight(estimator, momentum, batches)
     warnings = []
     if weight < MOMENTUM_WARN_WEIGHT:
@@ -457,4 +608,4 @@ def _summary(estimator: str, momentum: float, batches: int, samples: int, passes
         warnings.append(f"momentum {momentum} over {batches} batch(es): the data weighs {weight:.1%} of the "
                         f"statistics, the start values (mean {start_mean:g}, var {start_var:g}) {1 - weight:.1%}; "
                         "use more batches, a lower --momentum, or --estimator population")
-    return CalibrationSummary(estimator, batches, samples, passes, round(weight, 6), warnings)
+    return CalibrationSummary(estimator, batches, samples, passes, method, round(weight, 6), warnings)
