@@ -500,7 +500,8 @@ def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto
 
     def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
         for name, (mean, var, shape) in taps.items():
-            n, _, p = (int(d) for d in outs[shape])
+            dims = [int(d) for d in outs[shape]]
+            n, p = dims[0], int(np.prod(dims[2:]))
             _update(stats[name], outs[mean].reshape(-1), outs[var].reshape(-1), n * p, inputs[name], i, batch, where)
 
     batches, samples = _run_pass(probe, path, outputs, data, batch_size, True, on_batch, _ticker(progress, 1, 1))
@@ -514,10 +515,9 @@ def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto
 def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: bool
                       ) -> Tuple[ModelProto, Dict[str, Tuple[str, str, str]]]:
     """A copy of ``model`` whose outputs are, per BN named, its input's batch mean and biased
-    variance over every axis but 1 (float64, shape [1, C, 1]) and the shape [N, C, P] they
-    were taken over. With ``normalize`` each of these BNs is replaced by
-    ``(x - mean) / sqrt(var + eps) * scale + bias`` with those batch statistics (computed in
-    float64, cast back to the input's type); otherwise the BNs stay as they are."""
+    variance over every axis but 1 (float64, shape [1, C, 1]) and the input's shape (for m). With ``normalize`` each of these BNs normalises with those batch
+    statistics (its mean and variance inputs are replaced by them; scale, bias and epsilon
+    stay: a training-mode BN, as torch's update_bn runs it); otherwise the BNs are untouched."""
     probe = ModelProto()
     probe.CopyFrom(model)
     graph = probe.graph
@@ -543,39 +543,55 @@ def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: boo
             nodes.append(n)
             continue
         p = fresh(f"{n.name}.calib")
-        x = n.input[0]
+        t = lambda *names: [fresh(f"{p}.{s}") for s in names]  # noqa: E731
         c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731
-        x3, shape, x64, mean, d, sq, var = (fresh(f"{p}.{s}") for s in ("x3", "shape", "x64", "mean", "d", "sq",
-                                                                        "var"))
-        new = [helper.make_node("Reshape", [x, c("to3d", np.array([0, 0, -1], np.int64))], [x3]),
-               helper.make_node("Shape", [x3], [shape]),
-               helper.make_node("Cast", [x3], [x64], to=onnx.TensorProto.DOUBLE)]
-        axes = np.array([0, 2], np.int64)
-        reduce = (lambda i, o: helper.make_node("ReduceMean", [i, c("axes", axes)], [o], keepdims=1)) \
-            if opset >= 18 else (lambda i, o: helper.make_node("ReduceMean", [i], [o], axes=[0, 2], keepdims=1))
-        new += [reduce(x64, mean), helper.make_node("Sub", [x64, mean], [d]),
-                helper.make_node("Mul", [d, d], [sq]), reduce(sq, var)]
+
+        def reduce(op: str, x: str, out: str, axes: List[int]) -> NodeProto:
+            if opset >= (13 if op == "ReduceSum" else 18):  # when axes became an input
+                return helper.make_node(op, [x, c("axes", np.array(axes, np.int64))], [out], keepdims=1)
+            return helper.make_node(op, [x], [out], axes=axes, keepdims=1)
+
+        x = n.input[0]
+        x3, xf, shape, size, ch, m, m64, p1, p2, p1d, p2d, s1, s2, mean, ex2, msq, v0, var = t(
+            "x3", "xf", "shape", "size", "ch", "m", "m64", "p1", "p2", "p1d", "p2d", "s1", "s2", "mean", "ex2", "msq",
+            "v0", "var")
+        # Sums over each sample's positions in float32 (ONNX Runtime removes the Cast for float32
+        # activations; float16 ones are summed in float32), then the per-sample sums combined in
+        # float64: one read of the activation for each sum, where a float64 copy costs 2-3 more.
+        # mean and var = E[x^2] - mean^2 over [N, C, positions], whatever the rank.
+        new = [helper.make_node("Shape", [x], [shape]),
+               helper.make_node("Reshape", [x, c("to3d", np.array([0, 0, -1], np.int64))], [x3]),
+               helper.make_node("Cast", [x3], [xf], to=onnx.TensorProto.FLOAT),
+               reduce("ReduceSum", xf, p1, [2]), reduce("ReduceSumSquare", xf, p2, [2]),
+               helper.make_node("Cast", [p1], [p1d], to=onnx.TensorProto.DOUBLE),
+               helper.make_node("Cast", [p2], [p2d], to=onnx.TensorProto.DOUBLE),
+               reduce("ReduceSum", p1d, s1, [0]), reduce("ReduceSum", p2d, s2, [0]),
+               helper.make_node("Size", [x], [size]),
+               helper.make_node("Gather", [shape, c("one", np.array(1, np.int64))], [ch]),
+               helper.make_node("Div", [size, ch], [m]),
+               helper.make_node("Cast", [m], [m64], to=onnx.TensorProto.DOUBLE),
+               helper.make_node("Div", [s1, m64], [mean]),
+               helper.make_node("Div", [s2, m64], [ex2]),
+               helper.make_node("Mul", [mean, mean], [msq]),
+               helper.make_node("Sub", [ex2, msq], [v0]),
+               helper.make_node("Max", [v0, c("zero", np.array(0.0, np.float64))], [var])]
+        taps[n.name] = (mean, var, shape)
         if normalize:
-            scale, bias = (numpy_helper.to_array(inits[i]).astype(np.float64).reshape(1, -1, 1) for i in n.input[1:3])
-            eps = float(attr(n, "epsilon", 1e-5))
-            ve, sd, a, y1, y2, y3, xshape = (fresh(f"{p}.{s}") for s in ("ve", "sd", "a", "y1", "y2", "y3",
-                                                                          "xshape"))
-            new += [helper.make_node("Add", [var, c("eps", np.array(eps, np.float64))], [ve]),
-                    helper.make_node("Sqrt", [ve], [sd]),
-                    helper.make_node("Div", [c("scale", scale), sd], [a]),
-                    helper.make_node("Mul", [d, a], [y1]),
-                    helper.make_node("Add", [y1, c("bias", bias)], [y2])]
-            if opset >= 15:
-                new.append(helper.make_node("CastLike", [y2, x], [y3]))
-            else:  # before BN-15 the statistics share the input's type
-                to = inits[n.input[3]].data_type
-                new.append(helper.make_node("Cast", [y2], [y3], to=to))
-            new += [helper.make_node("Shape", [x], [xshape]), helper.make_node("Reshape", [y3, xshape], [n.output[0]])]
+            mean_c, var_c, mean_t, var_t = t("mean_c", "var_c", "mean_t", "var_t")
+            flat = c("flat", np.array([-1], np.int64))
+            to = inits[n.input[3]].data_type if n.input[3] in inits else onnx.TensorProto.FLOAT
+            new += [helper.make_node("Reshape", [mean, flat], [mean_c]),
+                    helper.make_node("Reshape", [var, flat], [var_c]),
+                    helper.make_node("Cast", [mean_c], [mean_t], to=to),
+                    helper.make_node("Cast", [var_c], [var_t], to=to)]
+            bn = NodeProto()
+            bn.CopyFrom(n)
+            bn.input[3], bn.input[4] = mean_t, var_t
+            new.append(bn)
         else:
             nodes.append(n)
         nodes.extend(new)
-        taps[n.name] = (mean, var, shape)
-        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in (mean, var, shape))
+        graph.output.extend(helper.make_empty_tensor_value_info(o) for o in taps[n.name])
     del graph.node[:]
     graph.node.extend(nodes)
     return probe, taps
