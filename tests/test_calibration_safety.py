@@ -218,3 +218,23 @@ def test_wrong_model_path_and_typo_in_option_value(work):
     res = cli("insert", work / "m.onnx", "--calibration", work / "cal.npz", "--estimator", "populaton")
     assert res.exit_code == 2 and "populaton" in res.output
     assert not (work / "m.bn.onnx").exists()
+
+
+# -- interruption -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_ctrl_c_during_calibration_leaves_nothing_behind(work, monkeypatch, exact):
+    import tempfile
+
+    from bnfold.insert import recalibrate
+
+    scratch = work / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the probe model goes
+
+    def interrupt(samples: int, k: int, passes: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(work / "m.onnx", work / "cal.npz", batch_size=8, exact=exact, progress=interrupt)
+    assert list(scratch.iterdir()) == []
