@@ -569,7 +569,8 @@ def _input_files(model: Path, calibration: Optional[Path]) -> list:
     if model.is_file():
         files += sorted(external_files(load_model(model, load_external=False), model.parent))
     if calibration is not None:
-        files += sorted(calibration.iterdir()) if calibration.is_dir() else [calibration]
+        files += sorted(q for q in calibration.iterdir() if q.suffix in (".npz", ".npy")) \
+            if calibration.is_dir() else [calibration]
     return files
 
 
@@ -589,19 +590,21 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
     from .modelio import stage_model
 
     target = output or _default_output(model, tag)
+    if not target.parent.is_dir():  # before spending the calibration time
+        raise BnfoldError(f"output folder '{target.parent}' does not exist", target)
     inputs = _input_files(model, calibration)
     _refuse_overwrite(target, inputs)
     if quiet or not sys.stderr.isatty():
         result = run(None)
     else:
-        with click.progressbar(length=None, label="calibrating", file=sys.stderr, show_pos=True) as bar:
-            def progress(samples: int, k: int, passes: int) -> None:
-                label = f"calibrating, pass {k}/{passes}, samples"
-                if bar.label != label:  # a new pass counts its samples from 0
-                    bar.label, bar.pos = label, 0
-                bar.update(samples - bar.pos)
+        # one status line, rewritten in place (the sample total is unknown until the data ends)
+        def progress(samples: int, k: int, passes: int) -> None:
+            click.echo(f"\rcalibrating: pass {k}/{passes}, {samples} samples", nl=False, err=True)
 
+        try:
             result = run(progress)
+        finally:
+            click.echo("\r\033[K", nl=False, err=True)
     with stage_model(result.model, target, external_data=result.source_external_data or None,
                      avoid=inputs) as staged:
         staged.commit()
@@ -620,6 +623,8 @@ def _only_with_calibration(ctx: click.Context, names: tuple) -> None:
 
 
 def _warn(data: dict, quiet: bool) -> None:
+    if quiet:
+        return
     cal = data.get("calibration")
     for w in (cal or {}).get("warnings", []):
         click.echo(f"bnfold: warning: {w}", err=True)
