@@ -12,8 +12,16 @@ default), before its activation (the BN paper's placement) or after it:
 
 ``recalibrate`` re-estimates the running mean and variance of a model's inference BNs
 from new data, keeping scale and bias (AdaBN; re-estimation after pruning or
-quantisation). Each BN is measured on its input in the model as calibrated so far:
-BNs are processed in waves, a BN after every BN upstream of it.
+quantisation). Two methods (also for ``insert`` in ``normalize`` mode):
+
+- default: one pass over the data in which every BN normalises with the statistics of
+  the current batch while they are measured (torch's ``update_bn``, AdaBN). The probe
+  model computes them inside ONNX Runtime (optimisations on), so only per-channel sums
+  leave it and memory holds one batch;
+- ``exact``: each BN is measured on its input in the model as calibrated so far: BNs
+  are processed in waves, a BN after every BN upstream of it, one pass per wave.
+
+``insert`` in ``preserve`` mode measures unchanged activations: one pass, exact.
 
 Ops whose output does not carry channels on axis 1 (e.g. MatMul with a 3-D output)
 are refused with a reason, never given a wrong BN.
@@ -490,8 +498,9 @@ def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto
                      data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
                      normalize: bool, progress: Progress) -> CalibrationSummary:
     """One pass, ONNX Runtime optimisations on: the probe computes every BN input's batch mean
-    and variance in float64 inside the graph (graph outputs, so no fusion removes them) and,
-    with ``normalize``, each BN normalises with them (torch's update_bn, AdaBN)."""
+    and variance inside the graph (per-sample float32 sums combined in float64; graph outputs,
+    so no fusion removes them) and, with ``normalize``, each BN normalises with them (torch's
+    update_bn, AdaBN). Only these small tensors leave ONNX Runtime."""
     where = path or "the model"
     probe, taps = batch_stats_probe(model, [b.name for b in bns], normalize)
     outputs = [t for tap in taps.values() for t in tap]
@@ -515,9 +524,10 @@ def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto
 def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: bool
                       ) -> Tuple[ModelProto, Dict[str, Tuple[str, str, str]]]:
     """A copy of ``model`` whose outputs are, per BN named, its input's batch mean and biased
-    variance over every axis but 1 (float64, shape [1, C, 1]) and the input's shape (for m). With ``normalize`` each of these BNs normalises with those batch
-    statistics (its mean and variance inputs are replaced by them; scale, bias and epsilon
-    stay: a training-mode BN, as torch's update_bn runs it); otherwise the BNs are untouched."""
+    variance over every axis but 1 (float64, shape [1, C, 1]) and the input's shape (for m).
+    With ``normalize`` each of these BNs normalises with those batch statistics (its mean and
+    variance inputs are replaced by them; scale, bias and epsilon stay: a training-mode BN, as
+    torch's update_bn runs it); otherwise the BNs are untouched."""
     probe = ModelProto()
     probe.CopyFrom(model)
     graph = probe.graph
