@@ -443,8 +443,16 @@ def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: 
         except BnfoldError as e:
             raise BnfoldError(e.message, path) from None
         specs = list(run.inputs)
+        fixed = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0}
+        if fixed and batch_size is not None and batch_size not in fixed:
+            raise BnfoldError(f"its inputs take batches of exactly {min(fixed)} sample(s) (a fixed batch "
+                              f"dimension): use --batch-size {min(fixed)}", path)
         batches = samples = 0
         for batch in iter_batches(data, [s.name for s in specs], batch_size, _shape_check(specs, where)):
+            if fixed and batch.size not in fixed:
+                raise BnfoldError(f"its inputs take batches of exactly {min(fixed)} sample(s), and calibration "
+                                  f"batch {batches} from {', '.join(batch.sources)} holds {batch.size}: use a "
+                                  f"sample count that is a multiple of {min(fixed)}", path)
             feeds = {s.name: np.asarray(batch.feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
             try:
                 outs = run.run(feeds, outputs)

@@ -238,3 +238,19 @@ def test_ctrl_c_during_calibration_leaves_nothing_behind(work, monkeypatch, exac
     with pytest.raises(KeyboardInterrupt):
         recalibrate(work / "m.onnx", work / "cal.npz", batch_size=8, exact=exact, progress=interrupt)
     assert list(scratch.iterdir()) == []
+
+
+def test_fixed_batch_dimension_asks_for_the_right_batch_size(tmp_path):
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[2,4] x) => (float[2,3] y) { h = Gemm (x, W)  y = BatchNormalization (h, s, b, m, v) }""",
+                  W=rand(4, 3), s=np.ones(3, np.float32), b=np.zeros(3, np.float32), m=np.zeros(3, np.float32),
+                  v=np.ones(3, np.float32))
+    onnx.save(model, tmp_path / "fixed.onnx")
+    np.savez(tmp_path / "odd.npz", x=rand(5, 4))
+    refused(cli("recalibrate", tmp_path / "fixed.onnx", "--calibration", tmp_path / "odd.npz"),
+            "fixed.onnx", "exactly 2", "--batch-size 2")
+    refused(cli("recalibrate", tmp_path / "fixed.onnx", "--calibration", tmp_path / "odd.npz", "--batch-size", "2"),
+            "holds 1", "multiple of 2")
+    np.savez(tmp_path / "even.npz", x=rand(6, 4))
+    res = cli("recalibrate", tmp_path / "fixed.onnx", "--calibration", tmp_path / "even.npz", "--batch-size", "2")
+    assert res.exit_code == 0, res.output
