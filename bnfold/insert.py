@@ -426,7 +426,7 @@ def _opset(model: ModelProto) -> int:
 
 
 def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: Data, batch_size: Optional[int],
-              optimize: bool, on_batch: Callable[[Dict[str, np.ndarray], int, Batch], None],
+              optimized: bool, on_batch: Callable[[Dict[str, np.ndarray], int, Batch], None],
               tick: Callable[[int], None]) -> Tuple[int, int]:
     """One pass over the data through ``model`` (written to a private folder), calling
     ``on_batch(outputs, k, batch)`` per batch; returns (batches, samples)."""
@@ -439,7 +439,7 @@ def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: 
         probe_path = os.path.join(tmpdir, "probe.onnx")
         save_model(model, probe_path)  # external data above protobuf's 2 GB limit
         try:
-            run = runner.open_runner(probe_path, runner.CPU, optimize=optimize)
+            run = runner.open_runner(probe_path, runner.CPU, optimized=optimized)
         except BnfoldError as e:
             raise BnfoldError(e.message, path) from None
         specs = list(run.inputs)

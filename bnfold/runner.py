@@ -33,12 +33,12 @@ def ort():
     return onnxruntime
 
 
-def session_options(optimize: bool = False):
+def session_options(optimized: bool = False):
     """Graph optimisations off (ORT's own BN fusions must not hide or cause differences), quiet.
-    ``optimize``: ONNX Runtime's default level, for runs that only measure graph outputs."""
+    ``optimized``: ONNX Runtime's default level, for runs that only measure graph outputs."""
     rt = ort()
     so = rt.SessionOptions()
-    if not optimize:
+    if not optimized:
         so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     return so
@@ -105,7 +105,7 @@ class Runner:
         return dict(zip(names, values))
 
 
-def open_runner(path: str, provider: str, optimize: bool = False) -> Runner:
+def open_runner(path: str, provider: str, *, optimized: bool = False) -> Runner:
     """A session for the model at ``path`` on ``provider`` (optimisations disabled).
 
     On the CPU, a small model ONNX Runtime has no kernel for (e.g. float64 Conv)
@@ -113,7 +113,7 @@ def open_runner(path: str, provider: str, optimize: bool = False) -> Runner:
     """
     rt = ort()
     try:
-        sess = rt.InferenceSession(os.fspath(path), session_options(optimize), providers=provider_list(provider))
+        sess = rt.InferenceSession(os.fspath(path), session_options(optimized), providers=provider_list(provider))
     except Exception as e:
         msg = _first_line(e)
         no_kernel = "NOT_IMPLEMENTED" in str(e) or "Could not find an implementation" in str(e)
