@@ -196,3 +196,29 @@ def test_cli_exact_flag_and_progress_free_output(tmp_path):
     assert res.exit_code == 0 and "3 pass(es) (exact)" in res.output, res.output
     res = r.invoke(main, ["insert", str(tmp_path / "n.onnx"), "--exact"])
     assert res.exit_code == 2 and "--exact only apply with --calibration" in res.output
+
+
+def test_readme_insert_and_recalibrate_commands_run(tmp_path):
+    """The README's insert/recalibrate examples run as written (on a small model and data)."""
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import MODELS, ROOT
+
+    section = (ROOT / "README.md").read_text().split("### insert and recalibrate", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    shutil.copy(MODELS / "resnet_mini.onnx", tmp_path / "model.onnx")
+    np.savez(tmp_path / "data.npz", input=rand(8, 3, 32, 32, seed=60))
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "a.npz", input=rand(8, 3, 32, 32, seed=61))
+    np.savez(tmp_path / "new_domain.npz", input=rand(8, 3, 32, 32, seed=62) * 2 + 1)
+    commands = [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip()]
+    assert len(commands) >= 4
+    for command in commands:
+        args = shlex.split(command)
+        proc = subprocess.run([sys.executable, "-m", "bnfold", *args[1:]], cwd=tmp_path, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, (command, proc.stderr)
