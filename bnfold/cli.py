@@ -538,7 +538,9 @@ def calibration_options(fn):
                      help="Samples per calibration batch (m/(m-1) uses the values per channel of one batch)."),
         click.option("--estimator", type=click.Choice(["population", "momentum"]), default="population",
                      show_default=True, help="population: the BN paper's inference statistics; momentum: the "
-                                             "running averages frameworks keep in training."),
+                                             "running averages frameworks keep in training, starting from mean 0 and "
+                                             "variance 1 as PyTorch and Keras do (after b batches the data weighs "
+                                             "1 - momentum^b; below 99% a warning says so)."),
         click.option("--momentum", type=click.FloatRange(0, 1), default=0.99, show_default=True,
                      help="Momentum of the running averages (Keras' default 0.99); also written into new BNs."),
         click.option("--exact", is_flag=True,
