@@ -13,12 +13,18 @@ of values per channel in one batch:
   unequal size contribute m_b/(m_b-1) x their own variance.
 - ``momentum``: ``running = momentum * running + (1 - momentum) * batch`` starting
   from mean 0 and var 1 (as PyTorch and Keras do), with the unbiased batch variance.
+  After b batches the data weighs 1 - momentum^b (2 batches at 0.99: 2 %); below 99 %
+  the result carries a warning.
+
+Every value is checked: non-finite data is refused naming the file, the array and the
+sample; m < 2 (a batch of one sample of 2-D activations) is refused.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -28,7 +34,19 @@ ESTIMATORS = ("population", "momentum")
 Data = Union[str, "os.PathLike[str]", Iterable[Mapping[str, np.ndarray]]]
 
 
-def _chunks(data: Data, input_names: List[str]) -> Iterator[Dict[str, np.ndarray]]:
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK"
+
+
+class Chunk:
+    """Samples as read from one source: ``arrays`` by input name, ``source`` (a file, or
+    None for Python data) and ``where`` (how to name it in a message)."""
+
+    def __init__(self, arrays: Dict[str, np.ndarray], source: Optional[Path], where: str) -> None:
+        self.arrays, self.source, self.where = arrays, source, where
+
+
+def _chunks(data: Data, input_names: List[str]) -> Iterator[Chunk]:
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.is_dir():
@@ -40,54 +58,130 @@ def _chunks(data: Data, input_names: List[str]) -> Iterator[Dict[str, np.ndarray
         else:
             raise BnfoldError("no such calibration file or folder", p)
         for f in files:
-            yield _load(f, input_names)
+            yield Chunk(_load(f, input_names), f, str(f))
     else:
-        for chunk in data:
-            yield {k: np.asarray(chunk[k]) for k in input_names}
+        for k, chunk in enumerate(data):
+            missing = [n for n in input_names if n not in chunk]
+            if missing:
+                raise BnfoldError(f"calibration chunk {k} has no array for input(s) {', '.join(missing)}")
+            yield Chunk({n: np.asarray(chunk[n]) for n in input_names}, None, f"calibration chunk {k}")
 
 
 def _load(f: Path, input_names: List[str]) -> Dict[str, np.ndarray]:
     try:
-        if f.suffix == ".npy":
+        with open(f, "rb") as fh:
+            head = fh.read(6)
+    except OSError as e:
+        raise BnfoldError(f"cannot be read ({e.strerror or e})", f) from None
+    # Recognise the format first: numpy's own error for other files is a hint about pickles.
+    if not (head.startswith(_ZIP_MAGIC) or head == _NPY_MAGIC):
+        what = "is empty" if not head else "is neither a .npz nor a .npy file"
+        raise BnfoldError(f"{what}: calibration data is a .npz (one array per input) or a .npy", f)
+    try:
+        if head == _NPY_MAGIC:
             if len(input_names) != 1:
                 raise BnfoldError(f"a .npy file feeds one input, the model has {len(input_names)}; use .npz", f)
             return {input_names[0]: np.load(f, allow_pickle=False)}
         with np.load(f, allow_pickle=False) as z:
+            if not z.files:
+                raise BnfoldError("is an empty .npz: it holds no array", f)
             missing = [n for n in input_names if n not in z.files]
             if missing:
-                raise BnfoldError(f"has no array for input(s) {', '.join(missing)}", f)
+                raise BnfoldError(f"has no array for model input(s) {', '.join(missing)} "
+                                  f"(it holds {', '.join(z.files)})", f)
             return {n: z[n] for n in input_names}
     except BnfoldError:
         raise
-    except Exception as e:
+    except (OSError, ValueError, EOFError) as e:  # a damaged or object-array file
         raise BnfoldError(f"cannot be read as calibration data ({e})", f) from None
 
 
-def iter_batches(data: Data, input_names: List[str], batch_size: Optional[int]) -> Iterator[Dict[str, np.ndarray]]:
-    """Feeds of ``batch_size`` samples each (chunks as given when ``batch_size`` is None)."""
+def _check_chunk(chunk: Chunk) -> int:
+    """The chunk's sample count; refuses arrays of no samples, unequal lengths or non-finite values."""
+    counts = {}
+    for name, v in chunk.arrays.items():
+        if v.ndim == 0 or v.shape[0] == 0:
+            problem = "is a scalar" if v.ndim == 0 else "holds no sample (its leading axis is 0)"
+            raise _error(chunk, f"array '{name}' {problem}; samples go on axis 0")
+        counts[name] = v.shape[0]
+        if v.dtype.kind in "fc":
+            bad = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                value = v[i][~np.isfinite(v[i])].flat[0]
+                raise _error(chunk, f"array '{name}' holds a non-finite value ({value}) in sample {i}: "
+                                    "calibration data must be finite")
+    if len(set(counts.values())) > 1:
+        text = ", ".join(f"'{k}' {n}" for k, n in counts.items())
+        raise _error(chunk, f"arrays hold different numbers of samples ({text}): they must share axis 0")
+    return next(iter(counts.values()))
+
+
+def _error(chunk: Chunk, message: str) -> BnfoldError:
+    return BnfoldError(message, chunk.source) if chunk.source else BnfoldError(f"{chunk.where}: {message}")
+
+
+@dataclass
+class Batch:
+    """One calibration batch: ``feeds`` by input name, and where its samples came from."""
+
+    feeds: Dict[str, np.ndarray]
+    sources: List[str]
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+
+def iter_batches(data: Data, input_names: List[str], batch_size: Optional[int],
+                 check: Optional[Callable[[Chunk], None]] = None) -> Iterator[Batch]:
+    """Batches of ``batch_size`` samples each (chunks as given when ``batch_size`` is None).
+
+    Every chunk is checked (finite values, one sample count) and ``check`` is called on it
+    before any of its samples is used, so that problems name the file they are in."""
     pending: List[Dict[str, np.ndarray]] = []
+    sources: List[str] = []
     have = 0
     for chunk in _chunks(data, input_names):
-        n = {v.shape[0] if v.ndim else 0 for v in chunk.values()}
-        if len(n) != 1 or 0 in n:
-            raise BnfoldError("calibration arrays must share a leading (sample) axis")
+        n = _check_chunk(chunk)
+        if check is not None:
+            check(chunk)
         if batch_size is None:
-            yield chunk
+            yield Batch(chunk.arrays, [chunk.where])
             continue
-        pending.append(chunk)
-        have += n.pop()
+        pending.append(chunk.arrays)
+        sources.append(chunk.where)
+        have += n
         while have >= batch_size:
             joined = {k: np.concatenate([c[k] for c in pending]) for k in input_names}
-            yield {k: v[:batch_size] for k, v in joined.items()}
+            yield Batch({k: v[:batch_size] for k, v in joined.items()}, list(sources))
             rest = {k: v[batch_size:] for k, v in joined.items()}
             have -= batch_size
             pending = [rest] if have else []
+            sources = sources[-1:] if have else []
     if pending and have:
-        yield {k: np.concatenate([c[k] for c in pending]) for k in input_names}
+        yield Batch({k: np.concatenate([c[k] for c in pending]) for k in input_names}, sources)
+
+
+# Where the momentum estimator starts, as PyTorch and Keras do (running_mean 0, running_var 1).
+MOMENTUM_START = (0.0, 1.0)
+# Below this weight of the data in momentum statistics, the start values still show: warn.
+MOMENTUM_WARN_WEIGHT = 0.99
+
+
+def moments(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel mean and biased variance of ``x`` ``[N, C, ...]`` in float64, and m,
+    the number of values per channel."""
+    x3 = np.asarray(x).reshape(x.shape[0], x.shape[1], -1)  # a view: N, C, positions
+    m = x3.shape[0] * x3.shape[2]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: the caller refuses it
+        mean = x3.mean(axis=(0, 2), dtype=np.float64)
+        var = x3.var(axis=(0, 2), dtype=np.float64)  # biased, within the batch; float64 throughout
+    return mean, var, m
 
 
 class ChannelStats:
-    """Streaming per-channel mean and variance of activations ``[N, C, ...]``, in float64."""
+    """Streaming per-channel mean and variance, in float64, from per-batch moments."""
 
     def __init__(self, estimator: str = "population", momentum: float = 0.99) -> None:
         if estimator not in ESTIMATORS:
@@ -99,16 +193,22 @@ class ChannelStats:
         self._var: Optional[np.ndarray] = None
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x)
-        x3 = x.reshape(x.shape[0], x.shape[1], -1)  # a view: N, C, positions
-        m = x3.shape[0] * x3.shape[2]
-        mean = x3.mean(axis=(0, 2), dtype=np.float64)
-        var = x3.var(axis=(0, 2), dtype=np.float64)  # biased, within the batch; float64 throughout
-        unbiased = var * (m / (m - 1)) if m > 1 else var
+        """Add one batch of activations ``[N, C, ...]``."""
+        self.update_moments(*moments(x))
+
+    def update_moments(self, mean: np.ndarray, var: np.ndarray, m: int) -> None:
+        """Add one batch given by its per-channel mean, biased variance and m values per channel
+        (m >= 2: the unbiased variance m/(m-1) x var is undefined for m = 1)."""
+        if m < 2:
+            raise ValueError("m < 2")  # callers check first, to name the tensor
+        unbiased = np.asarray(var, np.float64) * (m / (m - 1))
+        mean = np.asarray(mean, np.float64)
         if self._mean is None:
             c = mean.shape[0]
-            start = (np.zeros(c), np.ones(c)) if self.estimator == "momentum" else (np.zeros(c), np.zeros(c))
-            self._mean, self._var = start
+            if self.estimator == "momentum":
+                self._mean, self._var = np.full(c, MOMENTUM_START[0]), np.full(c, MOMENTUM_START[1])
+            else:
+                self._mean, self._var = np.zeros(c), np.zeros(c)
         if self.estimator == "population":
             self._mean += mean
             self._var += unbiased
@@ -124,3 +224,9 @@ class ChannelStats:
         if self.estimator == "population":
             return self._mean / self.batches, self._var / self.batches
         return self._mean.copy(), self._var.copy()
+
+
+def data_weight(estimator: str, momentum: float, batches: int) -> float:
+    """The weight of the data in the statistics: 1 for population, 1 - momentum^batches for
+    momentum (the rest is the start values 0 and 1)."""
+    return 1.0 if estimator == "population" else 1.0 - float(momentum) ** batches

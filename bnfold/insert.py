@@ -12,8 +12,16 @@ default), before its activation (the BN paper's placement) or after it:
 
 ``recalibrate`` re-estimates the running mean and variance of a model's inference BNs
 from new data, keeping scale and bias (AdaBN; re-estimation after pruning or
-quantisation). Each BN is measured on its input in the model as calibrated so far:
-BNs are processed in waves, a BN after every BN upstream of it.
+quantisation). Two methods (also for ``insert`` in ``normalize`` mode):
+
+- default: one pass over the data in which every BN normalises with the statistics of
+  the current batch while they are measured (torch's ``update_bn``, AdaBN). The probe
+  model computes them inside ONNX Runtime (optimisations on), so only per-channel sums
+  leave it and memory holds one batch;
+- ``exact``: each BN is measured on its input in the model as calibrated so far: BNs
+  are processed in waves, a BN after every BN upstream of it, one pass per wave.
+
+``insert`` in ``preserve`` mode measures unchanged activations: one pass, exact.
 
 Ops whose output does not carry channels on axis 1 (e.g. MatMul with a 3-D output)
 are refused with a reason, never given a wrong BN.
@@ -26,21 +34,23 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, helper
+from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from .calibration import ChannelStats, Data, iter_batches
+from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data, data_weight,
+                          iter_batches, moments)
 from .errors import BnfoldError
 from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
 from .hosts import ACTIVATIONS
 
 DEFAULT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MODES = ("preserve", "normalize")
-Progress = Optional[Callable[[int], None]]
+# Called after each batch with (samples so far in this pass, pass number from 1, passes).
+Progress = Optional[Callable[[int, int, int], None]]
 
 
 class InsertReason(str, enum.Enum):
@@ -75,10 +85,17 @@ class InsertRecord:
 
 @dataclass
 class CalibrationSummary:
+    """How statistics were measured. ``data_weight``: the weight of the data in them (1 for
+    population; 1 - momentum^batches for momentum, the rest being the start values 0 and 1).
+    ``warnings``: sentences the CLI shows (e.g. momentum statistics still near their start)."""
+
     estimator: str
     batches: int
     samples: int
     passes: int
+    method: str = "exact"
+    data_weight: float = 1.0
+    warnings: List[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +107,7 @@ class InsertResult:
     records: List[InsertRecord]
     mode: str
     calibration: Optional[CalibrationSummary]
+    source_external_data: bool = False
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "function_preserving": self.mode == "preserve",
@@ -104,6 +122,7 @@ class RecalibrateResult:
     recalibrated: List[str]
     skipped: List[Tuple[str, str]]
     calibration: CalibrationSummary
+    source_external_data: bool = False
 
     def to_dict(self) -> dict:
         return {"recalibrated": self.recalibrated, "skipped": [{"node": n, "why": w} for n, w in self.skipped],
@@ -132,12 +151,38 @@ def param_dtype(dtype: np.dtype, opset: int) -> np.dtype:
     return np.dtype(np.float32) if opset >= 15 and dt.itemsize == 2 else dt
 
 
-def _load(model_or_path) -> Tuple[ModelProto, Optional[str]]:
+def _load(model_or_path) -> Tuple[ModelProto, Optional[str], bool]:
+    """The model (a copy), its path (None for a proto) and whether its file used external data."""
     if isinstance(model_or_path, ModelProto):
-        return copy.deepcopy(model_or_path), None
-    from .modelio import load_model
+        return copy.deepcopy(model_or_path), None, False
+    from .modelio import load_model_info
 
-    return load_model(model_or_path), os.fspath(model_or_path)
+    model, external = load_model_info(model_or_path)
+    return model, os.fspath(model_or_path), external
+
+
+def _regex(pattern: Optional[str], option: str) -> Optional["re.Pattern[str]"]:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise BnfoldError(f"{option} '{pattern}' is not a valid regular expression ({e})") from None
+
+
+def check_ops(ops: Sequence[str]) -> None:
+    """Refuse op types that cannot host a BN, suggesting the right spelling of a known one."""
+    for op in ops:
+        if op in DEFAULT_OPS:
+            continue
+        known = {o.lower(): o for o in DEFAULT_OPS}
+        hint = f"did you mean {known[op.lower()]}? " if op.lower() in known else ""
+        raise BnfoldError(f"{op} is not a supported host op: {hint}BNs go after {', '.join(DEFAULT_OPS)}")
+
+
+def check_epsilon(epsilon: float) -> None:
+    if not (np.isfinite(epsilon) and epsilon > 0):
+        raise BnfoldError(f"epsilon {epsilon} must be a positive number (BN divides by sqrt(var + epsilon))")
 
 
 def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str, int, np.dtype], InsertRecord]:
@@ -195,18 +240,26 @@ def _add_bn(scope: Scope, producer: NodeProto, tensor: str, channels: int, dtype
 def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[str] = None,
            exclude: Optional[str] = None, position: str = "pre-activation", calibration: Optional[Data] = None,
            batch_size: Optional[int] = 32, estimator: str = "population", momentum: float = 0.99,
-           mode: str = "preserve", epsilon: float = 1e-5, progress: Progress = None) -> InsertResult:
-    """Insert BatchNormalization after the chosen ops of the main graph (see module doc)."""
+           mode: str = "preserve", epsilon: float = 1e-5, exact: bool = False,
+           progress: Progress = None) -> InsertResult:
+    """Insert BatchNormalization after the chosen ops of the main graph (see module doc).
+
+    ``exact`` matters for ``normalize`` mode only (see :func:`recalibrate`)."""
     if position not in ("pre-activation", "post-activation"):
         raise BnfoldError(f"position '{position}': use pre-activation or post-activation")
     if mode not in MODES:
         raise BnfoldError(f"mode '{mode}': use preserve or normalize")
-    model, path = _load(model_or_path)
+    check_ops(ops)
+    check_epsilon(epsilon)
+    pick, skip = _regex(node, "--node"), _regex(exclude, "--exclude")
+    if calibration is not None:
+        ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+    model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
-    pick, skip = (re.compile(node) if node else None), (re.compile(exclude) if exclude else None)
     records: List[InsertRecord] = []
     added: List[Tuple[NodeProto, np.dtype]] = []
+    selected = 0
     for n in list(scope.nodes):
         if n.op_type not in ops or not is_default_domain(n):
             continue
@@ -214,6 +267,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
         if (pick and not (pick.search(label) or pick.search(n.output[0]))) or \
                 (skip and (skip.search(label) or skip.search(n.output[0]))):
             continue
+        selected += 1
         site = _host_site(scope, n, position)
         if isinstance(site, InsertRecord):
             records.append(site)
@@ -225,6 +279,10 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
         where = "after its activation" if position == "post-activation" else "before its activation"
         records.append(InsertRecord(label, n.op_type, True, bn.name, tensor,
                                     detail=f"BatchNormalization '{bn.name}' after {n.op_type} '{label}' ({where})"))
+    if not selected:
+        what = " or ".join(ops)
+        filters = "".join(f" {o} '{p}'" for o, p in (("matching --node", node), ("outside --exclude", exclude)) if p)
+        raise BnfoldError(f"has no {what} node{filters}: no BatchNormalization to insert", path)
     summary = None
     if added:
         index.finish()
@@ -241,14 +299,20 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
             summary = _calibrate(model, path, [b for b, _ in added],
                                  {b.name: param_dtype(d, scope.opset) for b, d in added}, calibration,
                                  batch_size, estimator, momentum, set_stats, sequential=mode == "normalize",
-                                 progress=progress)
-    return InsertResult(model, records, mode, summary)
+                                 progress=progress, exact=exact)
+    return InsertResult(model, records, mode, summary, external)
 
 
 def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] = 32, estimator: str = "population",
-                momentum: float = 0.99, progress: Progress = None) -> RecalibrateResult:
-    """Re-estimate running mean and variance of every inference BN of the main graph."""
-    model, path = _load(model_or_path)
+                momentum: float = 0.99, exact: bool = False, progress: Progress = None) -> RecalibrateResult:
+    """Re-estimate running mean and variance of every inference BN of the main graph.
+
+    By default in one pass over the data during which every BN normalises with its current
+    batch statistics (torch's ``update_bn``, AdaBN), at about inference speed. With
+    ``exact``, each BN is measured with every BN upstream of it at its final statistics: one
+    pass per dependency wave (module doc)."""
+    ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+    model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
     bns, skipped, dtypes = [], [], {}
@@ -268,6 +332,10 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
                 n.name = index.fresh_name("BatchNormalization")
             bns.append(n)
             dtypes[n.name] = consts[2].value.dtype
+    if not bns:
+        why = "; ".join(f"'{n}': {w}" for n, w in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        raise BnfoldError("has no inference BatchNormalization to recalibrate" + (f" ({why})" if why else ""),
+                          path)
     # every BN gets statistics tensors of its own, so a shared one is never half-updated
     for n in bns:
         for i in (3, 4):
@@ -280,8 +348,8 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
         _set_param(model, bn.input[4], var.astype(dtype))
 
     summary = _calibrate(model, path, bns, dtypes, calibration, batch_size, estimator, momentum, set_stats,
-                         sequential=True, progress=progress)
-    return RecalibrateResult(model, [n.name for n in bns], skipped, summary)
+                         sequential=True, progress=progress, exact=exact)
+    return RecalibrateResult(model, [n.name for n in bns], skipped, summary, external)
 
 
 def _set_param(model: ModelProto, name: str, value: np.ndarray) -> None:
@@ -314,41 +382,264 @@ def _waves(model: ModelProto, bns: List[NodeProto]) -> List[List[NodeProto]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _shape_check(specs, where: str) -> Callable[[Chunk], None]:
+    """A check that every calibration array fits its model input (rank, fixed dims, kind)."""
+
+    def check(chunk: Chunk) -> None:
+        for spec in specs:
+            a = chunk.arrays[spec.name]
+            if not spec.dims:  # no shape recorded (or a scalar input): ONNX Runtime will judge
+                continue
+            fixed = [(i, d) for i, d in enumerate(spec.dims) if isinstance(d, int) and d > 0 and i > 0]
+            if a.ndim != len(spec.dims) or any(a.shape[i] != d for i, d in fixed):
+                want = "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?")
+                                       for d in spec.dims) + "]"
+                message = (f"array '{spec.name}' has shape {list(a.shape)}, but input '{spec.name}' of {where} "
+                           f"takes {want}")
+                raise BnfoldError(message, chunk.source) if chunk.source else \
+                    BnfoldError(f"{chunk.where}: {message}")
+            if np.dtype(spec.dtype).kind == "f" and a.dtype.kind not in "fiub":
+                raise BnfoldError(f"array '{spec.name}' has dtype {a.dtype}, input '{spec.name}' takes "
+                                  f"{np.dtype(spec.dtype).name}", chunk.source)
+
+    return check
+
+
 def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
                data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
-               sequential: bool, progress: Progress) -> CalibrationSummary:
-    from . import runner
+               sequential: bool, progress: Progress, exact: bool = False) -> CalibrationSummary:
+    """Measure the input statistics of ``bns`` and hand each BN's to ``set_stats``.
 
-    ChannelStats(estimator, momentum)  # validate the estimator before any run
-    waves = _waves(model, bns) if sequential else [bns]
+    Not ``sequential`` (every BN an identity while measured): one pass, exact. ``sequential``:
+    by default one pass in which every BN normalises with its current batch statistics;
+    ``exact``: one pass per wave, every BN measured with those upstream at their final values.
+    """
+    if sequential and exact or _opset(model) < 7:
+        return _calibrate_waves(model, path, bns, dtypes, data, batch_size, estimator, momentum, set_stats,
+                                sequential, progress)
+    return _calibrate_batch(model, path, bns, dtypes, data, batch_size, estimator, momentum, set_stats,
+                            normalize=sequential, progress=progress)
+
+
+def _opset(model: ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
+
+
+def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: Data, batch_size: Optional[int],
+              optimized: bool, on_batch: Callable[[Dict[str, np.ndarray], int, Batch], None],
+              tick: Callable[[int], None]) -> Tuple[int, int]:
+    """One pass over the data through ``model`` (written to a private folder), calling
+    ``on_batch(outputs, k, batch)`` per batch; returns (batches, samples)."""
+    from . import runner
+    from .modelio import save_model
+
+    where = path or "the model"
     tmpdir = tempfile.mkdtemp(prefix="bnfold-calibrate-")
-    batches = samples = 0
     try:
-        for group in waves:
-            probe = ModelProto()
-            probe.CopyFrom(model)
-            del probe.graph.output[:]
-            names = [b.input[0] for b in group]
-            for n in dict.fromkeys(names):
-                probe.graph.output.append(helper.make_empty_tensor_value_info(n))
-            probe_path = os.path.join(tmpdir, "probe.onnx")
-            with open(probe_path, "wb") as f:
-                f.write(probe.SerializeToString())
-            run = runner.open_runner(probe_path, runner.CPU, name=path)
-            specs = list(run.inputs)
-            stats = {n: ChannelStats(estimator, momentum) for n in names}
-            batches = samples = 0
-            for feeds in iter_batches(data, [s.name for s in specs], batch_size):
-                feeds = {s.name: np.asarray(feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
-                # statistics update in ONNX Runtime's worker: only they come back, not the activations
-                stats = run.run_reduce(feeds, list(stats), runner.UpdateEach(stats))
-                batches += 1
-                samples += len(next(iter(feeds.values())))
-                if progress:
-                    progress(1)
-            for b in group:
-                mean, var = stats[b.input[0]].result()
-                set_stats(b, mean, var, dtypes[b.name])
+        probe_path = os.path.join(tmpdir, "probe.onnx")
+        save_model(model, probe_path)  # external data above protobuf's 2 GB limit
+        try:
+            run = runner.open_runner(probe_path, runner.CPU, optimized=optimized, name=path)
+        except BnfoldError as e:
+            raise BnfoldError(e.message, path) from None
+        specs = list(run.inputs)
+        fixed = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0}
+        if fixed and batch_size is not None and batch_size not in fixed:
+            raise BnfoldError(f"its inputs take batches of exactly {min(fixed)} sample(s) (a fixed batch "
+                              f"dimension): use --batch-size {min(fixed)}", path)
+        batches = samples = 0
+        for batch in iter_batches(data, [s.name for s in specs], batch_size, _shape_check(specs, where)):
+            if fixed and batch.size not in fixed:
+                raise BnfoldError(f"its inputs take batches of exactly {min(fixed)} sample(s), and calibration "
+                                  f"batch {batches} from {', '.join(batch.sources)} holds {batch.size}: use a "
+                                  f"sample count that is a multiple of {min(fixed)}", path)
+            feeds = {s.name: np.asarray(batch.feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
+            try:
+                outs = run.run(feeds, outputs)
+            except BnfoldError as e:
+                raise BnfoldError(f"{e.message}, on calibration data from {', '.join(batch.sources)}",
+                                  path) from None
+            on_batch(outs, batches, batch)
+            batches += 1
+            samples += batch.size
+            tick(samples)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return CalibrationSummary(estimator, batches, samples, len(waves))
+    return batches, samples
+
+
+def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
+                     data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
+                     sequential: bool, progress: Progress) -> CalibrationSummary:
+    """The exact method: per wave, the BN inputs as graph outputs of the model as calibrated
+    so far, ONNX Runtime optimisations off, statistics in numpy float64."""
+    where = path or "the model"
+    waves = _waves(model, bns) if sequential else [bns]
+    batches = samples = 0
+    for k, group in enumerate(waves, 1):
+        probe = ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        names = list(dict.fromkeys(b.input[0] for b in group))
+        probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+        stats = {n: ChannelStats(estimator, momentum) for n in names}
+
+        def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
+            for n, st in stats.items():
+                x = outs[n]
+                _update(st, *moments(x), n, i, batch, where)
+
+        batches, samples = _run_pass(probe, path, names, data, batch_size, False, on_batch,
+                                     _ticker(progress, k, len(waves)))
+        del probe
+        for b in group:
+            mean, var = stats[b.input[0]].result()
+            set_stats(b, mean, var, dtypes[b.name])
+    return _summary(estimator, momentum, batches, samples, len(waves), "exact")
+
+
+def _ticker(progress: Progress, k: int, passes: int) -> Callable[[int], None]:
+    return (lambda samples: progress(samples, k, passes)) if progress else (lambda samples: None)
+
+
+def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto], dtypes: Dict[str, np.dtype],
+                     data: Data, batch_size: Optional[int], estimator: str, momentum: float, set_stats,
+                     normalize: bool, progress: Progress) -> CalibrationSummary:
+    """One pass, ONNX Runtime optimisations on: the probe computes every BN input's batch mean
+    and variance inside the graph (per-sample float32 sums combined in float64; graph outputs,
+    so no fusion removes them) and, with ``normalize``, each BN normalises with them (torch's
+    update_bn, AdaBN). Only these small tensors leave ONNX Runtime."""
+    where = path or "the model"
+    probe, taps = batch_stats_probe(model, [b.name for b in bns], normalize)
+    outputs = [t for tap in taps.values() for t in tap]
+    stats = {b.name: ChannelStats(estimator, momentum) for b in bns}
+    inputs = {b.name: b.input[0] for b in bns}
+
+    def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
+        for name, (mean, var, shape) in taps.items():
+            dims = [int(d) for d in outs[shape]]
+            n, p = dims[0], int(np.prod(dims[2:]))
+            _update(stats[name], outs[mean].reshape(-1), outs[var].reshape(-1), n * p, inputs[name], i, batch, where)
+
+    batches, samples = _run_pass(probe, path, outputs, data, batch_size, True, on_batch, _ticker(progress, 1, 1))
+    del probe
+    for b in bns:
+        mean, var = stats[b.name].result()
+        set_stats(b, mean, var, dtypes[b.name])
+    return _summary(estimator, momentum, batches, samples, 1, "batch" if normalize else "exact")
+
+
+def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: bool
+                      ) -> Tuple[ModelProto, Dict[str, Tuple[str, str, str]]]:
+    """A copy of ``model`` whose outputs are, per BN named, its input's batch mean and biased
+    variance over every axis but 1 (float64, shape [1, C, 1]) and the input's shape (for m).
+    With ``normalize`` each of these BNs normalises with those batch statistics (its mean and
+    variance inputs are replaced by them; scale, bias and epsilon stay: a training-mode BN, as
+    torch's update_bn runs it); otherwise the BNs are untouched."""
+    probe = ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    opset = _opset(probe)
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input} | \
+        {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+    counter = iter(range(1 << 30))
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name = f"{base}_{next(counter)}"
+        taken.add(name)
+        return name
+
+    inits = {t.name: t for t in graph.initializer}
+    targets = set(bn_names)
+    nodes: List[NodeProto] = []
+    taps: Dict[str, Tuple[str, str, str]] = {}
+    del graph.output[:]
+    for n in list(graph.node):
+        if n.name not in targets or n.op_type != "BatchNormalization":
+            nodes.append(n)
+            continue
+        p = fresh(f"{n.name}.calib")
+        t = lambda *names: [fresh(f"{p}.{s}") for s in names]  # noqa: E731
+        c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731
+
+        def reduce(op: str, x: str, out: str, axes: List[int]) -> NodeProto:
+            if opset >= (13 if op == "ReduceSum" else 18):  # when axes became an input
+                return helper.make_node(op, [x, c("axes", np.array(axes, np.int64))], [out], keepdims=1)
+            return helper.make_node(op, [x], [out], axes=axes, keepdims=1)
+
+        x = n.input[0]
+        x3, xf, shape, size, ch, m, m64, p1, p2, p1d, p2d, s1, s2, mean, ex2, msq, v0, var = t(
+            "x3", "xf", "shape", "size", "ch", "m", "m64", "p1", "p2", "p1d", "p2d", "s1", "s2", "mean", "ex2", "msq",
+            "v0", "var")
+        # Sums over each sample's positions in float32 (ONNX Runtime removes the Cast for float32
+        # activations; float16 ones are summed in float32), then the per-sample sums combined in
+        # float64: one read of the activation for each sum, where a float64 copy costs 2-3 more.
+        # mean and var = E[x^2] - mean^2 over [N, C, positions], whatever the rank.
+        new = [helper.make_node("Shape", [x], [shape]),
+               helper.make_node("Reshape", [x, c("to3d", np.array([0, 0, -1], np.int64))], [x3]),
+               helper.make_node("Cast", [x3], [xf], to=onnx.TensorProto.FLOAT),
+               reduce("ReduceSum", xf, p1, [2]), reduce("ReduceSumSquare", xf, p2, [2]),
+               helper.make_node("Cast", [p1], [p1d], to=onnx.TensorProto.DOUBLE),
+               helper.make_node("Cast", [p2], [p2d], to=onnx.TensorProto.DOUBLE),
+               reduce("ReduceSum", p1d, s1, [0]), reduce("ReduceSum", p2d, s2, [0]),
+               helper.make_node("Size", [x], [size]),
+               helper.make_node("Gather", [shape, c("one", np.array(1, np.int64))], [ch]),
+               helper.make_node("Div", [size, ch], [m]),
+               helper.make_node("Cast", [m], [m64], to=onnx.TensorProto.DOUBLE),
+               helper.make_node("Div", [s1, m64], [mean]),
+               helper.make_node("Div", [s2, m64], [ex2]),
+               helper.make_node("Mul", [mean, mean], [msq]),
+               helper.make_node("Sub", [ex2, msq], [v0]),
+               helper.make_node("Max", [v0, c("zero", np.array(0.0, np.float64))], [var])]
+        taps[n.name] = (mean, var, shape)
+        if normalize:
+            mean_c, var_c, mean_t, var_t = t("mean_c", "var_c", "mean_t", "var_t")
+            flat = c("flat", np.array([-1], np.int64))
+            to = inits[n.input[3]].data_type if n.input[3] in inits else onnx.TensorProto.FLOAT
+            new += [helper.make_node("Reshape", [mean, flat], [mean_c]),
+                    helper.make_node("Reshape", [var, flat], [var_c]),
+                    helper.make_node("Cast", [mean_c], [mean_t], to=to),
+                    helper.make_node("Cast", [var_c], [var_t], to=to)]
+            bn = NodeProto()
+            bn.CopyFrom(n)
+            bn.input[3], bn.input[4] = mean_t, var_t
+            new.append(bn)
+        else:
+            nodes.append(n)
+        nodes.extend(new)
+        graph.output.extend(helper.make_empty_tensor_value_info(o) for o in taps[n.name])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return probe, taps
+
+
+def _probe_const(graph, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _update(stats: ChannelStats, mean: np.ndarray, var: np.ndarray, m: int, tensor: str, k: int, batch: Batch,
+            where: str) -> None:
+    """Add one batch's moments of ``tensor``, refusing what would give meaningless statistics."""
+    if m < 2:
+        raise BnfoldError(f"calibration batch {k} ({batch.size} sample(s)) gives m = {m} value per channel at "
+                          f"tensor '{tensor}': the variance needs m >= 2 (use --batch-size 2 or more, and a "
+                          "sample count that leaves no final batch of one)", where)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        raise BnfoldError(f"tensor '{tensor}' is not finite (inf or NaN) on calibration batch {k}, from "
+                          f"{', '.join(batch.sources)}: its statistics would be meaningless", where)
+    stats.update_moments(mean, var, m)
+
+
+def _summary(estimator: str, momentum: float, batches: int, samples: int, passes: int,
+             method: str) -> CalibrationSummary:
+    weight = data_weight(estimator, momentum, batches)
+    warnings = []
+    if weight < MOMENTUM_WARN_WEIGHT:
+        start_mean, start_var = MOMENTUM_START
+        warnings.append(f"momentum {momentum} over {batches} batch(es): the data weighs {weight:.1%} of the "
+                        f"statistics, the start values (mean {start_mean:g}, var {start_var:g}) {1 - weight:.1%}; "
+                        "use more batches, a lower --momentum, or --estimator population")
+    return CalibrationSummary(estimator, batches, samples, passes, method, round(weight, 6), warnings)
