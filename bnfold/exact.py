@@ -81,20 +81,25 @@ def _upcast_node(node: onnx.NodeProto) -> None:
             a.i = _to_double(a.i)
 
 
-def _upcast_graph(graph: onnx.GraphProto) -> None:
-    for t in graph.initializer:
-        _upcast_tensor(t)
+def _upcast_graph(graph: onnx.GraphProto, initializers: bool = True) -> None:
+    if initializers:
+        for t in graph.initializer:
+            _upcast_tensor(t)
     for v in list(graph.input) + list(graph.output) + list(graph.value_info):
         _upcast_type(v.type)
     for node in graph.node:
         _upcast_node(node)
 
 
-def upcast(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A float64 copy of ``model`` (external data must already be loaded)."""
+def upcast(model: onnx.ModelProto, *, initializers: bool = True) -> onnx.ModelProto:
+    """A float64 copy of ``model`` (external data must already be loaded).
+
+    ``initializers=False`` leaves the main graph's initializers in their own dtype, for
+    :class:`Float64Evaluator`, which converts its own arrays (no float64 protobuf copy).
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _upcast_graph(out.graph)
+    _upcast_graph(out.graph, initializers)
     for f in out.functions:
         for node in f.node:
             _upcast_node(node)
@@ -115,17 +120,9 @@ def half_ulp(arr: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(np.spacing(arr)).astype(np.float64)
 
 
-def perturb_initializers(model64: onnx.ModelProto, originals: Sequence[Tuple[str, np.ndarray]],
-                         rng: np.random.Generator) -> onnx.ModelProto:
-    """A copy of the float64 model whose float weights moved uniformly within half an ulp of their own dtype."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model64)
-    by_name = {t.name: t for t in out.graph.initializer}
-    for name, arr in originals:
-        base = arr.astype(np.float64)
-        moved = base + rng.uniform(-1.0, 1.0, base.shape) * half_ulp(arr)
-        by_name[name].CopyFrom(numpy_helper.from_array(np.asarray(moved, np.float64), name))
-    return out
+def perturbed(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``arr`` in float64, each value moved uniformly within half an ulp of its own dtype."""
+    return arr.astype(np.float64) + rng.uniform(-1.0, 1.0, arr.shape) * half_ulp(arr)
 
 
 def _bn_class():
@@ -198,6 +195,36 @@ def _conv_class():
     return Conv
 
 
+def _max_pool_class():
+    from onnx.reference.ops.op_max_pool import MaxPool as StockMaxPool
+
+    class MaxPool(StockMaxPool):
+        """2-D MaxPool through numpy windows (the stock one loops in Python); others: stock."""
+
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+                 storage_order=None, strides=None):
+            simple = (x.ndim == 4 and len(self.output) == 1 and not ceil_mode and not storage_order
+                      and auto_pad in (None, "NOTSET", b"NOTSET", "VALID", b"VALID")
+                      and (dilations is None or all(d == 1 for d in dilations))
+                      and kernel_shape is not None and len(kernel_shape) == 2)
+            if not simple:
+                return super()._run(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                                    kernel_shape=kernel_shape, pads=pads, storage_order=storage_order,
+                                    strides=strides)
+            from numpy.lib.stride_tricks import sliding_window_view
+
+            kh, kw = kernel_shape
+            sh, sw = strides or (1, 1)
+            t, l, b, r = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
+            xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=-np.inf)
+            win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+            return (np.ascontiguousarray(win.max(axis=(4, 5))).astype(x.dtype, copy=False),)
+
+    return MaxPool
+
+
 class Float64Evaluator:
     """An upcast model under onnx.reference; ``run(names, feeds)`` like an ORT session."""
 
@@ -205,8 +232,31 @@ class Float64Evaluator:
         from onnx.reference import ReferenceEvaluator
 
         self.model = model64
-        self.evaluator = ReferenceEvaluator(model64, new_ops=[_bn_class(), _conv_class()])
+        self.evaluator = ReferenceEvaluator(model64, new_ops=[_bn_class(), _conv_class(), _max_pool_class()])
         self.output_names = [o.name for o in model64.graph.output]
+
+    def upcast_initializers(self) -> None:
+        """Turn the evaluator's floating-point initializer arrays into float64 (exact: every
+        float dtype converts to float64 without rounding)."""
+        inits = self.evaluator.rt_inits_
+        for name, v in inits.items():
+            if isinstance(v, np.ndarray) and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
+                inits[name] = v.astype(np.float64)
+
+    def run_perturbed(self, originals: Sequence[Tuple[str, np.ndarray]], rng: np.random.Generator,
+                      names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        """``run`` with every weight in ``originals`` (name, array in its own dtype) moved at random
+        within half an ulp of its dtype (:func:`perturbed`); the weights are restored afterwards."""
+        inits = self.evaluator.rt_inits_
+        saved = {}
+        try:
+            for name, arr in originals:
+                if name in inits:
+                    saved[name] = inits[name]
+                    inits[name] = perturbed(arr, rng)
+            return self.run(names, feeds)
+        finally:
+            inits.update(saved)
 
     def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
         feeds64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
@@ -223,7 +273,11 @@ class OwnDtypeEvaluator(Float64Evaluator):
 
 def evaluator(model: onnx.ModelProto, already_float64: bool = False) -> Float64Evaluator:
     """A float64 evaluator of ``model`` (upcast here unless ``already_float64``)."""
-    return Float64Evaluator(model if already_float64 else upcast(model))
+    if already_float64:
+        return Float64Evaluator(model)
+    ev = Float64Evaluator(upcast(model, initializers=False))
+    ev.upcast_initializers()
+    return ev
 
 
 @dataclass

@@ -632,14 +632,14 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], feeds: 
         return check, {}
     t = time.perf_counter()
     try:
-        ref64m = exact.upcast(ref_m)
-        ref64 = dict(zip(out_names, exact.evaluator(ref64m, True).run(out_names, feeds)))
+        ref_ev = exact.evaluator(ref_m)
+        ref64 = dict(zip(out_names, ref_ev.run(out_names, feeds)))
         cand64 = dict(zip(out_names, exact.evaluator(cand_m).run(
             [o for o in out_names if o in {x.name for x in cand_m.graph.output}], feeds)))
         originals = exact.float_initializers(ref_m)
         rng = np.random.default_rng(12345)
-        perturbed = [dict(zip(out_names, exact.evaluator(exact.perturb_initializers(ref64m, originals, rng), True)
-                              .run(out_names, feeds))) for _ in range(PERTURBATIONS)]
+        perturbed = [dict(zip(out_names, ref_ev.run_perturbed(originals, rng, out_names, feeds)))
+                     for _ in range(PERTURBATIONS)]
     except (NotImplementedError, RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
         # onnx.reference lacks this op or cannot evaluate the model: reported, with the fallback verdict
         check.why = f"the float64 evaluator cannot run the model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -735,13 +735,12 @@ def localize_exact(ref_path: str, cand_path: str, feeds: Mapping[str, np.ndarray
 
     ref, cand = load_model(ref_path), load_model(cand_path)
     order = _shared_order(ref, cand)
-    ref64m = exact.upcast(ref)
-    refs = exact.evaluator(ref64m, True).run(order, feeds) if order else []
+    ref_ev = exact.evaluator(ref)
+    refs = ref_ev.run(order, feeds) if order else []
     cands = exact.evaluator(cand).run(order, feeds) if order else []
     originals = exact.float_initializers(ref)
     rng = np.random.default_rng(12345)
-    perturbed = [exact.evaluator(exact.perturb_initializers(ref64m, originals, rng), True).run(order, feeds)
-                 for _ in range(PERTURBATIONS)] if order else []
+    perturbed = [ref_ev.run_perturbed(originals, rng, order, feeds) for _ in range(PERTURBATIONS)] if order else []
     rp, cp = _producers(ref), _producers(cand)
     for k, name in enumerate(order):
         r, c = np.asarray(refs[k]), np.asarray(cands[k])

@@ -6,6 +6,9 @@ References are independent of bnfold's fold: folds here are made by plain numpy 
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
 import pytest
@@ -240,3 +243,25 @@ def test_node_placement_reads_the_profile(tmp_path):
     placed = runner.node_placement(str(path), runner.CPU, feeds)
     assert {op for op, _ in placed.values()} >= {"Conv", "BatchNormalization", "ReduceMax"}
     assert {prov for _, prov in placed.values()} == {"CPUExecutionProvider"}
+
+
+@pytest.mark.parametrize("kernel,strides,pads", [((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)),
+                                                 ((3, 2), (2, 1), (1, 0, 0, 1))])
+def test_float64_max_pool_matches_onnx_runtime(kernel, strides, pads):
+    """The float64 evaluator's numpy MaxPool against ONNX Runtime (max is exact in any dtype),
+    with all-negative inputs so that padding can never win."""
+    from onnx import TensorProto, helper
+
+    from bnfold import exact, runner
+
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=kernel, strides=strides, pads=pads)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = -np.abs(np.random.default_rng(0).standard_normal((2, 4, 9, 10)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pool.onnx")
+        onnx.save(model, path)
+        expected = runner.open_runner(path, runner.CPU).run({"x": x})["y"]
+    np.testing.assert_array_equal(exact.Float64Evaluator(model).run(None, {"x": x})[0], expected)
