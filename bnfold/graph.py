@@ -20,7 +20,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 from .modelio import ScaledTensor, as_array, read_tensor, set_tensor_data
-from .reasons import Reason
+from .reasons import Reason, Refusal
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops that read only a tensor's shape: folding changes values, never shapes, so they
@@ -114,14 +114,6 @@ class Constant:
             return self.tensor.data_type
         return TensorProto.FLOAT if attr(self.node, "value_float") is not None or attr(
             self.node, "value_floats") is not None else TensorProto.INT64
-
-
-@dataclass
-class NotConstant:
-    """Why a name is not a usable constant, as a reason code and a phrase."""
-
-    reason: Reason
-    why: str
 
 
 class Scope:
@@ -342,7 +334,8 @@ class ModelIndex:
         self.main = self._add_graph(model.graph, "main graph", None)
         for f in model.functions:
             self._add_function(f)
-        self._ranks: Optional[Dict[str, int]] = None
+        self._shapes: Optional[Dict[str, List[Optional[int]]]] = None
+        self._elem_types: Dict[str, int] = {}
 
     def _add_graph(self, graph: GraphProto, label: str, parent: Optional[Scope]) -> Scope:
         scope = Scope(self, graph, label, parent)
@@ -389,7 +382,7 @@ class ModelIndex:
         return name
 
     # -- constants -------------------------------------------------------------------
-    def resolve(self, scope: Scope, name: str) -> Union[Constant, NotConstant]:
+    def resolve(self, scope: Scope, name: str) -> Union[Constant, Refusal]:
         """Find what ``name`` refers to as seen from ``scope``."""
         s: Optional[Scope] = scope
         while s is not None:
@@ -397,9 +390,9 @@ class ModelIndex:
             if node is not None:
                 if node.op_type == "Constant" and is_default_domain(node):
                     if has_attribute_refs(node):
-                        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is set by the calling function")
+                        return Refusal(Reason.NOT_CONSTANT, f"'{name}' is set by the calling function")
                     if attr(node, "sparse_value") is not None or attr(node, "value_string") is not None:
-                        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
+                        return Refusal(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
                     return Constant(name, s, attr(node, "value"), node)
                 if node.op_type == "Identity" and is_default_domain(node) and node.input:
                     return self.resolve(s, node.input[0])  # exporters route shared weights through Identity
@@ -411,29 +404,44 @@ class ModelIndex:
                         return Constant(name, src.scope, src.tensor, src.node, derived=value)
                     return src
                 if node.op_type == "DequantizeLinear":
-                    return NotConstant(Reason.QUANTIZED_WEIGHT,
+                    return Refusal(Reason.QUANTIZED_WEIGHT,
                                        f"'{name}' is de-quantized at run time by DequantizeLinear '{s.label_of(node)}'")
-                return NotConstant(Reason.NOT_CONSTANT,
+                return Refusal(Reason.NOT_CONSTANT,
                                    f"'{name}' is computed at run time by {node.op_type} '{s.label_of(node)}'")
             if name in s.initializers:
                 if (name in s.inputs and self.model.ir_version >= 4 and not self.allow_overridable):
-                    return NotConstant(Reason.OVERRIDABLE_PARAMETER,
+                    return Refusal(Reason.OVERRIDABLE_PARAMETER,
                                        f"'{name}' is an initializer that is also a graph input, so callers may "
                                        "override it (allow_overridable / --allow-overridable treats it as constant)")
                 return Constant(name, s, s.initializers[name])
             if name in s.inputs:
-                return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is an input of the {s.label}")
+                return Refusal(Reason.NOT_CONSTANT, f"'{name}' is an input of the {s.label}")
             s = s.parent
-        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is not defined in the {scope.label}")
+        return Refusal(Reason.NOT_CONSTANT, f"'{name}' is not defined in the {scope.label}")
 
     # -- shapes ----------------------------------------------------------------------
     def rank(self, name: str) -> Optional[int]:
-        """The rank of tensor ``name`` if declared or inferable, else None."""
-        if self._ranks is None:
-            self._ranks = self._infer_ranks()
-        return self._ranks.get(name)
+        """The rank of tensor ``name`` if declared or inferable, else None.
 
-    def _infer_ranks(self) -> Dict[str, int]:
+        Inferred once, on first use, from the graph as it is then: callers that edit the
+        graph (``insert``) ask before their first edit.
+        """
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def shape(self, name: str) -> Optional[List[Optional[int]]]:
+        """The dims of tensor ``name`` (None for a symbolic or unknown dim), if its rank is known."""
+        if self._shapes is None:
+            self._shapes, self._elem_types = self._infer_shapes()
+        return self._shapes.get(name)
+
+    def elem_type(self, name: str) -> Optional[int]:
+        """The element type (``TensorProto`` enum) of tensor ``name``, if declared or inferable."""
+        if self._shapes is None:
+            self._shapes, self._elem_types = self._infer_shapes()
+        return self._elem_types.get(name)
+
+    def _infer_shapes(self):
         # Shape inference on a skeleton: big initializers keep dims but not data, so
         # this stays cheap on large models.
         skeleton = ModelProto()
@@ -449,18 +457,24 @@ class ModelIndex:
                 g.initializer.append(t)
             else:
                 g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        ranks: Dict[str, int] = {}
+        shapes: Dict[str, List[Optional[int]]] = {}
+        types: Dict[str, int] = {}
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
             values = itertools.chain(inferred.graph.input, inferred.graph.output, inferred.graph.value_info)
         except Exception:  # inference is a bonus: fall back to what is declared
             values = itertools.chain(src.input, src.output, src.value_info)
         for v in values:
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+            if v.type.HasField("tensor_type"):
+                tt = v.type.tensor_type
+                if tt.elem_type:
+                    types[v.name] = tt.elem_type
+                if tt.HasField("shape"):
+                    shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         for t in src.initializer:
-            ranks[t.name] = len(t.dims)
-        return ranks
+            shapes[t.name] = list(t.dims)
+            types[t.name] = t.data_type
+        return shapes, types
 
     # -- finishing -------------------------------------------------------------------
     def take_replacements(self) -> Dict[str, object]:

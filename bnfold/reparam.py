@@ -29,6 +29,7 @@ import numpy as np
 from onnx import NodeProto, helper
 
 from . import numerics
+from .hosts import CONV
 from .graph import Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 
 
@@ -106,7 +107,7 @@ def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Optional[Merge]:
         p = scope.producer.get(leaf)
         if p is not None and scope.only_consumer(leaf) is None:
             return None
-        if p is not None and p.op_type == "Conv" and is_default_domain(p) and not has_attribute_refs(p):
+        if p is not None and p.op_type == CONV.op_type and is_default_domain(p) and not has_attribute_refs(p):
             src, b = _conv_branch(scope, p)
         elif p is not None and p.op_type == "BatchNormalization" and is_default_domain(p):
             affine = bn_affine(scope, p)
@@ -119,7 +120,7 @@ def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Optional[Merge]:
             return None
         x = src
         branches.append(b)
-    convs = [b for b in branches if b.node is not None and b.node.op_type == "Conv"]
+    convs = [b for b in branches if b.node is not None and b.node.op_type == CONV.op_type]
     if not convs or len(branches) < 2:
         return None
     plan = _plan(convs, branches)
@@ -210,7 +211,7 @@ def _apply(scope: Scope, root: NodeProto, adds: List[NodeProto], branches: List[
            weight: np.ndarray, bias: np.ndarray, attrs: Dict) -> Merge:
     out = root.output[0]
     base = root.name or out
-    conv = helper.make_node("Conv", [x, "", ""], [out], name=scope.index.fresh_name(f"{base}_reparam"), **attrs)
+    conv = helper.make_node(CONV.op_type, [x, "", ""], [out], name=scope.index.fresh_name(f"{base}_reparam"), **attrs)
     labels = [f"{b.node.op_type} '{scope.label_of(b.node)}'" if b.node is not None else f"identity '{x}'"
               for b in branches]
     for node in adds + [b.node for b in branches if b.node is not None]:

@@ -180,10 +180,11 @@ def test_transpose_between_matmul_and_bn():
     kept(model, Reason.CHANNEL_AXIS_MISMATCH)
 
 
-@pytest.mark.parametrize("target", [[-1, 12], [6, -1], [-1, 0]])
-def test_reshape_that_moves_features(target):
+@pytest.mark.parametrize("target,tokens", [([-1, 12], 6), ([6, -1], 6), ([-1, 0], 4)])
+def test_reshape_that_moves_features(target, tokens):
+    # [-1, 0] copies the token axis; with 6 tokens it would be [12, 6], features last (exact)
     model = build(f"""{HEAD}
-    g (float[2,6,5] x) => (float[?,?] y) {{
+    g (float[2,{tokens},5] x) => (float[?,?] y) {{
         c = MatMul (x, W)
         r = Reshape (c, shape)
         y = BatchNormalization (r, s, b, m, v)
