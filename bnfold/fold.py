@@ -81,7 +81,7 @@ class FuseResult:
     def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
-                 base_dir: Optional[str] = None) -> None:
+                 base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None) -> None:
         self._model = model
         self._replacements = replacements
         self.records = records
@@ -94,6 +94,8 @@ class FuseResult:
         self.base_dir = base_dir
         self.merges = merges or []
         """Multi-branch blocks merged into one Conv (:class:`bnfold.reparam.Merge`)."""
+        self.unmerged = unmerged
+        """With ``reparameterize``: why each candidate block was not merged; None when not asked."""
 
     @property
     def model(self) -> ModelProto:
@@ -154,6 +156,8 @@ class FuseResult:
             "kept": len(self.kept),
             "records": [r.to_dict() for r in self.records],
             "reparameterized": [{"conv": m.conv, "graph": m.graph, "branches": m.branches} for m in self.merges],
+            **({} if self.unmerged is None else
+               {"not_reparameterized": [{"reason": r.reason.value, "detail": r.detail} for r in self.unmerged]}),
         }
 
 
@@ -209,10 +213,11 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
     folds = _fold_all(index)
     merges = []
+    unmerged = None
     if reparameterize:
         from .reparam import reparameterize as merge_branches
 
-        merges = merge_branches(index, _bn_affine)
+        merges, unmerged = merge_branches(index, _bn_affine)
         absorbed = {id(bn): m for m in merges for bn in m.absorbed_bns}
         folds = [(bn, _absorbed(rec, absorbed[id(bn)]) if id(bn) in absorbed else rec) for bn, rec in folds]
     records = [rec for _, rec in folds]
@@ -221,7 +226,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records, merges)
-    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir)
+    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
+                      unmerged)
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:
