@@ -126,9 +126,11 @@ class HostRule:
 
 
 def _group_check(scope: Scope, node: NodeProto) -> Optional[Refusal]:
+    from .graph import Constant
+
     group = attr(node, "group", 1)
     w = scope.index.resolve(scope, node.input[1]) if len(node.input) > 1 else None
-    dims = getattr(getattr(w, "tensor", None), "dims", None)
+    dims = w.value.shape if isinstance(w, Constant) else None
     if not isinstance(group, int) or group < 1 or (dims and dims[0] % group):
         return Refusal(Reason.UNSUPPORTED_HOST, f"{node.op_type} '{scope.label_of(node)}' has group={group}, "
                                                 "which does not divide its weight")
