@@ -27,7 +27,7 @@ from onnx import ModelProto, NodeProto, helper
 
 from . import __version__, numerics
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
-from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, HostRule, backward_rule, forward_rule, host_names,
+from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
 from .reasons import Reason, Refusal
 
@@ -398,8 +398,8 @@ def _constant_operand(scope: Scope, node: NodeProto) -> Optional[int]:
 # Ops the backward search walks through between a host and its BN: layout ops whose
 # effect on the feature axis is tracked (:func:`_track_features`), value-preserving
 # ops, and one constant Add (a bias).
-WALK_LAYOUT = frozenset({"Reshape", "Flatten"})
-WALK_PASS_THROUGH: frozenset = frozenset()
+WALK_LAYOUT = LAYOUT_OPS
+WALK_PASS_THROUGH = PASS_THROUGH
 
 
 @dataclass
@@ -421,7 +421,7 @@ def _passes_values(scope: Scope, node: NodeProto) -> bool:
         if len(node.input) > 2 and node.input[2]:
             mode = scope.index.resolve(scope, node.input[2])
             return isinstance(mode, Constant) and not bool(np.asarray(mode.value).any())
-        return not attr(node, "is_test", 1) == 0 or scope.opset >= 7
+        return scope.opset >= 7 or attr(node, "is_test", 0) == 1  # Dropout-6 and older: is_test
     if node.op_type == "Cast":  # only to the type it already has
         src = scope.index.elem_type(node.input[0])
         return src is not None and src == attr(node, "to")
@@ -450,10 +450,9 @@ def _find_host(scope: Scope, x: str, consumer: NodeProto) -> Union[_Path, Refusa
         between.append(node)
         node = scope.producer.get(node.input[1 - k])
     rule = backward_rule(node)
-    if rule is None:
-        first = between[-1] if between else None
-        shown = node if node is not None and first is None else first
-        return _no_host(scope, shown if shown is not None else scope.producer[x], consumer)
+    if rule is None:  # name the node the search stopped at
+        shown = node if node is not None else (between[-1] if between else scope.producer[x])
+        return _no_host(scope, shown, consumer)
     chain = [node] + between[::-1]
     for a, b in zip(chain, chain[1:] + [consumer]):
         refusal = _feeds_only(scope, a.output[0], a, b)

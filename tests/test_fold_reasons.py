@@ -172,10 +172,12 @@ def test_matmul_3d_output_straight_into_bn():
 
 
 def test_transpose_between_matmul_and_bn():
+    """A Transpose that leaves the features on the last axis (the twin of test_fold_layout's
+    bn(x.transpose(1, 2)), which folds)."""
     model = build(f"""{HEAD}
-    g (float[2,6,5] x) => (float[2,6,6] y) {{
+    g (float[6,6,5] x) => (float[6,6,6] y) {{
         c = MatMul (x, W)
-        t = Transpose <perm = [0, 2, 1]> (c)
+        t = Transpose <perm = [1, 0, 2]> (c)
         y = BatchNormalization (t, s, b, m, v)
     }}""", W=rand(5, 6), **bn_params(6))
     kept(model, Reason.CHANNEL_AXIS_MISMATCH)
