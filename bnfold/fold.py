@@ -300,7 +300,8 @@ def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
     if isinstance(fwd, NodeProto):
         return BNRecord(label, scope.label, True, INTO_FOLLOWING, scope.label_of(fwd), fwd.op_type,
                         detail=f"folded into the following {fwd.op_type} '{scope.label_of(fwd)}'")
-    if back.reason == Reason.NO_HOST and isinstance(fwd, Refusal):
+    if isinstance(fwd, Refusal) and (back.reason == Reason.NO_HOST or fwd.reason == Reason.FOLLOWING_CONV_PADDED):
+        # a following Conv that pads is the reason that matters, whatever precedes the BN
         return _kept(scope, bn, fwd)
     if back.reason == Reason.NO_HOST:
         return _kept(scope, bn, Refusal(Reason.NO_HOST, f"{back.detail}, and {fwd}"))
@@ -761,29 +762,63 @@ def _fold_into_concat(scope: Scope, bn: NodeProto, s: np.ndarray,
 
 # -- folding into the op after the BN ------------------------------------------------------
 
+def _flattened(scope: Scope, bn: NodeProto, layout: NodeProto, k: int, c: int) -> Optional[str]:
+    """Why ``layout`` (a Flatten or Reshape after the BN) is not ``[N, C, ...] -> [N, C*rest]``
+    with ``k == C*rest`` input features, or None when it is."""
+    if layout.op_type == "Flatten":
+        if int(attr(layout, "axis", 1)) != 1:
+            return f"Flatten '{scope.label_of(layout)}' does not flatten from axis 1"
+        return None if k % c == 0 else f"{k} features are not a multiple of the BN's {c} channels"
+    shape = scope.index.resolve(scope, layout.input[1]) if len(layout.input) > 1 else None
+    if not isinstance(shape, Constant):
+        return f"Reshape '{scope.label_of(layout)}' has a shape computed at run time"
+    target = [int(v) for v in np.asarray(shape.value).reshape(-1)]
+    dims = scope.index.shape(bn.input[0])
+    rest = None if dims is None or len(dims) < 2 else dims[1:]
+    if len(target) == 2 and target[0] == 0 and target[1] == -1 and not attr(layout, "allowzero", 0):
+        return None if k % c == 0 else f"{k} features are not a multiple of the BN's {c} channels"
+    if len(target) == 2 and target[1] == k and rest is not None and None not in rest and int(np.prod(rest)) == k:
+        return None
+    return f"Reshape '{scope.label_of(layout)}' to {target} is not proven to flatten the BN's output from axis 1"
+
+
 def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> Union[NodeProto, Refusal, str]:
-    """Fold into the single following host that takes a BN before it; a string says why
-    there is no candidate."""
+    """Fold into the single following host that takes a BN before it (directly, or behind a
+    Flatten/Reshape from axis 1 for hosts reading flat features); a string says why there is
+    no candidate."""
     y = bn.output[0]
     nxt = scope.only_consumer(y)
     if nxt is None:
         n = scope.uses(y)
         return "its output is a graph output" if y in scope.outputs else f"its output feeds {n} nodes"
+    layout = None
+    if nxt.op_type in ("Flatten", "Reshape") and is_default_domain(nxt) and nxt.input[0] == y:
+        after = scope.only_consumer(nxt.output[0])
+        rule = forward_rule(after)
+        if rule is not None and rule.flat_input:
+            layout, nxt = nxt, after
     rule = forward_rule(nxt)
-    if rule is None or nxt.input[0] != y or y in nxt.input[1:]:
+    x = layout.output[0] if layout is not None else y
+    if rule is None or nxt.input[0] != x or x in nxt.input[1:]:
         return (f"its output feeds {nxt.op_type} '{scope.label_of(nxt)}', not the data input of a "
                 f"{' or '.join(host_names(forward=True))}")
-    w = _attribute_refs(scope, [nxt]) or _weight(scope, nxt, rule.weight_slot, "weight")
+    w = _attribute_refs(scope, [nxt] + ([layout] if layout is not None else [])) or \
+        _weight(scope, nxt, rule.weight_slot, "weight")
     if isinstance(w, Refusal):
         return w
     w_val = w.value
     refusal = rule.forward_check(scope, nxt, w_val)
     if refusal:
         return refusal
-    if rule.in_channels(nxt, w_val) != s.shape[0]:
+    k = rule.in_channels(nxt, w_val)
+    if layout is not None:  # [N, C, d...] flattened: input feature c*D + j reads channel c
+        why = _flattened(scope, bn, layout, k, s.shape[0])
+        if why:
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"between it and {nxt.op_type} '{scope.label_of(nxt)}', {why}")
+        s, t = np.repeat(s, k // s.shape[0]), np.repeat(t, k // s.shape[0])
+    if k != s.shape[0]:
         return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
-                       f"{nxt.op_type} '{scope.label_of(nxt)}' reads {rule.in_channels(nxt, w_val)} channels, "
-                       f"the BN has {s.shape[0]}")
+                       f"{nxt.op_type} '{scope.label_of(nxt)}' reads {k} channels, the BN has {s.shape[0]}")
     bias = None
     if rule.bias_slot is not None and len(nxt.input) > rule.bias_slot and nxt.input[rule.bias_slot]:
         c = _weight(scope, nxt, rule.bias_slot, "bias")
@@ -802,6 +837,6 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     scope.write_constant(nxt, rule.bias_slot, new_b, f"{label}_bias_bnfold")
     rule.after_forward_fold(scope, nxt)
     scope.redirect_shape_readers(bn.output[0], bn.input[0])
-    scope.set_input(nxt, 0, bn.input[0])
+    scope.set_input(layout if layout is not None else nxt, 0, bn.input[0])
     scope.remove_node(bn)
     return nxt

@@ -77,6 +77,8 @@ class HostRule:
     bias_slot: Optional[int] = 2
     folds_forward = False
     """Whether a BN *before* the op (feeding its input 0) can fold into it."""
+    flat_input = False
+    """Whether the op reads ``[N, K]`` features: a BN before it may sit behind a Flatten from axis 1."""
 
     # -- backward: host -> BN -------------------------------------------------------
     def check(self, scope: Scope, node: NodeProto) -> Optional[Refusal]:
@@ -197,6 +199,7 @@ def _gemm_bias_rewritten(scope: Scope, node: NodeProto) -> None:
 class GemmRule(HostRule):
     op_type = "Gemm"
     folds_forward = True
+    flat_input = True
 
     def out_channels(self, node, w):
         return w.shape[0] if attr(node, "transB", 0) else w.shape[1]

@@ -175,3 +175,55 @@ def test_identity_output_read_elsewhere():
         y = BatchNormalization (d, s, b, m, v)
     }}""", W=rand(5, 6), **bn_params(6))
     kept(model, Reason.HOST_OUTPUT_IN_USE)
+
+
+# -- forward, through a Flatten into a classifier Gemm ----------------------------------------
+
+def head(layout: str, trans_b: int = 1, k: int = 36, **arrays):
+    w = rand(5, k) if trans_b else rand(k, 5)
+    return build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[?,5] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, Wc)
+        r = Relu (c)
+        p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+        z = BatchNormalization (p, s, b, m, v)
+        {layout}
+        y = Gemm <transB = {trans_b}, alpha = 0.5, beta = 2.0> (f, W, C)
+    }}""", Wc=rand(4, 4, 3, 3, seed=3), W=w, C=rand(5, seed=4), **bn_params(4), **arrays)
+
+
+@pytest.mark.parametrize("layout,trans_b", [
+    ("f = Flatten <axis = 1> (z)", 1),
+    ("f = Flatten <axis = 1> (z)", 0),
+    ("f = Reshape (z, flat)", 1),
+    ("f = Reshape (z, rows)", 1),
+])
+def test_bn_flatten_gemm_classifier_head(layout, trans_b):
+    """Input feature c*H*W + k of the Gemm reads channel c: scaled by s_c, bias gains W.t over H*W."""
+    model = head(layout, trans_b, flat=np.array([0, -1], np.int64), rows=np.array([-1, 36], np.int64))
+    result = folds(model)
+    assert result.records[0].direction == "into_following" and result.records[0].host_op == "Gemm"
+
+
+def test_reshape_that_does_not_flatten_from_axis_1_is_kept():
+    # [N, 4, 3, 3] -> [2N, 18]: a row holds two channels, not one sample's C*H*W features
+    model = head("f = Reshape (z, rows)", k=18, rows=np.array([-1, 18], np.int64))
+    rec = kept(model, Reason.CHANNEL_AXIS_MISMATCH)
+    assert "Reshape 'Reshape#4'" in rec.detail
+
+
+def test_flatten_from_another_axis_is_kept():
+    model = head("f = Flatten <axis = 2> (z)", k=9)
+    rec = kept(model, Reason.CHANNEL_AXIS_MISMATCH, valid=False)
+    assert "Flatten 'Flatten#4'" in rec.detail
+
+
+def test_padded_conv_after_bn_is_the_reason_even_behind_an_activation():
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, Wc)
+        r = Relu (c)
+        z = BatchNormalization (r, s, b, m, v)
+        y = Conv <pads = [1, 1, 1, 1]> (z, W)
+    }}""", Wc=rand(4, 4, 3, 3, seed=3), W=rand(4, 4, 3, 3), **bn_params(4))
+    kept(model, Reason.FOLLOWING_CONV_PADDED)
