@@ -81,7 +81,8 @@ class FuseResult:
     def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
-                 base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None) -> None:
+                 base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None,
+                 decomposed: Optional[List[BNRecord]] = None) -> None:
         self._model = model
         self._replacements = replacements
         self.records = records
@@ -95,6 +96,9 @@ class FuseResult:
         self.merges = merges or []
         """Multi-branch blocks merged into one Conv (:class:`bnfold.reparam.Merge`)."""
         self.unmerged = unmerged
+        self.decomposed = decomposed or []
+        """BNs already decomposed into a per-channel ``Mul`` (+ ``Add``) of constants after a host:
+        one record each, ``node`` naming the Mul (not counted in ``records``)."""
         """With ``reparameterize``: why each candidate block was not merged; None when not asked."""
 
     @property
@@ -156,6 +160,7 @@ class FuseResult:
             "kept": len(self.kept),
             "records": [r.to_dict() for r in self.records],
             "reparameterized": [{"conv": m.conv, "graph": m.graph, "branches": m.branches} for m in self.merges],
+            **({"decomposed_bn": [r.to_dict() for r in self.decomposed]} if self.decomposed else {}),
             **({} if self.unmerged is None else
                {"not_reparameterized": [{"reason": r.reason.value, "detail": r.detail} for r in self.unmerged]}),
         }
@@ -211,7 +216,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
-    folds = _fold_all(index)
+    folds, decomposed = _fold_all(index)
     merges = []
     unmerged = None
     if reparameterize:
@@ -222,12 +227,12 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         folds = [(bn, _absorbed(rec, absorbed[id(bn)]) if id(bn) in absorbed else rec) for bn, rec in folds]
     records = [rec for _, rec in folds]
     replacements: Dict[str, np.ndarray] = {}
-    if any(r.folded for r in records) or merges:
+    if any(r.folded for r in records + decomposed) or merges:
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records, merges)
     return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
-                      unmerged)
+                      unmerged, decomposed)
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:
@@ -248,12 +253,19 @@ def _stamp(model: ModelProto, records: List[BNRecord], merges: list) -> None:
     model.metadata_props.add(key=PROVENANCE_KEY, value=text)
 
 
-def _fold_all(index: ModelIndex) -> List[Tuple[NodeProto, BNRecord]]:
+def _fold_all(index: ModelIndex) -> Tuple[List[Tuple[NodeProto, BNRecord]], List[BNRecord]]:
+    """Fold BNs, and BNs already decomposed into Mul/Add (:func:`_fold_decomposed`), until
+    nothing changes; return the BN records and the decomposed ones."""
     outcome: dict = {}
     order: List[Tuple[Scope, NodeProto]] = [
         (scope, node) for scope in index.scopes for node in scope.nodes
         if node.op_type == "BatchNormalization" and is_default_domain(node)
     ]
+    muls: List[Tuple[Scope, NodeProto]] = [
+        (scope, node) for scope in index.scopes for node in scope.nodes
+        if node.op_type == "Mul" and is_default_domain(node) and len(node.input) == 2
+    ]
+    affine: Dict[int, BNRecord] = {}
     progress = True
     while progress:
         progress = False
@@ -263,7 +275,14 @@ def _fold_all(index: ModelIndex) -> List[Tuple[NodeProto, BNRecord]]:
                 continue
             outcome[key] = record = _fold_one(scope, bn)
             progress |= record.folded
-    return [(bn, outcome[id(bn)]) for _, bn in order]
+        for scope, mul in muls:
+            if id(mul) in affine and affine[id(mul)].folded or id(mul) in scope.removed:
+                continue
+            rec = _fold_decomposed(scope, mul)
+            if rec is not None:
+                affine[id(mul)] = rec
+                progress |= rec.folded
+    return [(bn, outcome[id(bn)]) for _, bn in order], [affine[id(m)] for _, m in muls if id(m) in affine]
 
 
 def _fold_one(scope: Scope, bn: NodeProto) -> BNRecord:
@@ -659,11 +678,12 @@ def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype) -> Union[np.ndarray
     return numerics.scale_round(w, factor, dtype, "the folded weight")
 
 
-def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray,
-                    want_axis: int = 1) -> Union[Callable[[], None], Refusal]:
+def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray, want_axis: int = 1,
+                    min_rank: int = 2) -> Union[Callable[[], None], Refusal]:
     """Check and compute folding ``s * x + t`` into the host of ``path``; return the edit.
 
-    ``want_axis`` is the axis the features must reach at the end of the chain (BN's 1).
+    ``want_axis`` is the axis the features must reach at the end of the chain (BN's 1;
+    negative counts from the end); the tensor there must have at least ``min_rank`` axes.
     Nothing changes until the returned function is called.
     """
     w_val = _host_weight(scope, path)
@@ -675,10 +695,10 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray,
     if isinstance(tracked, Refusal):
         return tracked
     rank, axis, steps = tracked
-    if axis != want_axis:
+    if rank < min_rank or axis != want_axis % rank:
         return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
                        f"{host.op_type} '{scope.label_of(host)}' puts its features on axis {axis} of a {rank}-D "
-                       f"tensor, but BN normalises axis {want_axis}")
+                       f"tensor, but the {'BN normalises' if want_axis == 1 else 'constants scale'} axis {want_axis}")
     if n_out != s.shape[0]:
         return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
                        f"{host.op_type} '{scope.label_of(host)}' has {n_out} output channels, the BN {s.shape[0]}")
@@ -758,6 +778,74 @@ def _fold_into_concat(scope: Scope, bn: NodeProto, s: np.ndarray,
         apply()
     _replace_bn(scope, bn, concat)
     return concat, [p.host for p in paths]
+
+
+# -- BNs already decomposed into Mul + Add of constants ---------------------------------------
+
+def _per_channel(value: np.ndarray) -> Optional[Tuple[np.ndarray, int]]:
+    """A constant varying along at most one axis: its values (float64) and that axis, counted
+    from the end (-1 last); axis 0 when it is a scalar in effect."""
+    v = np.asarray(value)
+    varying = [j for j, d in enumerate(v.shape) if d != 1]
+    if len(varying) > 1:
+        return None
+    vec = v.astype(np.float64).reshape(-1)
+    return vec, (varying[0] - v.ndim if varying else 0)
+
+
+def _fold_decomposed(scope: Scope, mul: NodeProto) -> Optional[BNRecord]:
+    """Fold ``host -> Mul(x, per-channel constant) [-> Add(per-channel constant)]`` like a BN.
+
+    None when the Mul is no candidate (no per-channel float constant, or no host behind it):
+    only candidates with a host get a record, so ordinary Muls are not reported.
+    """
+    k = _constant_operand(scope, mul)
+    if k is None or has_attribute_refs(mul):
+        return None
+    cm = scope.index.resolve(scope, mul.input[k])
+    if cm.data_type not in FLOAT_TENSOR_TYPES:
+        return None
+    pm = _per_channel(cm.value)
+    if pm is None or pm[1] == 0:
+        return None
+    s, axis = pm
+    ndim = cm.value.ndim
+    nodes = [mul]
+    t = np.zeros_like(s)
+    add = scope.only_consumer(mul.output[0])
+    if add is not None and add.op_type == "Add" and is_default_domain(add) and not has_attribute_refs(add):
+        ka = _constant_operand(scope, add)
+        ca = scope.index.resolve(scope, add.input[ka]) if ka is not None else None
+        pa = _per_channel(ca.value) if isinstance(ca, Constant) and ca.data_type in FLOAT_TENSOR_TYPES else None
+        if pa is not None and (pa[1] in (0, axis)) and (pa[0].size in (1, s.size)):
+            t = np.broadcast_to(pa[0], s.shape).copy()
+            ndim = max(ndim, ca.value.ndim)
+            nodes.append(add)
+    label = scope.label_of(mul)
+    what = f"Mul '{label}'" + (f" and Add '{scope.label_of(nodes[1])}'" if len(nodes) > 1 else "")
+    path = _find_host(scope, mul.input[1 - k], mul)
+    if isinstance(path, Refusal):
+        if path.reason in (Reason.NO_HOST, Reason.ACTIVATION_BETWEEN):
+            return None
+        refusal: Union[Refusal, Callable[[], None]] = path
+    else:
+        if s.size == 1:  # one value for every channel: as many as the host has
+            return None
+        refusal = _plan_into_host(scope, path, s, t, want_axis=axis, min_rank=ndim)
+    if isinstance(refusal, Refusal):
+        return BNRecord(label, scope.label, False, reason=refusal.reason,
+                        detail=f"the per-channel {what} (a decomposed BN) kept: {refusal.detail}")
+    refusal()
+    last = path.chain[-1]
+    out = nodes[-1].output[0]
+    scope.redirect_shape_readers(last.output[0], out)
+    for n in nodes:
+        scope.remove_node(n)
+    scope.rename_output(last, 0, out)
+    host = path.host
+    return BNRecord(label, scope.label, True, INTO_PRECEDING, scope.label_of(host), host.op_type,
+                    detail=f"the per-channel {what} (a decomposed BN) folded into the preceding "
+                           f"{host.op_type} '{scope.label_of(host)}'")
 
 
 # -- folding into the op after the BN ------------------------------------------------------
