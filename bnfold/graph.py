@@ -503,7 +503,9 @@ class ModelIndex:
                 continue
             if node.op_type not in EVALUABLE_OPS or any(True for _ in subgraphs(node)):
                 continue
-            ins = [kind_of(i) for i in node.input if i]
+            # CastLike reads only the type of its second input (dynamo exports: CastLike(c, input))
+            reads = node.input[:1] if node.op_type == "CastLike" else node.input
+            ins = [kind_of(i) for i in reads if i]
             if ins and None not in ins:
                 kinds[node.output[0]] = _QUANTIZED if _QUANTIZED in ins else _COMPUTED
         self._kinds[id(scope)] = kinds
@@ -515,7 +517,18 @@ class ModelIndex:
         if key in self._evaluated:
             return self._evaluated[key]
         label = f"{node.op_type} '{scope.label_of(node)}'"
+        result: Union[Constant, Refusal]
         feeds: Dict[str, np.ndarray] = {}
+        if node.op_type == "CastLike" and len(node.input) > 1 and node.input[1] != node.input[0]:
+            like = node.input[1]  # only its element type matters: feed an empty tensor of that type
+            c = self.resolve(scope, like)
+            elem = c.data_type if isinstance(c, Constant) else (self.elem_type(like) if scope is self.main else None)
+            if elem is None:
+                result = Refusal(
+                    Reason.NOT_CONSTANT, f"'{name}' is cast by {label} to the unknown type of '{like}'")
+                self._evaluated[key] = result
+                return result
+            feeds[like] = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(elem))
         for i in node.input:
             if i and i not in feeds:
                 c = self.resolve(scope, i)
@@ -525,7 +538,7 @@ class ModelIndex:
                 feeds[i] = np.asarray(c.value)
         size = _output_size_bound(node, [feeds[i] for i in node.input if i])
         if size > MAX_EVAL_ELEMENTS:
-            result: Union[Constant, Refusal] = Refusal(
+            result = Refusal(
                 Reason.CONSTANT_TOO_LARGE, f"'{name}' is computed from constants by {label}, but would hold "
                                            f"about {size} elements (cap {MAX_EVAL_ELEMENTS})")
         else:

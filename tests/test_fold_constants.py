@@ -76,6 +76,33 @@ def test_constant_of_shape_and_unsqueezed_parameters():
     assert {t.name for t in result.model.graph.initializer} == set(result.model.graph.node[0].input[1:])
 
 
+def test_dynamo_style_zero_bias_cast_like_the_input():
+    """torch.onnx dynamo exports (no constant folding) make every Conv bias this way."""
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{
+        z = Constant <value = double[1] {{0.5}}> ()
+        zc = CastLike (z, x)
+        sh = Shape <start = 0, end = 1> (W)
+        bias = Expand (zc, sh)
+        c = Conv <pads = [1, 1, 1, 1]> (x, W, bias)
+        y = BatchNormalization (c, s, b, m, v)
+    }}""", W=rand(4, 4, 3, 3), **bn_params(4))
+    result = folds_exactly(model)
+    assert ops(result.model) == ["Conv"]
+
+
+def test_cast_like_of_a_run_time_value_is_not_constant():
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x, double[4] h) => (float[N,4,6,6] y) {{
+        bias = CastLike (h, x)
+        c = Conv <pads = [1, 1, 1, 1]> (x, W, bias)
+        y = BatchNormalization (c, s, b, m, v)
+    }}""", W=rand(4, 4, 3, 3), **bn_params(4))
+    result = fuse(model)
+    assert [r.reason for r in result.kept] == [Reason.HOST_WEIGHT_NOT_CONSTANT]
+    assert "CastLike" in result.kept[0].detail
+
+
 def test_matmul_weight_from_reshaped_concat():
     model = build(f"""{HEAD}
     g (float[N,6] x) => (float[N,4] y) {{
