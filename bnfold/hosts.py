@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 
 def attr(node: "NodeProto", name: str, default=None):
+    """The value of attribute ``name`` of ``node`` or ``default`` (:func:`bnfold.graph.attr`)."""
     from .graph import attr as get
 
     return get(node, name, default)
@@ -59,6 +60,7 @@ def _numerics():
     from . import numerics
 
     return numerics
+
 
 __all__ = ["HostRule", "RULES", "CONV", "backward_rule", "forward_rule", "ACTIVATIONS", "LAYOUT_OPS",
            "PASS_THROUGH", "Refusal"]
