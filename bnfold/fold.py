@@ -596,7 +596,9 @@ def _track_features(scope: Scope, path: _Path, n_out: int,
                        f"the rank of {host_label}'s output is unknown, so BN's axis 1 cannot be "
                        "proven to be its feature axis")
     axis = rule.feature_axis(host, w) % rank
-    known = scope.index.shape(host.output[0])
+    # shape inference only when a layout op needs the dims (a plain Conv -> BN never does)
+    needs_dims = any(n.op_type in WALK_LAYOUT for n in path.chain[1:])
+    known = scope.index.shape(host.output[0]) if needs_dims else None
     dims: List[Optional[int]] = list(known) if known is not None and len(known) == rank else [None] * rank
     dims[axis] = n_out
     f = _Features(dims, axis)
