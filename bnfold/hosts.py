@@ -107,8 +107,9 @@ class HostRule:
         return None if c is None else _np().asarray(c, dtype=_np().float64)
 
     def write_bias(self, scope: Scope, node: NodeProto, bias: np.ndarray, chain: List[NodeProto]) -> None:
-        """Make the op add ``bias`` (already rounded); ``chain`` (host .. last node before
-        the BN) gains any node this creates, right after the host."""
+        """Make the op add ``bias`` (already rounded) instead of its own, in either direction;
+        ``chain`` (host .. last node before the BN) gains any node this creates, right after
+        the host. Also the place for attribute changes the new bias needs."""
         assert self.bias_slot is not None
         scope.write_constant(node, self.bias_slot, bias, f"{name_base(node)}_bias_bnfold")
 
@@ -124,9 +125,6 @@ class HostRule:
         """``(factor, b')`` such that ``op(s * x + t) == op'(x)`` with ``W' = W * factor``
         (broadcasting) and ``b'`` in float64."""
         raise NotImplementedError
-
-    def after_forward_fold(self, scope: Scope, node: NodeProto) -> None:
-        """Attribute changes the rewritten bias needs."""
 
 
 def _group_check(scope: Scope, node: NodeProto) -> Optional[Refusal]:
@@ -239,9 +237,6 @@ class GemmRule(HostRule):
         shift = alpha * (t @ b_kn)
         b_new = shift if bias is None else beta * _np().asarray(bias, dtype=_np().float64) + shift
         return _numerics().axis_factor(s, 1 if trans_b else 0, w64.ndim), b_new
-
-    def after_forward_fold(self, scope, node):
-        _gemm_bias_rewritten(scope, node)
 
 
 class MatMulRule(HostRule):
