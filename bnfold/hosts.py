@@ -242,6 +242,8 @@ class GemmRule(HostRule):
 class MatMulRule(HostRule):
     op_type = "MatMul"
     bias_slot = None  # the bias is a following Add
+    folds_forward = True
+    flat_input = True
 
     def out_channels(self, node, w):
         return w.shape[-1]
@@ -271,6 +273,21 @@ class MatMulRule(HostRule):
         scope.add_node_after(node, add)
         scope.write_constant(add, 1, bias, f"{label}_bias_bnfold")
         chain.insert(1, add)
+
+    def forward_check(self, scope, node, w):
+        # x @ W contracts x's last axis: BN's channels (axis 1) are that axis only in 2-D
+        rank = scope.index.rank(node.input[0])
+        if rank != 2 or w.ndim != 2:
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                           f"the following MatMul '{scope.label_of(node)}' reads a {rank or 'unknown'}-D input "
+                           f"with a {w.ndim}-D weight; only [N, C] @ [C, M] contracts BN's channel axis")
+        return None
+
+    def in_channels(self, node, w):
+        return w.shape[0]
+
+    def forward_fold(self, node, w, bias, s, t):
+        return _numerics().axis_factor(s, 0, 2), t @ _np().asarray(w, dtype=_np().float64)
 
 
 CONV = ConvRule()
