@@ -6,10 +6,18 @@ functions) the driver:
 1. checks what every fold needs: inference mode, per-channel constant parameters
    with sane values (:func:`_bn_affine`);
 2. tries the op *before* it (:func:`_fold_backward`): a host from
-   :data:`bnfold.hosts.RULES`, possibly behind a constant ``Add`` and layout ops
-   that provably keep the feature axis on BN's axis 1 (:func:`_track_features`);
-3. otherwise tries the op *after* it (:func:`_fold_forward`);
-4. repeats until nothing changes, so chains (Conv -> BN -> BN) fold completely.
+   :data:`bnfold.hosts.RULES`, possibly behind one constant ``Add``, value-preserving
+   ops (Identity, inference Dropout, same-type Cast) and layout ops that provably
+   keep the feature axis on BN's axis 1 (:func:`_track_features`); or, behind a
+   channel Concat, one host per slice (:func:`_fold_into_concat`);
+3. otherwise tries the op *after* it (:func:`_fold_forward`), directly or behind a
+   Flatten from axis 1 for hosts reading ``[N, K]`` features;
+4. folds BNs already decomposed into a per-channel ``Mul`` (+ ``Add``) of constants
+   the same way (:func:`_fold_decomposed`), recorded apart;
+5. repeats until nothing changes, so chains (Conv -> BN -> BN) fold completely.
+
+Weights and parameters computed from constants only are evaluated by
+:meth:`bnfold.graph.ModelIndex.resolve`.
 
 Every BN left in place gets a :class:`BNRecord` with a :class:`Reason` and a
 sentence naming the node. Weights are computed in float64 and rounded once to the
