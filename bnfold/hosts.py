@@ -88,6 +88,7 @@ class HostRule:
         return None
 
     def out_channels(self, node: NodeProto, w: np.ndarray) -> int:
+        """How many output features the op has, given its weight."""
         return w.shape[0]
 
     def output_rank(self, index: ModelIndex, node: NodeProto, w: np.ndarray) -> Optional[int]:
@@ -115,9 +116,11 @@ class HostRule:
 
     # -- forward: BN -> host --------------------------------------------------------
     def forward_check(self, scope: Scope, node: NodeProto, w: np.ndarray) -> Optional[Refusal]:
+        """Extra conditions for folding a BN before the op; None when they hold."""
         return None
 
     def in_channels(self, node: NodeProto, w: np.ndarray) -> int:
+        """How many input features the op reads (the BN's channels, or C*H*W behind a Flatten)."""
         raise NotImplementedError
 
     def forward_fold(self, node: NodeProto, w: np.ndarray, bias: Optional[np.ndarray], s: np.ndarray,
