@@ -745,7 +745,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray, wan
             rule.write_bias(scope, host, new_host_bias, path.chain)
         if path.add is not None:
             scope.write_constant(path.add, path.add_const, new_add, f"{name_base(host)}_bias_bnfold")
-        elif not has_bias_slot:
+        elif not has_bias_slot and np.any(new_add):  # a zero shift (a bare Mul) needs no bias node
             rule.write_bias(scope, host, new_add, path.chain)
 
     return apply

@@ -46,6 +46,18 @@ def test_matmul_then_per_feature_mul_and_add_makes_the_bias_add():
     assert_equivalent(model, result.model)
 
 
+def test_matmul_then_mul_only_needs_no_bias_node():
+    model = build(f"""{HEAD}
+    g (float[N,5] x) => (float[N,6] y) {{
+        c = MatMul (x, W)
+        y = Mul (c, k)
+    }}""", W=rand(5, 6), k=rand(6, seed=3))
+    result = fuse(model)
+    check(result.model)
+    assert ops(result.model) == ["MatMul"]
+    assert_equivalent(model, result.model)
+
+
 def test_gemm_then_mul_only():
     model = build(f"""{HEAD}
     g (float[N,5] x) => (float[N,6] y) {{
