@@ -889,6 +889,13 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     if nxt is None:
         n = scope.uses(y)
         return "its output is a graph output" if y in scope.outputs else f"its output feeds {n} nodes"
+    first = nxt  # the node that will read the BN's input instead
+    while is_default_domain(nxt) and nxt.input and nxt.input[0] == y and _passes_values(scope, nxt):
+        y = nxt.output[0]  # through Identity / inference Dropout / same-type Cast
+        after_pass = scope.only_consumer(y)
+        if after_pass is None:
+            return f"its output reaches {nxt.op_type} '{scope.label_of(nxt)}', whose output feeds several nodes"
+        nxt = after_pass
     layout = None
     if nxt.op_type in ("Flatten", "Reshape") and is_default_domain(nxt) and nxt.input[0] == y:
         after = scope.only_consumer(nxt.output[0])
@@ -934,6 +941,6 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     scope.write_constant(nxt, rule.weight_slot, new_w, f"{label}_weight_bnfold", factor=factor)
     rule.write_bias(scope, nxt, new_b, [nxt])
     scope.redirect_shape_readers(bn.output[0], bn.input[0])
-    scope.set_input(layout if layout is not None else nxt, 0, bn.input[0])
+    scope.set_input(first, 0, bn.input[0])
     scope.remove_node(bn)
     return nxt

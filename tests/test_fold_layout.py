@@ -227,3 +227,28 @@ def test_padded_conv_after_bn_is_the_reason_even_behind_an_activation():
         y = Conv <pads = [1, 1, 1, 1]> (z, W)
     }}""", Wc=rand(4, 4, 3, 3, seed=3), W=rand(4, 4, 3, 3), **bn_params(4))
     kept(model, Reason.FOLLOWING_CONV_PADDED)
+
+
+def test_identity_between_bn_and_following_gemm():
+    """LeViT's head: BN -> Identity (a clone) -> Linear."""
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,5] y) {{
+        p = ReduceMean <axes = [2, 3], keepdims = 0> (x)
+        z = BatchNormalization (p, s, b, m, v)
+        d = Identity (z)
+        y = Gemm <transB = 1> (d, W, C)
+    }}""", W=rand(5, 4), C=rand(5, seed=4), **bn_params(4))
+    result = folds(model)
+    assert result.records[0].direction == "into_following"
+
+
+def test_identity_after_bn_read_elsewhere_stops_the_forward_fold():
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,5] y, float[N,4] d) {{
+        p = ReduceMean <axes = [2, 3], keepdims = 0> (x)
+        z = BatchNormalization (p, s, b, m, v)
+        d = Identity (z)
+        y = Gemm <transB = 1> (d, W, C)
+    }}""", W=rand(5, 4), C=rand(5, seed=4), **bn_params(4))
+    rec = kept(model, Reason.NO_HOST)
+    assert "Identity 'Identity#2'" in rec.detail
