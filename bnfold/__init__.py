@@ -18,6 +18,13 @@ _EXPORTS = {
     "save_model": "bnfold.modelio",
     "verify": "bnfold.verification",
     "VerifyReport": "bnfold.verification",
+    "fuse_file": "bnfold.workflow",
+    "check_file": "bnfold.workflow",
+    "run_batch": "bnfold.workflow",
+    "FuseOutcome": "bnfold.workflow",
+    "FuseOptions": "bnfold.workflow",
+    "Report": "bnfold.workflow",
+    "Status": "bnfold.workflow",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

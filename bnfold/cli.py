@@ -1,25 +1,31 @@
 """The ``bnfold`` command line: a thin layer that parses options, calls the library
 and renders its results. The only module that imports click or prints.
 
-Exit codes: 0 success, 1 verification failed (nothing written), 2 bad usage or
-unusable input (one line on stderr naming the file and the problem).
+Exit codes (the policy lives in :mod:`bnfold.workflow`): 0 success, 1 verification or
+policy failed, 2 bad usage or unusable input (one line on stderr naming the file and
+the problem), 3 internal error (a bug: please report it), 130 interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+import time
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import click
 
 from . import __version__
 from .errors import BnfoldError
 from .hosts import RULES
+from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE  # no onnx import: --help stays fast
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -28,16 +34,28 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def handle_errors(fn):
-    """Turn BnfoldError into one line on stderr and exit code 2 (no traceback)."""
+    """Reject -q with -v (usage error); turn BnfoldError into one line on stderr and its exit code
+    (2), Ctrl-C into 130, and any other exception (a bug) into exit 3 with a one-line request
+    for a bug report (the traceback with -v)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if kwargs.get("quiet") and kwargs.get("verbose"):
+            raise click.UsageError("use -q or -v, not both")
         try:
             return fn(*args, **kwargs)
         except BnfoldError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
+            _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors: click prints them and exits 2
+        except Exception as e:  # a bug in bnfold: never a traceback by default, never exit 1
+            from .workflow import internal_error_message
+
+            if kwargs.get("verbose"):
+                click.echo(traceback.format_exc().rstrip(), err=True)
+            _fail(internal_error_message(e), EXIT_INTERNAL)
 
     return wrapper
 
@@ -80,7 +98,7 @@ def render_fuse(data: dict, verbose: int) -> str:
                 text = f"{r['host_op']} '{r['host']}' ({where})"
                 status = _paint(f"{'folded':<6}", "green")
             else:
-                text = f"{r['reason']}: {r['detail'].split(' kept: ', 1)[-1]}"
+                text = f"{r['reason']}: {r.get('why') or r['detail']}"
                 status = _paint(f"{'kept':<6}", "yellow")
             scope = "" if r["graph"] == "main graph" else f"  [{r['graph']}]"
             lines.append(f"  {r['node']:<{w_node}}  {status}  {text}{scope}")
@@ -91,8 +109,9 @@ def render_fuse(data: dict, verbose: int) -> str:
 
 
 def _default_output(model: Path, tag: str = "fused") -> Path:
-    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
-    return model.with_name(f"{stem}.{tag}.onnx")
+    from .paths import default_output
+
+    return default_output(model, tag)
 
 
 @click.group(context_settings=CONTEXT)
@@ -108,7 +127,8 @@ def main() -> None:
     bnfold insert model.onnx        add BNs (identity, or with calibrated statistics)
     bnfold recalibrate model.onnx   re-estimate BN statistics from new data
 
-    Exit codes: 0 success, 1 verification failed, 2 bad usage or unusable input.
+    Exit codes: 0 success, 1 verification or policy failed, 2 bad usage or unusable
+    input, 3 internal error (a bug in bnfold: please report it), 130 interrupted.
     """
 
 
@@ -132,8 +152,9 @@ def verify_options(fn):
     opts = [
         click.option("--providers", default="auto", show_default=True,
                      help="auto (CPU, plus CUDA when it really works), cpu, cuda, or cpu,cuda."),
-        click.option("--samples", type=click.IntRange(1), default=2, show_default=True,
-                     help="Random input sets to compare on."),
+        click.option("--samples", type=click.IntRange(1), default=None,
+                     help="Random input sets to compare on [default: 2]; not with --inputs (its arrays are the "
+                          "one sample)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
                      help="Value of a symbolic dimension (repeatable). Unnamed dynamic dims default to "
@@ -142,11 +163,18 @@ def verify_options(fn):
                      help="Whole shape of one input (repeatable)."),
         click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
                      help="Real inputs: .npz with one array per input name, or .npy for a single-input model."),
-        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype, float32 1e-3]."),
+        click.option("--rtol", type=float,
+                     help="Relative tolerance: switches to the fixed element-wise check [default: calibrated "
+                          "on measured noise, see 'How verify decides' in the README]."),
         click.option("--atol", type=float,
-                     help="Absolute tolerance [default: by dtype, float32 1e-4 x max|reference output|]."),
+                     help="Absolute tolerance: switches to the fixed element-wise check (the other part "
+                          "then by dtype, float32 rtol 1e-3, atol 1e-4 x max|reference output|)."),
         click.option("--output-tol", "output_tols", multiple=True, metavar="OUTPUT=RTOL:ATOL",
-                     help="Tolerances for one output (either part may be empty; repeatable)."),
+                     help="Fixed tolerances for one output (either part may be empty; repeatable)."),
+        click.option("--exact-budget", "exact_budget", type=click.FloatRange(0), default=60.0, show_default=True,
+                     metavar="SECONDS",
+                     help="Skip the float64 pass (fixed-tolerance fallback, said in the report) when its "
+                          "estimated cost exceeds this; 0 never runs it."),
         click.option("--localize", is_flag=True,
                      help="On a difference, name the first intermediate tensor (same name in both) that diverges."),
         click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -157,7 +185,8 @@ def verify_options(fn):
     return fn
 
 
-def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, atol, output_tols, localize) -> dict:
+def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, atol, output_tols, localize,
+                   exact_budget=60.0) -> dict:
     from .inputs import parse_assignments, parse_shape
 
     def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
@@ -167,23 +196,44 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
     return dict(providers=providers, samples=samples, seed=seed,
                 dims=parse_assignments(dims, "--dim", int), shapes=parse_assignments(shapes, "--shape", parse_shape),
                 inputs=inputs_path, rtol=rtol, atol=atol,
-                output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol), localize=localize)
+                output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol), localize=localize,
+                exact_budget_s=exact_budget)
 
 
 def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _pct(x: float) -> str:
+    return "inf" if x == float("inf") else f"{x:.0%}"
+
+
 def render_verify(rep: dict, verbose: int = 0) -> str:
     """A verify report (``VerifyReport.to_dict``) as text (``verbose``: worst elements' values too)."""
     verdict = _paint("EQUIVALENT", "green") if rep["equivalent"] else _paint("NOT EQUIVALENT", "red")
     used = ", ".join(c["name"] for c in rep["comparisons"])
+    method = rep.get("method", "fixed")
     lines = [f"verify: {rep['reference']} vs {rep['candidate']}: {verdict} "
-             f"({rep['samples']} sample(s), seed {rep['seed']}; {used})"]
+             f"({rep['samples']} sample(s), seed {rep['seed']}; {used}; {method} verdict)"]
     for name, info in rep["inputs"].items():
         lines.append(f"  input {name}: {info['dtype']}{info['shape']} ({info['source']})")
     for note in rep["notes"]:
         lines.append(f"  note: {note}")
+    ex = rep.get("exact")
+    if ex and ex["ran"]:
+        lines.append(f"  float64 check (sample 0, {ex['perturbations']} half-ulp perturbations, "
+                     f"limit {ex['multiple']:g} x allowance, {ex['seconds']:.2f} s):")
+        for o in ex["outputs"]:
+            if o["problem"]:
+                lines.append(f"    {o['name']}: FAIL: {o['problem']}")
+                continue
+            state = "ok" if o["equivalent"] else _paint("FAIL", "red")
+            text = (f"    {o['name']}: {state}: deviation {_g(o['deviation'])}, noise floor (allowance) "
+                    f"{_g(o['allowance'])}, uses {_pct(o['used'])} of the limit {_g(o['limit'])}")
+            if o["direction"]:
+                text += (f"; vs exact arithmetic the candidate is {o['direction']} "
+                         f"({_g(o['candidate_noise'])} vs the reference's {_g(o['reference_noise'])})")
+            lines.append(text)
     head = ("comparison", "output", "max abs", "max rel", "mean abs", "cosine", "fail", "atol", "rtol", "worst at")
     rows = []
     for c in rep["comparisons"]:
@@ -192,13 +242,19 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
                 rows.append((c["name"], o["name"], "FAIL: " + o["problem"], "", "", "", "", "", "", ""))
                 continue
             worst = "" if o["worst"] is None else f"#{o['worst']['sample']}{o['worst']['index']}"
+            cos = "n/a" if o["cosine_similarity"] is None else f"{o['cosine_similarity']:.6f}"
             rows.append((c["name"], o["name"], _g(o["max_abs_error"]), _g(o["max_rel_error"]),
-                         _g(o["mean_abs_error"]), f"{o['cosine_similarity']:.6f}",
+                         _g(o["mean_abs_error"]), cos,
                          f"{o['fail_fraction']:.2%}" + ("" if o["equivalent"] else " FAIL"),
                          _g(o["atol"]), _g(o["rtol"]), worst))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         lines.append("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    for c in rep["comparisons"]:
+        if c.get("placement"):
+            parts = [f"{side} {p['by_provider'].get('CUDAExecutionProvider', 0)} of {p['nodes']} nodes on CUDA"
+                     for side, p in c["placement"].items()]
+            lines.append(f"  {c['name']}: " + ", ".join(parts))
     if verbose:
         for c in rep["comparisons"]:
             for o in c["outputs"]:
@@ -211,180 +267,238 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
     loc = rep["localized"]
     if loc:
         if loc["first_divergent"]:
-            res = loc["result"]
-            lines.append(f"  first divergent tensor: '{loc['first_divergent']}' from {loc['producer']} "
-                         f"(max abs {_g(res['max_abs_error'])}, {res['fail_fraction']:.2%} failing)")
+            res = loc["result"] or {}
+            if "max_abs_error" in res:
+                fig = f"max abs {_g(res['max_abs_error'])}, {res['fail_fraction']:.2%} failing"
+            elif res.get("deviation") is not None:
+                fig = f"float64 deviation {_g(res['deviation'])}, limit {_g(res['limit'])}"
+            else:
+                fig = "values differ"
+            lines.append(f"  first divergent tensor ({loc.get('method', 'runtime')}): '{loc['first_divergent']}', "
+                         f"reference producer {loc['producer']}, candidate producer {loc.get('candidate_producer')} "
+                         f"({fig})")
         else:
             lines.append(f"  localize: none of {loc['checked']} shared intermediate tensors diverges; "
                          "the difference arises in the nodes producing the outputs")
-    lines.append(f"  time: {rep['timing']['total_s']:.2f} s ({rep['timing']['inference_s']:.2f} s inference)")
+    t = rep["timing"]
+    lines.append(f"  time: {t['total_s']:.2f} s ({t['inference_s']:.2f} s inference, "
+                 f"{t.get('float64_s', 0.0):.2f} s float64)")
     return "\n".join(lines)
 
 
-def _collect(paths) -> list:
-    """``(model, root)`` pairs: files as given (root None), folders searched for ``*.onnx``."""
+def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
+    """``(model, root)`` pairs: files as given (root None), folders searched for ``*.onnx``
+    (hidden folders, virtualenvs, site-packages, node_modules and ``--exclude`` globs
+    skipped); a file named twice is kept once."""
+    from .paths import find_models, models_reading, unique_models
+
     models = []
     for p in paths:
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*.onnx") if not q.name.endswith(".fused.onnx"))
+            found = find_models(p, exclude)
             if not found:
-                raise BnfoldError("folder holds no *.onnx file", p)
+                raise BnfoldError("folder holds no *.onnx file (outside skipped and excluded folders)", p)
             models.extend((q, p) for q in found)
+        elif p.name.endswith(".data") and p.is_file():  # external data: check the model(s) reading it
+            owners = models_reading(p)
+            if not owners:
+                raise BnfoldError("no *.onnx model in its folder keeps its external data in it", p)
+            models.extend((q, None) for q in owners)
         else:
             models.append((p, None))
-    return models
+    return unique_models(models)
 
 
-def fuse_job(model: Path, target: Optional[Path], opts: dict) -> dict:
-    """Fold one model file, verify it and write it, or with ``target`` None only check it.
+def exclude_option(fn):
+    return click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
+                        help="Skip files and folders matching GLOB when searching folders (repeatable; "
+                             "matched against the path below the folder and each of its parts). Hidden "
+                             "folders, virtualenvs, site-packages, dist-packages and node_modules are "
+                             "always skipped.")(fn)
 
-    Returns plain data, so batch jobs can run in worker processes: ``exit_code``,
-    ``error`` (one line or None), ``warnings`` and ``report`` (the fuse report with
-    its verification).
-    """
-    import shutil
-    import tempfile
 
-    from .errors import MissingDependencyError
-    from .fold import fuse as fuse_model
+def _progress(jobs: int, quiet: bool):
+    """A progress callback for :func:`bnfold.workflow.run_batch`, and a closer: a bar on a
+    terminal, one line per model otherwise (on stderr)."""
+    if quiet:
+        return None, lambda: None
+    if sys.stderr.isatty():
+        bar = click.progressbar(length=jobs, label="folding", file=sys.stderr)
+        bar.__enter__()
+        return (lambda o, done, total: bar.update(1)), (lambda: bar.__exit__(None, None, None))
 
-    out = {"model": str(model), "output": None, "exit_code": 0, "error": None, "warnings": [], "report": None}
-    scratch = None
+    def line(o, done: int, total: int) -> None:
+        click.echo(f"[{done}/{total}] {o.model}: {'ok' if o.exit_code == 0 else o.error}", err=True)
+
+    return line, lambda: None
+
+
+def _run(pairs: list, opts, jobs: int, quiet: bool, single: bool):
+    from .workflow import run_batch
+
+    on_outcome, close = (None, lambda: None) if single else _progress(len(pairs), quiet)
     try:
-        if target is not None and not opts["in_place"] and _same_file(model, target):
-            raise BnfoldError("output path is the input model; use --in-place to overwrite it", target)
-        result = fuse_model(model, allow_overridable=opts["allow_overridable"], reparameterize=opts["reparameterize"])
-        data = result.to_dict()
-        data["output"] = data["verification"] = None
-        out["report"] = data
-        if target is None:  # check: the candidate lives in a private folder and goes away
-            scratch = Path(tempfile.mkdtemp(prefix="bnfold-check-"))
-        staging = target if target is not None else scratch / model.name
-        with result.stage(staging, external_data=result.source_external_data or None) as staged:
-            result.release_model()  # written: free it before ONNX Runtime loads both models
-            report = None
-            if opts["verify"] is not False and result.folded:
-                try:
-                    # the model was just loaded (and so checked), and the candidate written here
-                    report = _run_verify(model, Path(staged.path), opts["verify_kwargs"], None, validated=True)
-                    report.candidate = str(staging) if target is not None else f"{model} (folded in memory)"
-                    data["verification"] = report.to_dict()
-                except MissingDependencyError as e:
-                    if opts["verify"]:
-                        raise
-                    out["warnings"].append(f"not verified: {e}")
-                except BnfoldError as e:
-                    raise BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)",
-                                      e.path) from None
-            failed = report is not None and not report.equivalent
-            if failed and not opts["force"]:
-                out["exit_code"] = 1
-                out["error"] = (f"{target}: not written: the folded model is not equivalent to {model} "
-                                "(--force writes it anyway)" if target is not None else
-                                f"{model}: folding it gives a model that is not equivalent")
-                return out
-            if target is not None:
-                staged.commit()
-                out["output"] = data["output"] = str(target)
-            if failed:
-                out["warnings"].append(f"{target} written with --force although verification failed")
-    except BnfoldError as e:
-        out["exit_code"], out["error"] = e.exit_code, str(e)
+        return run_batch(pairs, opts, jobs, on_outcome)
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return out
+        close()
 
 
-def _run_jobs(jobs: list, opts: dict, n_jobs: int, quiet: bool) -> list:
-    """``fuse_job`` over ``(model, target)`` pairs, in worker processes when ``n_jobs`` > 1;
-    a progress bar on a terminal, a line per model otherwise (on stderr)."""
-    if n_jobs > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(max_workers=n_jobs)
-        results = pool.map(fuse_job, [m for m, _ in jobs], [t for _, t in jobs], [opts] * len(jobs))
-    else:
-        pool = None
-        results = (fuse_job(m, t, opts) for m, t in jobs)
-    outcomes = []
-    try:
-        if sys.stderr.isatty() and not quiet:
-            with click.progressbar(results, length=len(jobs), label="folding", file=sys.stderr) as bar:
-                outcomes = list(bar)
-        else:
-            for o in results:
-                outcomes.append(o)
-                if not quiet:
-                    click.echo(f"[{len(outcomes)}/{len(jobs)}] {o['model']}: "
-                               f"{'ok' if o['exit_code'] == 0 else o['error']}", err=True)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    return outcomes
+_STATUS_TEXT = {"written": "ok", "passed": "ok", "forced": "FORCED", "not_equivalent": "FAILED",
+                "policy_failed": "FAILED", "unusable": "error", "internal_error": "INTERNAL ERROR",
+                "interrupted": "interrupted"}
 
 
-def render_summary(outcomes: list) -> str:
+def render_summary(report) -> str:
     """One line per model, then the totals and the exit code."""
+    from .workflow import Status
+
     head = ("model", "BN", "result", "output / problem")
     rows = []
-    for o in outcomes:
-        rep = o["report"]
+    for o in report.outcomes:
+        rep = o.report
         bn = f"{rep['before']['bn_count']} -> {rep['after']['bn_count']}" if rep else ""
-        verified = rep is not None and rep["verification"] is not None
-        status = {0: "ok, verified" if verified else "ok", 1: "FAILED"}.get(o["exit_code"], "error")
-        rows.append((o["model"], bn, status, o["output"] or o["error"] or ""))
+        status = _STATUS_TEXT.get(o.status.value, o.status.value)
+        if status == "ok" and o.verified:
+            status = "ok, verified"
+        text = o.output or o.error or ""
+        if o.status is Status.FORCED:
+            text = f"{o.output} (written with --force; not equivalent)"
+        if o.hint:
+            text += f" ({o.hint})"
+        rows.append((o.model, bn, status, text))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(3)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:3], widths)) + "  " + str(r[3]) for r in [head] + rows]
-    worst = max((o["exit_code"] for o in outcomes), default=0)
-    lines.append(f"{len(outcomes)} model(s): {sum(o['exit_code'] == 0 for o in outcomes)} ok, "
-                 f"{sum(o['exit_code'] == 1 for o in outcomes)} failed verification or policy, "
-                 f"{sum(o['exit_code'] not in (0, 1) for o in outcomes)} could not be processed; exit {worst}")
+    failed = report.count(Status.NOT_EQUIVALENT, Status.POLICY_FAILED, Status.FORCED)
+    text = (f"{len(report.outcomes)} model(s): {report.count(Status.WRITTEN, Status.PASSED)} ok, "
+            f"{failed} failed verification or policy, {report.count(Status.UNUSABLE)} could not be processed")
+    if report.count(Status.INTERNAL_ERROR):
+        text += f", {report.count(Status.INTERNAL_ERROR)} internal error(s)"
+    if report.interrupted:
+        text += f", {report.count(Status.INTERRUPTED)} not done (interrupted)"
+    lines.append(f"{text}; exit {report.exit_code}")
     return "\n".join(lines)
 
 
-def _finish(outcomes: list, report_path, junit_path, as_json: bool, verbose: int, quiet: bool,
-            single: bool) -> None:
-    """Reports, rendering, annotations and the exit code (the worst of all outcomes)."""
-    from .modelio import write_bytes_atomic
+def _interrupt_line(report, command: str, limit: int = 10) -> str:
+    def names(paths: List[str]) -> str:
+        shown = ", ".join(paths[:limit])
+        return f" ({shown}{', ...' if len(paths) > limit else ''})" if paths else ""
 
-    # a model that could not be processed (exit 2) gets its one error line, no report
-    reports = [o["report"] for o in outcomes if o["report"] and o["exit_code"] != 2]
-    doc = (reports[0] if reports else None) if single else {"models": outcomes}
+    from .workflow import Status
+
+    if command == "check":  # writes no model: say which were checked
+        pending = [o.model for o in report.outcomes if o.status is Status.INTERRUPTED]
+        return (f"interrupted: {len(report.outcomes) - len(pending)} model(s) checked; "
+                f"{len(pending)} not checked{names(pending)}")
+    written = report.written
+    not_done = [o.model for o in report.outcomes if o.output is None]
+    return (f"interrupted: {len(written)} output(s) written{names(written)}; "
+            f"{len(not_done)} model(s) not written{names(not_done)}")
+
+
+def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
+    """Before any work: refuse a --report/--junit path that is a model of the run, a file one
+    reads (external data), or (for fuse) an output, so a report can never destroy one."""
+    from .paths import check_output, files_read
+
+    if any(p is not None for p in paths):
+        reads = files_read(models)
+        for p in paths:
+            if p is not None:
+                check_output(p, reads, what="report")
+
+
+def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
+            verbose: int, quiet: bool, single: bool, t0: float) -> None:
+    """Reports (JSON, JUnit, GitHub step summary), rendering, annotations and the exit code
+    (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
+    from .modelio import write_bytes_atomic
+    from .reports import github_summary, junit_for_outcomes
+    from .workflow import Status
+
+    outcomes = report.outcomes
+    dicts = [o.to_dict() for o in outcomes]
+    # one model: its fuse report (none when it could not be processed); several: {"models": [...]}
+    if single:
+        doc = outcomes[0].report if outcomes and outcomes[0].exit_code not in (EXIT_UNUSABLE,) else None
+    else:
+        doc = report.to_dict()
     if report_path is not None and doc is not None:
         write_bytes_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
     if junit_path is not None:
-        from .verification import junit_xml
-
-        write_bytes_atomic(junit_path, junit_xml([r["verification"] for r in reports if r["verification"]]).encode())
+        write_bytes_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and command != "inspect":  # the CI commands
+        _append_step_summary(Path(summary), github_summary(command, dicts))
     if as_json and doc is not None:
         click.echo(json.dumps(doc, indent=2))
     elif not quiet and not as_json:
         if single:
-            for rep in reports:
-                click.echo(render_fuse(rep, verbose))
-                if rep["verification"]:
-                    click.echo(render_verify(rep["verification"], verbose))
+            for o in outcomes:
+                if o.report and o.exit_code != EXIT_UNUSABLE:
+                    click.echo(render_fuse(o.report, verbose))
+                    if o.report.get("verification"):
+                        click.echo(render_verify(o.report["verification"], verbose))
         else:
-            click.echo(render_summary(outcomes))
+            click.echo(render_summary(report))
     github = os.environ.get("GITHUB_ACTIONS") == "true"
     for o in outcomes:
-        for w in o["warnings"]:
-            if not quiet:
+        if not quiet:
+            for w in o.warnings:
                 click.echo(f"bnfold: warning: {w}", err=True)
-        if o["error"]:
-            if single or quiet or as_json:
-                click.echo(f"bnfold: error: {o['error']}", err=True)
+        if o.error and o.status is not Status.INTERRUPTED:
+            line = o.error + (f" ({o.hint})" if o.hint else "")
+            if o.status is Status.FORCED:
+                click.echo(f"bnfold: warning: {line}", err=True)
+            elif single or quiet or as_json or o.status is Status.INTERNAL_ERROR:
+                click.echo(f"bnfold: error: {line}", err=True)
+            if o.traceback and verbose:
+                click.echo(o.traceback.rstrip(), err=True)
             if github:
-                click.echo(f"::error file={o['model']}::{o['error']}")
-    worst = max((o["exit_code"] for o in outcomes), default=0)
-    if worst:
-        sys.exit(worst)
+                click.echo(f"::error file={o.model}::{line}")
+    if report.interrupted:
+        click.echo(f"bnfold: {_interrupt_line(report, command)}", err=True)
+    if report.exit_code:
+        sys.exit(report.exit_code)
 
 
-def _base_opts(allow_overridable: bool, reparameterize: bool, verify_opts: dict) -> dict:
-    return {"in_place": False, "allow_overridable": allow_overridable, "reparameterize": reparameterize,
-            "verify": None, "force": False, "verify_kwargs": _verify_kwargs(**verify_opts)}
+@contextlib.contextmanager
+def _junit_on_refusal(command: str, junit_path: Optional[Path]):
+    """When a run is refused before any model runs (a usage error, a missing folder, clashing
+    outputs), still write the JUnit file CI reads: one ``<error>`` case saying why."""
+    from .paths import same_file
+
+    try:
+        yield
+    except (BnfoldError, click.UsageError) as e:
+        refused_itself = isinstance(e, BnfoldError) and e.path is not None and junit_path is not None \
+            and same_file(e.path, junit_path)
+        if junit_path is not None and not refused_itself:
+            from .modelio import write_bytes_atomic
+            from .reports import junit_for_outcomes
+
+            case = {"model": str(getattr(e, "path", None) or "bnfold"), "status": "unusable", "error": str(e)}
+            try:
+                write_bytes_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
+            except BnfoldError:
+                pass  # an unwritable report must not hide the refusal, which is what the user must see
+        raise
+
+
+def _append_step_summary(path: Path, text: str) -> None:
+    # GitHub creates the file and reads it after the step; appending is its documented use
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise BnfoldError(f"cannot append the step summary ({e.strerror or e})", path) from None
+
+
+def _options(allow_overridable: bool, reparameterize: bool, verify_opts: dict, **kw):
+    from .workflow import FuseOptions
+
+    return FuseOptions(allow_overridable=allow_overridable, reparameterize=reparameterize,
+                       verify_kwargs=_verify_kwargs(**verify_opts), **kw)
 
 
 @main.command(context_settings=CONTEXT)
@@ -392,19 +506,23 @@ def _base_opts(allow_overridable: bool, reparameterize: bool, verify_opts: dict)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the folded model (one MODEL only) [default: <stem>.fused.onnx beside it].")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write each folded model here under its own name (a folder's layout is kept).")
+              help="Write each folded model here under its own name (a folder's layout is kept; created "
+                   "if missing). Two models that would get the same name are refused before anything is "
+                   "written.")
 @click.option("--in-place", is_flag=True, help="Overwrite each MODEL itself (atomically).")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
               help="Models folded in parallel processes.")
 @click.option("--verify/--no-verify", "do_verify", default=None,
               help="Check each result against its MODEL through ONNX Runtime before writing it "
                    "[default: on when ONNX Runtime is installed].")
-@click.option("--force", is_flag=True, help="Write the output even when verification fails (and say so).")
+@click.option("--force", is_flag=True, help="Write the output even when verification fails; says so and "
+                                            "exits 1.")
+@exclude_option
 @fold_options
 @verify_options
 @handle_errors
 def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool, jobs: int,
-         do_verify: Optional[bool], force: bool, allow_overridable: bool, reparameterize: bool,
+         do_verify: Optional[bool], force: bool, exclude, allow_overridable: bool, reparameterize: bool,
          report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool, junit_path: Optional[Path],
          **verify_opts) -> None:
     """Fold inference-time BatchNormalization into neighbouring linear ops.
@@ -413,77 +531,81 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
     through a channel Concat), or into an unpadded Conv or a Gemm after it, computing
     in float64 and rounding once. Every BN left in place is listed with a reason
     code. Each result is verified against its MODEL through ONNX Runtime and written
-    only if it is equivalent (exit 1 otherwise). Inputs are never modified unless
-    --in-place is given; outputs are written atomically.
+    only if it is equivalent (exit 1 otherwise; --force writes it and still exits 1).
+    Inputs are never modified unless --in-place is given, and no output may replace
+    a file an input reads; outputs are written atomically.
 
     MODELS may be files or folders (searched for *.onnx). With several, one failure
     does not stop the rest, a summary table ends the run, and the exit code is the
     worst of them.
     """
-    if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
-        raise click.UsageError("use only one of --output, --out-dir and --in-place")
-    found = _collect(models)
-    if output is not None and len(found) > 1:
-        raise click.UsageError("--output takes one MODEL; use --out-dir for several")
-    if out_dir is not None and not out_dir.is_dir():
-        raise BnfoldError("output folder does not exist", out_dir)
-    pairs = []
-    for model, root in found:
-        if in_place:
-            target = model
-        elif output is not None:
-            target = output
-        elif out_dir is not None:
-            target = out_dir / (model.relative_to(root) if root is not None else Path(model.name))
-            target.parent.mkdir(parents=True, exist_ok=True)
-        else:
-            target = _default_output(model)
-        pairs.append((model, target))
-    opts = _base_opts(allow_overridable, reparameterize, verify_opts)
-    opts.update(in_place=in_place, verify=do_verify, force=force)
+    from .paths import check_batch_targets
+
+    t0 = time.perf_counter()
+    with _junit_on_refusal("fuse", junit_path):
+        if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
+            raise click.UsageError("use only one of --output, --out-dir and --in-place")
+        found = _collect(models, exclude)
+        if output is not None and len(found) > 1:
+            raise click.UsageError("--output takes one MODEL; use --out-dir for several")
+        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+            raise BnfoldError("output folder is not a folder", out_dir)
+        pairs = []
+        for model, root in found:
+            if in_place:
+                target = model
+            elif output is not None:
+                target = output
+            elif out_dir is not None:
+                target = out_dir / (model.relative_to(root) if root is not None else Path(model.name))
+            else:
+                target = _default_output(model)
+            pairs.append((model, target))
+        check_batch_targets(pairs, in_place=in_place)
+        _refuse_reports_over_inputs([report_path, junit_path], [m for m, _ in pairs] + [t for _, t in pairs])
+        if out_dir is not None:  # only now, when nothing is refused: a missing --out-dir is created
+            for _, target in pairs:
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise BnfoldError(f"output folder cannot be created ({e.strerror or e})",
+                                      target.parent) from None
+    opts = _options(allow_overridable, reparameterize, verify_opts, in_place=in_place, verify=do_verify,
+                    force=force)
     single = len(models) == 1 and len(pairs) == 1 and not models[0].is_dir()
-    outcomes = [fuse_job(*pairs[0], opts)] if single else _run_jobs(pairs, opts, jobs, quiet)
-    _finish(outcomes, report_path, junit_path, as_json, verbose, quiet, single)
+    report = _run(pairs, opts, jobs, quiet, single)
+    _finish("fuse", report, report_path, junit_path, as_json, verbose, quiet, single, t0)
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--require-folded", is_flag=True,
               help="Fail a model that still has BatchNormalization fuse would fold (a deployment artifact "
-                   "that was not preprocessed).")
+                   "that was not preprocessed), or BNs kept only because their parameters are overridable "
+                   "graph inputs (fuse --allow-overridable folds those).")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
               help="Models checked in parallel processes.")
+@exclude_option
 @fold_options
 @verify_options
 @handle_errors
-def check(models, require_folded: bool, jobs: int, allow_overridable: bool, reparameterize: bool,
+def check(models, require_folded: bool, jobs: int, exclude, allow_overridable: bool, reparameterize: bool,
           report_path: Optional[Path], as_json: bool, verbose: int, quiet: bool, junit_path: Optional[Path],
           **verify_opts) -> None:
     """The CI gate: fold each model in memory, verify the fold, apply the policy. Writes no model.
 
     Exit 0 when every model passes, 1 when one fails the policy or its fold does not
-    verify, 2 when one cannot be used. Under GitHub Actions failures are also printed
-    as ::error annotations.
+    verify, 2 when one cannot be used, 3 on an internal error. Under GitHub Actions
+    failures are also printed as ::error annotations and a table is appended to the
+    step summary.
     """
-    pairs = [(m, None) for m, _ in _collect(models)]
-    outcomes = _run_jobs(pairs, _base_opts(allow_overridable, reparameterize, verify_opts), jobs, True)
-    for o in outcomes:
-        rep = o["report"]
-        if require_folded and o["exit_code"] == 0 and rep and rep["folded"]:
-            o["exit_code"] = 1
-            o["error"] = (f"{o['model']}: {rep['folded']} BatchNormalization can still be folded "
-                          "(run bnfold fuse on it)")
-    _finish(outcomes, report_path, junit_path, as_json, verbose, quiet, single=False)
-
-
-def _run_verify(reference: Path, candidate: Path, kwargs: dict, junit_path: Optional[Path], validated=False):
-    from .modelio import write_bytes_atomic
-    from .verification import verify
-
-    report = verify(reference, candidate, validated=validated, **kwargs)
-    if junit_path is not None:
-        write_bytes_atomic(junit_path, report.to_junit().encode())
-    return report
+    t0 = time.perf_counter()
+    with _junit_on_refusal("check", junit_path):
+        pairs = [(m, None) for m, _ in _collect(models, exclude)]
+        _refuse_reports_over_inputs([report_path, junit_path], [m for m, _ in pairs])
+    opts = _options(allow_overridable, reparameterize, verify_opts, require_folded=require_folded)
+    report = _run(pairs, opts, jobs, True, single=False)
+    _finish("check", report, report_path, junit_path, as_json, verbose, quiet, False, t0)
 
 
 @main.command(context_settings=CONTEXT)
@@ -501,36 +623,49 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
     Runs both through ONNX Runtime (graph optimisations off; CUDA with TF32 off)
     on the same seeded inputs and compares every output. An element fails when it
     exceeds both --atol and --rtol x |reference|. Exit 0 equivalent, 1 not
-    equivalent, 2 could not run.
+    equivalent, 2 could not run, 3 internal error. --junit is written in every case.
     """
-    report = _run_verify(reference, candidate, _verify_kwargs(**verify_opts), junit_path)
+    from .modelio import write_bytes_atomic
+    from .reports import junit_for_verify
+    from .verification import verify as verify_models
+    from .workflow import exit_code_for, internal_error_message, verify_exit_code
+
+    _refuse_reports_over_inputs([junit_path], [reference, candidate])
+    try:
+        report = verify_models(reference, candidate, **_verify_kwargs(**verify_opts))
+    except (Exception, KeyboardInterrupt) as e:
+        if junit_path is not None:  # CI reads the XML whatever happened
+            kind = {EXIT_UNUSABLE: "UnusableInput", EXIT_INTERRUPTED: "Interrupted"}.get(exit_code_for(e),
+                                                                                          "InternalError")
+            message = str(e) if isinstance(e, (BnfoldError, KeyboardInterrupt)) else internal_error_message(e)
+            write_bytes_atomic(junit_path, junit_for_verify(None, candidate=str(candidate),
+                                                            error=(kind, message or "interrupted")).encode())
+        raise
+    if junit_path is not None:
+        write_bytes_atomic(junit_path, junit_for_verify(report.to_dict(), candidate=str(candidate)).encode())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
         click.echo(render_verify(report.to_dict(), verbose))
-    sys.exit(0 if report.equivalent else 1)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
+    sys.exit(verify_exit_code(report.equivalent))
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @fold_options
 @handle_errors
-def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool, verbose: int,
-            quiet: bool) -> None:
+def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool,
+            verbose: int, quiet: bool) -> None:
     """Show which BNs fuse would fold and why the others stay; write no model."""
     from .fold import fuse as fuse_model
+    from .workflow import Report, Status, _outcome
 
+    t0 = time.perf_counter()
+    _refuse_reports_over_inputs([report_path], [model])
     data = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize).to_dict()
     data["output"] = data["verification"] = None
-    _finish([{"model": str(model), "output": None, "exit_code": 0, "error": None, "warnings": [], "report": data}],
-            report_path, None, as_json, verbose, quiet, single=True)
+    report = Report([_outcome(model, Status.PASSED, report=data)])
+    _finish("inspect", report, report_path, None, as_json, verbose, quiet, True, t0)
 
 
 def calibration_options(fn):
@@ -556,9 +691,10 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run)
     while ``run(progress)`` measures, write the model atomically, return the report."""
     from .modelio import stage_model
 
+    from .paths import check_model_output, model_files
+
     target = output or _default_output(model, tag)
-    if _same_file(model, target):
-        raise BnfoldError("output path is the input model", target)
+    check_model_output(target, model_files(model))  # never replace the model or its external data
     if quiet or not sys.stderr.isatty():
         result = run(None)
     else:

@@ -27,3 +27,9 @@ class BnfoldError(Exception):
 
 class MissingDependencyError(BnfoldError):
     """An optional dependency (ONNX Runtime) is needed but not installed."""
+
+
+class MalformedModelError(ValueError):
+    """Model content bnfold cannot analyse: tensor data that does not match its dims or type,
+    a Constant node of an unsupported form. The fold driver turns it into a kept BN's reason;
+    a write that meets it refuses the input (exit 2). Any other exception is a bug."""

@@ -34,6 +34,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto
 
 from . import __version__, numerics
+from .errors import MalformedModelError
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
@@ -65,6 +66,8 @@ class BNRecord:
     """Why it was kept (None when folded)."""
     detail: str = ""
     """One sentence for people."""
+    why: str = ""
+    """Why it was kept, without the node's name (``detail`` is ``BatchNormalization 'x' kept: <why>``)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -296,11 +299,11 @@ def _fold_all(index: ModelIndex) -> Tuple[List[Tuple[NodeProto, BNRecord]], List
 def _fold_one(scope: Scope, bn: NodeProto) -> BNRecord:
     try:
         return _try_fold(scope, bn)
-    except (ValueError, IndexError, TypeError, KeyError) as e:
-        # Malformed graphs must get a reason, never a traceback. Analysis precedes every
-        # edit, so a failure here leaves the model as it was.
-        return _kept(scope, bn, Refusal(Reason.UNSUPPORTED_HOST,
-                                        f"bnfold could not analyse it ({type(e).__name__}: {e})"))
+    except MalformedModelError as e:
+        # Malformed tensor data is the input's defect: a reason, never a traceback. Analysis
+        # precedes every edit, so a failure here leaves the model as it was. Any other
+        # exception is a bug in bnfold and surfaces as an internal error, never a reason.
+        return _kept(scope, bn, Refusal(Reason.UNSUPPORTED_HOST, f"bnfold could not analyse it ({e})"))
 
 
 def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
@@ -338,7 +341,7 @@ def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
 def _kept(scope: Scope, bn: NodeProto, refusal: Refusal) -> BNRecord:
     label = scope.label_of(bn)
     return BNRecord(label, scope.label, False, reason=refusal.reason,
-                    detail=f"BatchNormalization '{label}' kept: {refusal.detail}")
+                    detail=f"BatchNormalization '{label}' kept: {refusal.detail}", why=refusal.detail)
 
 
 # -- the checks every fold shares ----------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
+from .errors import MalformedModelError
 from .modelio import ScaledTensor, as_array, read_tensor, set_tensor_data
 from .reasons import Reason, Refusal
 
@@ -116,7 +117,7 @@ class Constant:
             if v is not None:
                 dtype = np.float32 if "float" in key else np.int64
                 return np.asarray(v, dtype=dtype)
-        raise ValueError(f"unsupported Constant node '{self.node.name}'")
+        raise MalformedModelError(f"unsupported Constant node '{self.node.name}'")
 
     @property
     def data_type(self) -> int:

@@ -20,7 +20,7 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
-from .errors import BnfoldError, PathLike
+from .errors import BnfoldError, MalformedModelError, PathLike
 
 # Sub-byte and string types: their raw_data length does not follow from dims x itemsize.
 _PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
@@ -72,7 +72,13 @@ def _external_info(t: TensorProto) -> Dict[str, str]:
 def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
     """The values of ``t``, reading only its own bytes when it lives in external data."""
     if t.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t)
+        n = tensor_nbytes(t)
+        if t.HasField("raw_data") and n is not None and t.data_type not in _PACKED_TYPES and len(t.raw_data) != n:
+            raise MalformedModelError(f"tensor '{t.name}' holds {len(t.raw_data)} bytes, its dims call for {n}")
+        try:
+            return numpy_helper.to_array(t)
+        except ValueError as e:  # typed data (float_data, ...) whose count does not match the dims
+            raise MalformedModelError(f"tensor '{t.name}' data does not match its dims ({e})") from None
     return external_view(t, base_dir)  # read-only map: pages are read as they are used
 
 
@@ -125,7 +131,7 @@ class ScaledTensor:
                 n = min(rows, shape[0] - i)
                 view = buf[:n * row]
                 if f.readinto(memoryview(view).cast("B")) != view.nbytes:
-                    raise ValueError(f"external data of tensor '{self.source.name}' ends early")
+                    raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early")
                 f_block = self.factor[i:i + n] if per_row else self.factor
                 yield scale_round(view.reshape((n,) + tuple(shape[1:])), f_block, self.dtype, "the folded weight")
 
@@ -379,7 +385,7 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
         shutil.rmtree(tmpdir, ignore_errors=True)
         if isinstance(e, OSError):
             raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", p) from None
-        if isinstance(e, ValueError):  # a tensor whose data does not match its dims
+        if isinstance(e, MalformedModelError):  # the input's tensor data does not match its dims
             raise BnfoldError(f"could not be written ({e}); nothing was changed", p) from None
         raise
     return StagedModel(p, tmpdir, files)
@@ -502,7 +508,7 @@ def _copy_external(t: TensorProto, base_dir: Optional[PathLike], out) -> int:
         while left:
             chunk = src.read(min(left, 1 << 24))
             if not chunk:
-                raise ValueError(f"external data of tensor '{t.name}' ends early")
+                raise MalformedModelError(f"external data of tensor '{t.name}' ends early")
             out.write(chunk)
             left -= len(chunk)
     return length
@@ -591,7 +597,7 @@ def write_model(model: ModelProto, f, replacements: Optional[Dict[str, np.ndarra
         value = replacements.get(t.name)
         data = memoryview(np.ascontiguousarray(value)).cast("B") if value is not None else t.raw_data
         if len(data) != n:
-            raise ValueError(f"tensor '{t.name}' holds {len(data)} bytes, its dims call for {n}")
+            raise MalformedModelError(f"tensor '{t.name}' holds {len(data)} bytes, its dims call for {n}")
         f.write(_key(_RAW_DATA) + _varint(n))
         f.write(data)
 

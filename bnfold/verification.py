@@ -1,30 +1,45 @@
-"""Numerical equivalence of two models through ONNX Runtime.
+"""Numerical equivalence of two models, judged against measured noise.
 
 Never imports the fold code: the checker stays independent of what it checks.
 
-Both models run on the same inputs with graph optimisations disabled. Each output
-is compared element-wise; an element fails only when its absolute difference
-exceeds *both* ``atol`` and ``rtol * |reference|``, NaN must meet NaN, infinities
-must match, and a shape or dtype difference fails the output.
+How it decides (default, "calibrated"):
 
-Default tolerances depend on the output dtype (:data:`DEFAULT_TOLERANCES`) and
-scale with the output's magnitude: the default ``atol`` is ``atol_scale *
-max|reference|`` of that output, so a model whose outputs are around 1e4 is judged
-as strictly as one around 1. An explicit ``atol`` is absolute.
+1. **Float64 pass** (:mod:`bnfold.exact`), on the first sample: both models upcast
+   to float64 and run through onnx.reference with inference BatchNormalization.
+   The only legitimate difference of a correct rewrite is the rounding of the
+   weights it rewrote, so the *allowance* is measured: the reference's float
+   weights are moved at random within half an ulp of their dtype
+   (:data:`PERTURBATIONS` draws) and the largest output move is kept. The
+   candidate passes when its float64 deviation from the reference is within
+   :data:`ALLOWANCE_MULTIPLE` x the allowance (plus :data:`FLOAT64_FLOOR`).
+2. **Runtime comparisons** in the models' own dtype (ONNX Runtime, optimisations
+   off; CPU, and CUDA where it works): an element fails when it differs by more
+   than ``atol = scale x (RUNTIME_NOISE_MULTIPLE x noise + ALLOWANCE_MULTIPLE x
+   allowance + FLOAT64_FLOOR) + DTYPE_FLOOR_ULPS ulps``, where ``scale`` is max|reference output|
+   over all samples and ``noise`` is the reference's own measured deviation from
+   its float64 result on each provider involved. Deep or float16 rounding is
+   therefore never called a bug, and a real one (orders of magnitude above the
+   noise) is.
 
-Comparisons: ``cpu`` (reference on CPU vs candidate on CPU), and where CUDA works,
-``cuda`` (both on CUDA, TF32 off) and ``cpu-vs-cuda`` (reference on CPU vs candidate
-on CUDA, tolerances times :data:`CROSS_PROVIDER_FACTOR`).
+Explicit ``rtol``/``atol``/``output_tolerances`` turn an output back into the
+classic element-wise check: an element fails only when its absolute difference
+exceeds *both* ``atol`` and ``rtol * |reference|``; missing parts take
+:data:`DEFAULT_TOLERANCES` (``atol`` a fraction of max|reference| over all
+samples). The same fixed check is the *fallback* when the float64 pass is
+skipped (estimated cost above ``exact_budget_s``) or cannot run the model; the
+report says so. NaN must meet NaN and infinities must match in every mode; a
+shape or dtype difference fails the output; comparing zero elements is an error.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
-from xml.sax.saxutils import quoteattr
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,15 +47,23 @@ from . import inputs as inputs_mod
 from . import runner
 from .errors import BnfoldError
 
-# dtype -> (rtol, atol as a fraction of max|reference|)
+# dtype -> (rtol, atol as a fraction of max|reference|): the fixed check (explicit tolerances, fallback)
 DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {
     "float64": (1e-7, 1e-9),
     "float32": (1e-3, 1e-4),
     "float16": (2e-2, 5e-3),
     "bfloat16": (6e-2, 2e-2),
 }
-CROSS_PROVIDER_FACTOR = 10.0
+CROSS_PROVIDER_FACTOR = 10.0  # fixed check only: CPU vs CUDA
 LOCALIZE_BATCH = 64
+# Calibrated verdict (figures that set these are in the README, "How verify decides").
+ALLOWANCE_MULTIPLE = 2.0
+RUNTIME_NOISE_MULTIPLE = 4.0
+PERTURBATIONS = 2
+FLOAT64_FLOOR = 1e-9  # relative to max|output|: float64 evaluation-order noise (BN cancellation)
+DTYPE_FLOOR_ULPS = 16
+EXACT_BUDGET_S = 60.0
+ModelLike = Union[str, "os.PathLike[str]", "object"]  # a path or an onnx.ModelProto
 
 
 @dataclass
@@ -57,7 +80,7 @@ class Tolerance:
 
 @dataclass
 class OutputResult:
-    """How one output compared, over all samples."""
+    """How one output compared, over all samples (``rtol``/``atol``: the tolerances applied)."""
 
     name: str
     equivalent: bool
@@ -68,10 +91,12 @@ class OutputResult:
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
     mean_abs_error: float = 0.0
-    cosine_similarity: float = 1.0
+    cosine_similarity: Optional[float] = 1.0  # None when NaN/inf are involved (not meaningful)
     fail_fraction: float = 0.0
     worst: Optional[dict] = None
     problem: Optional[str] = None
+    compared: int = 0  # elements compared
+    method: str = "calibrated"  # calibrated | fixed | fallback
 
 
 @dataclass
@@ -81,6 +106,38 @@ class Comparison:
     candidate_provider: str
     equivalent: bool
     outputs: List[OutputResult]
+    placement: Optional[dict] = None  # CUDA comparisons: nodes per provider, as ONNX Runtime placed them
+
+
+@dataclass
+class ExactOutput:
+    """One output in float64 (figures relative to ``scale`` = max|reference float64 output|)."""
+
+    name: str
+    equivalent: bool
+    scale: float
+    allowance: float  # largest output move of a half-ulp weight perturbation
+    deviation: float  # candidate float64 vs reference float64
+    limit: float  # ALLOWANCE_MULTIPLE x allowance + FLOAT64_FLOOR
+    used: float  # deviation / limit
+    reference_noise: Optional[float] = None  # reference on the CPU runtime vs float64
+    candidate_noise: Optional[float] = None  # candidate on the CPU runtime vs reference float64
+    direction: Optional[str] = None  # closer | further | same: candidate vs reference, to exact arithmetic
+    problem: Optional[str] = None
+
+
+@dataclass
+class ExactCheck:
+    """The float64 pass: run, or skipped (``why``) with a fallback verdict."""
+
+    ran: bool
+    equivalent: Optional[bool]
+    why: Optional[str] = None
+    estimated_s: float = 0.0
+    seconds: float = 0.0
+    perturbations: int = PERTURBATIONS
+    multiple: float = ALLOWANCE_MULTIPLE
+    outputs: List[ExactOutput] = field(default_factory=list)
 
 
 @dataclass
@@ -98,114 +155,109 @@ class VerifyReport:
     skipped: List[dict]
     localized: Optional[dict] = None
     timing: Dict[str, float] = field(default_factory=dict)
+    method: str = "calibrated"  # calibrated | fixed (explicit tolerances) | fallback (float64 pass skipped)
+    exact: Optional[ExactCheck] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_junit(self) -> str:
-        """JUnit XML: one test case per (comparison, output)."""
-        return junit_xml([self.to_dict()])
+        """JUnit XML: one test case per (comparison, output) (see :mod:`bnfold.reports`)."""
+        from .reports import junit_for_verify
+
+        return junit_for_verify(self.to_dict(), candidate=self.candidate)
 
 
-def junit_xml(reports: List[dict]) -> str:
-    """JUnit XML for verify reports (as ``to_dict`` gives them): one suite per report,
-    one test case per comparison and output, skipped providers as skipped cases."""
-    suites = []
-    for rep in reports:
-        cases = []
-        failures = 0
-        for comp in rep["comparisons"]:
-            for o in comp["outputs"]:
-                name = quoteattr(f"{comp['name']}:{o['name']}")
-                body = ""
-                if not o["equivalent"]:
-                    failures += 1
-                    msg = o["problem"] or (f"max abs error {o['max_abs_error']:.3g} (atol {o['atol']:.3g}), "
-                                           f"max rel error {o['max_rel_error']:.3g} (rtol {o['rtol']:.3g}), "
-                                           f"{o['fail_fraction']:.3%} of elements fail")
-                    body = f"<failure message={quoteattr(msg)} type=\"NotEquivalent\"/>"
-                cases.append(f'    <testcase classname="bnfold.verify" name={name}>{body}</testcase>')
-        for sk in rep["skipped"]:
-            cases.append(f'    <testcase classname="bnfold.verify" name={quoteattr(sk["name"])}>'
-                         f'<skipped message={quoteattr(sk["why"])}/></testcase>')
-        suite = quoteattr(f"{Path(rep['reference']).name} vs {Path(rep['candidate']).name}")
-        suites.append(f"  <testsuite name={suite} tests=\"{len(cases)}\" failures=\"{failures}\" "
-                      f"skipped=\"{len(rep['skipped'])}\">\n" + "\n".join(cases) + "\n  </testsuite>")
-    return "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<testsuites>\n" + "\n".join(suites) + "\n</testsuites>\n"
+def _compare(name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray], rtol: Optional[float],
+             atol_rel: Optional[float], atol_abs: Optional[float], method: str) -> OutputResult:
+    """Element-wise comparison of one output over all samples.
 
-
-class _Accumulator:
-    """Running per-output statistics over samples."""
-
-    def __init__(self, name: str) -> None:
-        self.r = OutputResult(name, True)
-        self.sum_abs = 0.0
-        self.count = 0
-        self.failing = 0
-        self.dot = self.nr = self.nc = 0.0
-        self.worst_score = -1.0
-
-    def add(self, ref: np.ndarray, cand: np.ndarray, tol: Tolerance, factor: float, sample: int) -> None:
-        r = self.r
-        r.dtype, r.shape = str(ref.dtype), list(ref.shape)
-        if ref.shape != cand.shape or ref.dtype != cand.dtype:
+    The applied ``atol`` is ``atol_abs`` when given, else ``atol_rel x scale`` with ``scale`` =
+    max finite |reference| over *all* samples: one tolerance, the one reported.
+    """
+    r = OutputResult(name, True, method=method)
+    ref0 = refs[0]
+    r.dtype, r.shape = str(ref0.dtype), list(np.shape(ref0))
+    for ref, cand in zip(refs, cands):
+        if np.shape(ref) != np.shape(cand) or ref.dtype != cand.dtype:
             r.equivalent = False
-            r.problem = (f"reference is {ref.dtype}{list(ref.shape)}, candidate is {cand.dtype}{list(cand.shape)}")
-            return
-        if ref.dtype.kind not in "fc" and ref.dtype.name != "bfloat16":
-            bad = ref != cand
-            self.failing += int(bad.sum())
-            self.count += ref.size
-            if bad.any():
-                r.equivalent = False
-                idx = np.unravel_index(int(np.argmax(bad)), ref.shape)
-                r.worst = {"sample": sample, "index": [int(i) for i in idx],
-                           "reference": ref[idx].item(), "candidate": cand[idx].item()}
-            r.fail_fraction = self.failing / max(self.count, 1)
-            return
-        a = ref.astype(np.float64)
-        b = cand.astype(np.float64)
-        finite = np.isfinite(a)
-        scale = float(np.abs(a[finite]).max()) if finite.any() else 0.0
-        rtol, atol = tol.resolve(ref.dtype, scale if scale > 0 else 1.0, factor)
-        r.rtol, r.atol = rtol, max(r.atol, atol)
+            r.problem = f"reference is {ref.dtype}{list(np.shape(ref))}, candidate is {cand.dtype}{list(np.shape(cand))}"
+            r.cosine_similarity = None
+            return r
+    is_float = ref0.dtype.kind in "fc" or ref0.dtype.name == "bfloat16"
+    scale = 0.0
+    if is_float:
+        for ref in refs:
+            a = np.asarray(ref, np.float64).reshape(-1)
+            fin = a[np.isfinite(a)]
+            if fin.size:
+                scale = max(scale, float(np.abs(fin).max()))
+    d_rtol, d_atol = DEFAULT_TOLERANCES.get(ref0.dtype.name, (0.0, 0.0))
+    r.rtol = (d_rtol if rtol is None else rtol) if is_float else 0.0
+    if not is_float:
+        r.atol = 0.0
+    elif atol_abs is not None:
+        r.atol = atol_abs
+    else:
+        r.atol = (d_atol if atol_rel is None else atol_rel) * (scale if scale > 0 else 1.0)
+    failing = 0
+    sum_abs = 0.0
+    dot = nr = nc = 0.0
+    non_finite = False
+    worst_score = -1.0
+    for k, (ref, cand) in enumerate(zip(refs, cands)):
+        shape = np.shape(ref)
+        if not is_float:
+            bad = np.asarray(ref != cand).reshape(-1)
+            failing += int(bad.sum())
+            r.compared += bad.size
+            if bad.any() and r.worst is None:
+                idx = np.unravel_index(int(np.argmax(bad)), shape)
+                r.worst = {"sample": k, "index": [int(i) for i in idx],
+                           "reference": np.asarray(ref)[idx].item(), "candidate": np.asarray(cand)[idx].item()}
+            continue
+        # 1-d views: 0-d (scalar) tensors work like any other
+        a = np.asarray(ref, np.float64).reshape(-1)
+        b = np.asarray(cand, np.float64).reshape(-1)
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(a - b)
             diff[a == b] = 0.0  # equal infinities
-            both_nan = np.isnan(a) & np.isnan(b)
-            diff[both_nan] = 0.0
+            diff[np.isnan(a) & np.isnan(b)] = 0.0
             diff[np.isnan(diff)] = np.inf  # NaN on one side only, or inf - inf of opposite signs
-            bound = np.maximum(atol, rtol * np.abs(a))
-            fail = (diff > atol) & (diff > rtol * np.abs(a))
+            bound = np.maximum(r.atol, r.rtol * np.abs(a))
+            fail = (diff > r.atol) & (diff > r.rtol * np.abs(a))
             # NaN must meet NaN and an infinity the same infinity, whatever the tolerances
-            fail |= ~(np.isfinite(a) & np.isfinite(b)) & (diff > 0)
+            ok = np.isfinite(a) & np.isfinite(b)
+            fail |= ~ok & (diff > 0)
             rel = diff / np.maximum(np.abs(a), np.finfo(np.float64).tiny)
             rel[diff == 0] = 0.0
-        n_fail = int(fail.sum())
-        self.failing += n_fail
-        self.count += a.size
-        if n_fail:
-            r.equivalent = False
-        if a.size:
-            r.max_abs_error = max(r.max_abs_error, float(diff.max()))
-            r.max_rel_error = max(r.max_rel_error, float(rel.max()))
-            self.sum_abs += float(diff[np.isfinite(diff)].sum())
-            ok = np.isfinite(a) & np.isfinite(b)
-            self.dot += float(np.dot(a[ok], b[ok]))
-            self.nr += float(np.dot(a[ok], a[ok]))
-            self.nc += float(np.dot(b[ok], b[ok]))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                score = diff / np.where(bound > 0, bound, np.finfo(np.float64).tiny)
-            k = int(np.argmax(score))
-            if float(score.flat[k]) > self.worst_score:
-                self.worst_score = float(score.flat[k])
-                idx = np.unravel_index(k, a.shape)
-                r.worst = {"sample": sample, "index": [int(i) for i in idx],
-                           "reference": float(a[idx]), "candidate": float(b[idx])}
-        r.mean_abs_error = self.sum_abs / max(self.count, 1)
-        r.fail_fraction = self.failing / max(self.count, 1)
-        denom = np.sqrt(self.nr) * np.sqrt(self.nc)
-        r.cosine_similarity = float(self.dot / denom) if denom > 0 else (1.0 if self.nr == self.nc else 0.0)
+        non_finite |= not bool(ok.all())
+        failing += int(fail.sum())
+        r.compared += a.size
+        if not a.size:
+            continue
+        r.max_abs_error = max(r.max_abs_error, float(diff.max()))
+        r.max_rel_error = max(r.max_rel_error, float(rel.max()))
+        sum_abs += float(diff[np.isfinite(diff)].sum())
+        dot += float(np.dot(a[ok], b[ok]))
+        nr += float(np.dot(a[ok], a[ok]))
+        nc += float(np.dot(b[ok], b[ok]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = diff / np.where(bound > 0, bound, np.finfo(np.float64).tiny)
+        i = int(np.argmax(score))
+        if float(score[i]) > worst_score:
+            worst_score = float(score[i])
+            idx = np.unravel_index(i, shape)
+            r.worst = {"sample": k, "index": [int(j) for j in idx], "reference": float(a[i]), "candidate": float(b[i])}
+    r.equivalent = failing == 0
+    r.fail_fraction = failing / max(r.compared, 1)
+    r.mean_abs_error = sum_abs / max(r.compared, 1)
+    if non_finite or not is_float:
+        r.cosine_similarity = None  # over finite elements only it would hide the NaN/inf rows
+    else:
+        denom = np.sqrt(nr) * np.sqrt(nc)
+        r.cosine_similarity = float(dot / denom) if denom > 0 else (1.0 if nr == nc else 0.0)
+    return r
 
 
 def parse_providers(spec: str) -> Tuple[List[str], List[dict]]:
@@ -225,7 +277,7 @@ def parse_providers(spec: str) -> Tuple[List[str], List[dict]]:
 
 
 def _comparisons(providers: Sequence[str]) -> List[Tuple[str, str, str, float]]:
-    """(name, reference provider, candidate provider, tolerance factor)."""
+    """(name, reference provider, candidate provider, fixed-check tolerance factor)."""
     out = []
     if runner.CPU in providers:
         out.append(("cpu", runner.CPU, runner.CPU, 1.0))
@@ -235,22 +287,167 @@ def _comparisons(providers: Sequence[str]) -> List[Tuple[str, str, str, float]]:
     return out
 
 
-def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "auto", samples: int = 2,
+# -- models given as protos ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _as_paths(models: Sequence[ModelLike], external_data_dir: Optional[os.PathLike]) -> Iterator[List[str]]:
+    """Paths for paths, and for in-memory ``onnx.ModelProto`` a file in a private temporary folder.
+
+    External data a proto still refers to resolves against ``external_data_dir`` (default: the current
+    directory): each referenced file is linked into the temporary folder beside the model.
+    """
+    import onnx
+
+    tmp: Optional[str] = None
+    paths: List[str] = []
+    try:
+        for k, m in enumerate(models):
+            if not isinstance(m, onnx.ModelProto):
+                paths.append(os.fspath(m))  # type: ignore[arg-type]
+                continue
+            if tmp is None:
+                tmp = tempfile.mkdtemp(prefix="bnfold-verify-")
+            path = os.path.join(tmp, f"model{k}.onnx")
+            base = Path(external_data_dir or os.getcwd())
+            for loc in _external_locations(m):
+                src = (base / loc).resolve()
+                dst = Path(tmp) / loc
+                if not src.is_file():
+                    raise BnfoldError(f"the in-memory model refers to external data '{loc}', not found in {base}")
+                if not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(src, dst)
+            if m.ByteSize() > 2**31 - 2**26:  # protobuf's 2 GB limit: move the weights out
+                m2 = onnx.ModelProto()
+                m2.CopyFrom(m)
+                onnx.save_model(m2, path, save_as_external_data=True, location=f"model{k}.data")
+            else:
+                with open(path, "wb") as f:
+                    f.write(m.SerializeToString())
+            paths.append(path)
+        yield paths
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _external_locations(model) -> List[str]:
+    from onnx import TensorProto
+
+    locs = []
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location" and e.value not in locs:
+                    locs.append(e.value)
+    return locs
+
+
+# -- options -------------------------------------------------------------------------------------
+
+def _spec_text(spec) -> str:
+    dims = ",".join("?" if d is None else str(d) for d in spec.dims)
+    return f"{spec.name} {np.dtype(spec.dtype).name}[{dims}]"
+
+
+def _check_interfaces(ref_specs, cand_specs, cand_path: str) -> None:
+    """Same input names, dtypes and ranks, and no fixed dimension that disagrees."""
+    ref_by, cand_by = {s.name: s for s in ref_specs}, {s.name: s for s in cand_specs}
+    diffs = []
+    for name in ref_by.keys() | cand_by.keys():
+        a, b = ref_by.get(name), cand_by.get(name)
+        if a is None or b is None:
+            diffs.append(f"{name} only in the {'candidate' if a is None else 'reference'}")
+            continue
+        fixed_clash = len(a.dims) == len(b.dims) and any(
+            isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y for x, y in zip(a.dims, b.dims))
+        if np.dtype(a.dtype) != np.dtype(b.dtype) or len(a.dims) != len(b.dims) or fixed_clash:
+            diffs.append(f"reference {_spec_text(a)}, candidate {_spec_text(b)}")
+    if diffs:
+        raise BnfoldError("the inputs differ: " + "; ".join(sorted(diffs)), cand_path)
+
+
+def _check_options(specs, output_names: Sequence[str], dims: Mapping[str, int],
+                   shapes: Mapping[str, Tuple[int, ...]], output_tolerances: Mapping[str, object]) -> None:
+    """Every name given must exist in the model; values must be usable; --dim and --shape must not collide."""
+    symbols = sorted({d for s in specs for d in s.dims if isinstance(d, str)})
+    for name, value in dims.items():
+        if name not in symbols:
+            raise BnfoldError(f"--dim {name}: the model has no dimension named '{name}' "
+                              f"(its named dimensions: {', '.join(symbols) or 'none'})")
+        if int(value) <= 0:
+            raise BnfoldError(f"--dim {name}={value}: a dimension must be a positive integer")
+    by_name = {s.name: s for s in specs}
+    for name, shape in shapes.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise BnfoldError(f"--shape {name}: the model has no input named '{name}' "
+                              f"(its inputs: {', '.join(by_name) or 'none'})")
+        if spec.dims and len(shape) != len(spec.dims):
+            raise BnfoldError(f"--shape {name}: {len(shape)} dimension(s) given, the input has {len(spec.dims)}")
+        if any(int(d) <= 0 for d in shape):
+            raise BnfoldError(f"--shape {name}: every dimension must be a positive integer")
+        for axis, (want, d) in enumerate(zip(shape, spec.dims)):
+            if isinstance(d, int) and d > 0 and d != want:
+                raise BnfoldError(f"--shape {name}: axis {axis} is fixed at {d} in the model, not {want}")
+        both = [d for d in spec.dims if isinstance(d, str) and d in dims]
+        if both:
+            raise BnfoldError(f"--shape {name} and --dim {', '.join(both)} both set input '{name}': give one")
+    unknown = [o for o in output_tolerances if o not in output_names]
+    if unknown:
+        raise BnfoldError(f"--output-tol {unknown[0]}: the model has no output named '{unknown[0]}' "
+                          f"(its outputs: {', '.join(output_names)})")
+
+
+def _check_not_vacuous(feeds_list: Sequence[Mapping[str, np.ndarray]], source: Optional[os.PathLike]) -> None:
+    if not feeds_list:
+        raise BnfoldError("no input samples: nothing would be compared", source)
+    for feeds in feeds_list:
+        for name, arr in feeds.items():
+            if np.size(arr) == 0:
+                raise BnfoldError(f"input '{name}' has 0 elements (shape {list(np.shape(arr))}): "
+                                  "nothing would be compared", source)
+
+
+# -- the verdict ---------------------------------------------------------------------------------
+
+def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto", samples: Optional[int] = None,
            seed: int = 0, dims: Optional[Mapping[str, int]] = None,
            shapes: Optional[Mapping[str, Tuple[int, ...]]] = None, inputs: Optional[os.PathLike] = None,
            rtol: Optional[float] = None, atol: Optional[float] = None,
            output_tolerances: Optional[Mapping[str, object]] = None, localize: bool = False,
-           validated: bool = False) -> VerifyReport:
-    """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
+           validated: bool = False, exact_budget_s: float = EXACT_BUDGET_S,
+           external_data_dir: Optional[os.PathLike] = None) -> VerifyReport:
+    """Run ``reference`` and ``candidate`` on the same inputs and judge every output (see the module docstring).
 
-    Models are passed to ONNX Runtime by path. Raises :class:`BnfoldError` when a
-    model cannot be loaded or run, or the providers asked for are not usable.
-    ``output_tolerances`` maps output names to a :class:`Tolerance` or an ``(rtol, atol)``
-    pair (None for the default). ``validated`` skips bnfold's own checks of the files (format, versions, external
-    data locations) for callers that just made or checked them.
+    Either model may be a path or an in-memory ``onnx.ModelProto`` (written to a private temporary
+    folder; external data it refers to resolves against ``external_data_dir``, default the current
+    directory). ``samples`` random input sets (default 2) or the arrays of ``inputs`` (then ``samples``
+    must not be given: the file is the one sample). ``output_tolerances`` maps output names to a
+    :class:`Tolerance` or an ``(rtol, atol)`` pair. ``exact_budget_s``: the float64 pass is skipped
+    (fixed-tolerance fallback, said in the report) when its estimated cost exceeds this; 0 never runs it.
+    ``validated`` skips bnfold's own checks of the files for callers that just made or checked them.
+
+    Raises :class:`BnfoldError` when a model cannot be loaded or run, an option names something the
+    model lacks, the two models' inputs differ, nothing would be compared, or the providers asked for
+    are not usable.
     """
+    if inputs is not None and samples is not None:
+        raise BnfoldError("--samples does not apply with --inputs: the file's arrays are the one sample compared")
+    if samples is not None and samples < 1:
+        raise BnfoldError(f"--samples {samples}: at least 1")
+    with _as_paths([reference, candidate], external_data_dir) as (ref_path, cand_path):
+        return _verify(ref_path, cand_path, providers=providers, samples=2 if samples is None else samples,
+                       seed=seed, dims=dict(dims or {}), shapes=dict(shapes or {}), inputs=inputs, rtol=rtol,
+                       atol=atol, output_tolerances=dict(output_tolerances or {}), localize=localize,
+                       validated=validated, exact_budget_s=exact_budget_s)
+
+
+def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed: int, dims: Dict[str, int],
+            shapes: Dict[str, Tuple[int, ...]], inputs: Optional[os.PathLike], rtol: Optional[float],
+            atol: Optional[float], output_tolerances: Dict[str, object], localize: bool, validated: bool,
+            exact_budget_s: float) -> VerifyReport:
     t0 = time.perf_counter()
-    ref_path, cand_path = os.fspath(reference), os.fspath(candidate)
     if not validated:
         from .modelio import load_model
 
@@ -263,97 +460,336 @@ def verify(reference: os.PathLike, candidate: os.PathLike, *, providers: str = "
     def get(path: str, provider: str) -> runner.Runner:
         key = (path, provider)
         if key not in runners:
-            runners[key] = runner.open_runner(path, provider)
-            if runners[key].reference_fallback:
-                notes.append(f"{Path(path).name}: ONNX Runtime has no kernel for it; used onnx.reference")
+            r = runner.open_runner(path, provider)
+            if r.reference_fallback:
+                # onnx.reference, but with inference BatchNormalization at every opset (its own uses
+                # batch statistics below opset 15)
+                from . import exact
+                from .modelio import load_model
+
+                r.session = exact.OwnDtypeEvaluator(load_model(path))
+                notes.append(f"{Path(path).name}: ONNX Runtime has no kernel for it; used onnx.reference "
+                             "(inference BatchNormalization)")
+            runners[key] = r
         return runners[key]
 
     ref_runner = get(ref_path, use[0])
     specs = list(ref_runner.inputs)
-    cand_specs = {s.name for s in get(cand_path, use[-1]).inputs}
-    missing = [s.name for s in specs if s.name not in cand_specs]
-    if missing:
-        raise BnfoldError(f"lacks the reference's input(s) {', '.join(missing)}", cand_path)
+    cand_runner = get(cand_path, use[-1])
+    _check_interfaces(specs, list(cand_runner.inputs), cand_path)
+    out_names = list(ref_runner.output_names)
+    _check_options(specs, out_names, dims, shapes, output_tolerances)
     if inputs is not None:
         feeds_list = [inputs_mod.load_feeds(inputs, specs)]
         input_info = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "source": os.fspath(inputs)}
                       for k, v in feeds_list[0].items()}
     else:
-        shape_map, shape_notes = inputs_mod.resolve_shapes(specs, dims or {}, shapes or {})
+        shape_map, shape_notes = inputs_mod.resolve_shapes(specs, dims, shapes)
         notes.extend(shape_notes)
-        feeds_list = [inputs_mod.random_feeds(specs, shape_map, seed + k, k) for k in range(max(samples, 1))]
+        feeds_list = [inputs_mod.random_feeds(specs, shape_map, seed + k, k) for k in range(samples)]
         input_info = {s.name: {"shape": list(shape_map[s.name]), "dtype": str(s.dtype), "source": "random"}
                       for s in specs}
-    base = Tolerance(rtol, atol)
-    per_output = {k: v if isinstance(v, Tolerance) else Tolerance(*v) for k, v in (output_tolerances or {}).items()}
-    out_names = list(ref_runner.output_names)
-    cand_outs = set(get(cand_path, use[-1]).output_names)
+    _check_not_vacuous(feeds_list, inputs)
+    explicit = {k: v if isinstance(v, Tolerance) else Tolerance(*v) for k, v in output_tolerances.items()}
+    fixed_all = rtol is not None or atol is not None
+    cand_outs = set(cand_runner.output_names)
+
+    # every run once: (path, provider) -> one dict of outputs per sample
+    results: Dict[Tuple[str, str], List[Dict[str, np.ndarray]]] = {}
+    infer_s = 0.0
+    for _, ref_p, cand_p, _ in _comparisons(use):
+        for path, prov, names in ((ref_path, ref_p, out_names),
+                                  (cand_path, cand_p, [o for o in out_names if o in cand_outs])):
+            if (path, prov) not in results:
+                t = time.perf_counter()
+                results[(path, prov)] = [get(path, prov).run(feeds, names) for feeds in feeds_list]
+                infer_s += time.perf_counter() - t
+
+    # the float64 pass, unless every output has explicit tolerances
+    exact_check: Optional[ExactCheck] = None
+    exact_out: Dict[str, Tuple[np.ndarray, np.ndarray, float]] = {}
+    if not fixed_all and any(o not in explicit for o in out_names):
+        exact_check, exact_out = _exact_pass(ref_path, cand_path, out_names, feeds_list[0], exact_budget_s)
+        if not exact_check.ran:
+            notes.append(f"float64 pass skipped ({exact_check.why}); fallback verdict: fixed tolerances by dtype")
+    calibrated = exact_check is not None and exact_check.ran
+
+    def noise(provider: str, o: str) -> float:
+        """The reference's own deviation from float64 on this provider (relative to max|output|)."""
+        ref64, _, scale = exact_out[o]
+        got = results[(ref_path, provider)][0][o]
+        return _rel_dev(got, ref64, scale)
+
+    if calibrated:
+        for eo in exact_check.outputs:
+            if eo.name in exact_out and runner.CPU in use and not eo.problem:
+                ref64, _, scale = exact_out[eo.name]
+                eo.reference_noise = noise(runner.CPU, eo.name)
+                cand_cpu = results.get((cand_path, runner.CPU), [{}])[0].get(eo.name)
+                if cand_cpu is not None and np.shape(cand_cpu) == np.shape(ref64):
+                    eo.candidate_noise = _rel_dev(cand_cpu, ref64, scale)
+                    eo.direction = ("closer" if eo.candidate_noise < eo.reference_noise else
+                                    "further" if eo.candidate_noise > eo.reference_noise else "same")
 
     comparisons: List[Comparison] = []
-    infer_s = 0.0
     first_failure = None
     for name, ref_p, cand_p, factor in _comparisons(use):
-        accs = {o: _Accumulator(o) for o in out_names}
-        for k, feeds in enumerate(feeds_list):
-            t = time.perf_counter()
-            ref_out = get(ref_path, ref_p).run(feeds, out_names)
-            cand_out = get(cand_path, cand_p).run(feeds, [o for o in out_names if o in cand_outs])
-            infer_s += time.perf_counter() - t
-            for o in out_names:
-                if o not in cand_out:
-                    accs[o].r.equivalent = False
-                    accs[o].r.problem = "missing from the candidate's outputs"
-                    continue
-                accs[o].add(ref_out[o], cand_out[o], per_output.get(o, base), factor, k)
-            if first_failure is None and not all(a.r.equivalent for a in accs.values()):
-                first_failure = (ref_p, cand_p, factor, feeds)
-        outs = [accs[o].r for o in out_names]
-        comparisons.append(Comparison(name, runner.PROVIDER_NAMES[ref_p], runner.PROVIDER_NAMES[cand_p],
-                                      all(o.equivalent for o in outs), outs))
-    equivalent = all(c.equivalent for c in comparisons)
+        refs = results[(ref_path, ref_p)]
+        cands = results[(cand_path, cand_p)]
+        outs = []
+        for o in out_names:
+            if o not in cand_outs:
+                outs.append(OutputResult(o, False, problem="missing from the candidate's outputs",
+                                         cosine_similarity=None))
+                continue
+            r_list, c_list = [s[o] for s in refs], [s[o] for s in cands]
+            dtype = np.asarray(r_list[0]).dtype
+            if o in explicit or fixed_all:
+                tol = explicit.get(o, Tolerance(rtol, atol))
+                d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
+                res = _compare(o, r_list, c_list, tol.rtol if tol.rtol is not None else d_rtol * factor,
+                               None if tol.atol is not None else d_atol * factor, tol.atol, "fixed")
+            elif calibrated and o in exact_out and dtype.kind == "f":
+                allowance = next(e.allowance for e in exact_check.outputs if e.name == o)
+                rel = (RUNTIME_NOISE_MULTIPLE * max(noise(ref_p, o), noise(cand_p, o))
+                       + ALLOWANCE_MULTIPLE * allowance + FLOAT64_FLOOR + DTYPE_FLOOR_ULPS * float(np.finfo(dtype).eps))
+                res = _compare(o, r_list, c_list, 0.0, rel, None, "calibrated")
+            else:
+                d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
+                res = _compare(o, r_list, c_list, d_rtol * factor, d_atol * factor, None,
+                               "calibrated" if calibrated else "fallback")
+            outs.append(res)
+        if first_failure is None and not all(r.equivalent for r in outs):
+            bad = next(r for r in outs if not r.equivalent)
+            first_failure = (ref_p, cand_p, bad)
+        comp = Comparison(name, runner.PROVIDER_NAMES[ref_p], runner.PROVIDER_NAMES[cand_p],
+                          all(r.equivalent for r in outs), outs)
+        comparisons.append(comp)
+    if sum(r.compared for c in comparisons for r in c.outputs) == 0 and all(
+            r.problem is None for c in comparisons for r in c.outputs):
+        raise BnfoldError("0 output elements compared: the verdict would be vacuous", cand_path)
+    _place_cuda(comparisons, use, providers, ref_path, cand_path, feeds_list[0])
+    equivalent = all(c.equivalent for c in comparisons) and (exact_check is None or exact_check.equivalent
+                                                              is not False)
+    method = "fixed" if fixed_all or (explicit and all(o in explicit for o in out_names)) else (
+        "calibrated" if calibrated else "fallback")
     localized = None
-    if localize and first_failure is not None:
-        localized = localize_divergence(ref_path, cand_path, *first_failure, base)
-    timing = {"total_s": time.perf_counter() - t0, "inference_s": infer_s}
+    if localize and not equivalent:
+        if calibrated and exact_check.equivalent is False:
+            localized = localize_exact(ref_path, cand_path, feeds_list[0])
+        elif first_failure is not None:
+            ref_p, cand_p, bad = first_failure
+            scale_rel = bad.atol / max(_scale_of([s[bad.name] for s in results[(ref_path, ref_p)]]), 1e-300)
+            localized = localize_divergence(ref_path, cand_path, ref_p, cand_p, feeds_list[0], bad.rtol, scale_rel)
+    timing = {"total_s": time.perf_counter() - t0, "inference_s": infer_s,
+              "float64_s": exact_check.seconds if exact_check else 0.0}
     return VerifyReport(ref_path, cand_path, equivalent, len(feeds_list), seed, input_info, notes, comparisons,
-                        skipped, localized, timing)
+                        skipped, localized, timing, method, exact_check)
 
 
-def localize_divergence(ref_path: str, cand_path: str, ref_provider: str, cand_provider: str, factor: float,
-                        feeds: Dict[str, np.ndarray], tol: Tolerance) -> dict:
-    """Name the first intermediate tensor (in the reference's order) that differs.
+def _scale_of(arrays: Sequence[np.ndarray]) -> float:
+    s = 0.0
+    for a in arrays:
+        a = np.asarray(a, np.float64).reshape(-1)
+        fin = a[np.isfinite(a)]
+        if fin.size:
+            s = max(s, float(np.abs(fin).max()))
+    return s
 
-    Only tensors present under the same name in both main graphs are compared.
-    They are exposed as extra outputs in batches of :data:`LOCALIZE_BATCH` on
-    temporary copies written beside each model (so external data still resolves).
+
+def _rel_dev(got: np.ndarray, ref64: np.ndarray, scale: float) -> float:
+    """max|got - ref64| / scale over elements finite on both sides; inf where finiteness differs."""
+    a = np.asarray(got, np.float64).reshape(-1)
+    b = np.asarray(ref64, np.float64).reshape(-1)
+    if a.shape != b.shape:
+        return float("inf")
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    with np.errstate(invalid="ignore"):
+        if np.any(fa != fb) or np.any((~fa) & (a != b) & ~(np.isnan(a) & np.isnan(b))):
+            return float("inf")
+    both = fa & fb
+    if not both.any():
+        return 0.0
+    return float(np.abs(a[both] - b[both]).max()) / (scale if scale > 0 else 1.0)
+
+
+def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], feeds: Mapping[str, np.ndarray],
+                budget_s: float) -> Tuple[ExactCheck, Dict[str, Tuple[np.ndarray, np.ndarray, float]]]:
+    """Reference and candidate in float64, and the half-ulp allowance, on one sample."""
+    from . import exact
+    from .modelio import load_model
+
+    shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+    ref_m, cand_m = load_model(ref_path), load_model(cand_path)
+    est = max(exact.estimate_seconds(ref_m, shapes).seconds, exact.estimate_seconds(cand_m, shapes).seconds)
+    estimated = est * (2 + PERTURBATIONS)
+    check = ExactCheck(False, None, estimated_s=estimated)
+    if budget_s <= 0:
+        check.why = "turned off"
+        return check, {}
+    if estimated > budget_s:
+        check.why = f"estimated {estimated:.0f} s for {2 + PERTURBATIONS} float64 runs, over the {budget_s:.0f} s budget"
+        return check, {}
+    t = time.perf_counter()
+    try:
+        ref64m = exact.upcast(ref_m)
+        ref64 = dict(zip(out_names, exact.evaluator(ref64m, True).run(out_names, feeds)))
+        cand64 = dict(zip(out_names, exact.evaluator(cand_m).run(
+            [o for o in out_names if o in {x.name for x in cand_m.graph.output}], feeds)))
+        originals = exact.float_initializers(ref_m)
+        rng = np.random.default_rng(12345)
+        perturbed = [dict(zip(out_names, exact.evaluator(exact.perturb_initializers(ref64m, originals, rng), True)
+                              .run(out_names, feeds))) for _ in range(PERTURBATIONS)]
+    except (NotImplementedError, RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
+        # onnx.reference lacks this op or cannot evaluate the model: reported, with the fallback verdict
+        check.why = f"the float64 evaluator cannot run the model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return check, {}
+    check.ran = True
+    check.seconds = time.perf_counter() - t
+    kept: Dict[str, Tuple[np.ndarray, np.ndarray, float]] = {}
+    for o in out_names:
+        r64 = np.asarray(ref64[o])
+        if o not in cand64:
+            check.outputs.append(ExactOutput(o, False, 0.0, 0.0, float("inf"), 0.0, float("inf"),
+                                             problem="missing from the candidate's outputs"))
+            continue
+        c64 = np.asarray(cand64[o])
+        if r64.dtype.kind not in "fc":
+            diff = float(np.mean(r64 != c64)) if r64.shape == c64.shape and r64.size else float(r64.shape != c64.shape)
+            allow = max(float(np.mean(p[o] != r64)) if r64.size else 0.0 for p in perturbed)
+            limit = ALLOWANCE_MULTIPLE * allow
+            check.outputs.append(ExactOutput(o, diff <= limit, 1.0, allow, diff, limit,
+                                             diff / limit if limit else (0.0 if diff == 0 else float("inf"))))
+            continue
+        scale = _scale_of([r64]) or 1.0
+        if r64.shape != c64.shape:
+            check.outputs.append(ExactOutput(o, False, scale, 0.0, float("inf"), 0.0, float("inf"),
+                                             problem=f"reference shape {list(r64.shape)}, candidate {list(c64.shape)}"))
+            continue
+        allow = max(_rel_dev(p[o], r64, scale) for p in perturbed)
+        dev = _rel_dev(c64, r64, scale)
+        limit = ALLOWANCE_MULTIPLE * allow + FLOAT64_FLOOR
+        check.outputs.append(ExactOutput(o, dev <= limit, scale, allow, dev, limit, dev / limit))
+        kept[o] = (r64, c64, scale)
+    check.equivalent = all(e.equivalent for e in check.outputs)
+    return check, kept
+
+
+def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, ref_path: str, cand_path: str,
+                feeds: Mapping[str, np.ndarray]) -> None:
+    """For comparisons that run on CUDA: how many nodes ONNX Runtime placed on each provider.
+
+    With ``--providers`` naming cuda explicitly, compute nodes (Conv, Gemm, MatMul, BN) left on the
+    CPU make the comparison not what it says: a clear error.
+    """
+    if runner.CUDA not in use:
+        return
+    placed = {}
+    for label, path in (("reference", ref_path), ("candidate", cand_path)):
+        placed[label] = runner.node_placement(path, runner.CUDA, dict(feeds))
+    explicit = "cuda" in [p.strip().lower() for p in spec.split(",")]
+    for label, nodes in placed.items():
+        fell_back = sorted(n for n, (op, prov) in nodes.items()
+                           if prov != runner.PROVIDER_NAMES[runner.CUDA] and op in COMPUTE_OPS)
+        if fell_back and explicit:
+            path = ref_path if label == "reference" else cand_path
+            raise BnfoldError(f"--providers {spec}: ONNX Runtime placed {len(fell_back)} compute node(s) of the "
+                              f"{label} on the CPU, not CUDA (e.g. {', '.join(fell_back[:3])}): "
+                              "the CUDA comparison would not test CUDA", path)
+    for c in comparisons:
+        if c.candidate_provider != runner.PROVIDER_NAMES[runner.CUDA]:
+            continue
+        info = {}
+        for label, nodes in placed.items():
+            counts: Dict[str, int] = {}
+            for op, prov in nodes.values():
+                counts[prov] = counts.get(prov, 0) + 1
+            info[label] = {"nodes": len(nodes), "by_provider": counts}
+        c.placement = info
+
+
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+
+
+# -- localization --------------------------------------------------------------------------------
+
+def _producers(model) -> Dict[str, str]:
+    return {o: f"{n.op_type} '{n.name}'" for n in model.graph.node for o in n.output if o}
+
+
+def _shared_order(ref, cand) -> List[str]:
+    """Intermediate tensors (not graph outputs) produced under the same name in both, in the reference's order."""
+    cand_names = {o for n in cand.graph.node for o in n.output if o}
+    outputs = {o.name for o in ref.graph.output}
+    return [o for n in ref.graph.node for o in n.output if o and o in cand_names and o not in outputs]
+
+
+def localize_exact(ref_path: str, cand_path: str, feeds: Mapping[str, np.ndarray]) -> dict:
+    """Name the first shared intermediate tensor whose float64 value moved beyond its own half-ulp allowance.
+
+    Each intermediate gets the allowance measured like the outputs' (reference weights perturbed
+    within half an ulp), so a tensor is blamed only for moving more than rounding could move it.
+    """
+    from . import exact
+    from .modelio import load_model
+
+    ref, cand = load_model(ref_path), load_model(cand_path)
+    order = _shared_order(ref, cand)
+    ref64m = exact.upcast(ref)
+    refs = exact.evaluator(ref64m, True).run(order, feeds) if order else []
+    cands = exact.evaluator(cand).run(order, feeds) if order else []
+    originals = exact.float_initializers(ref)
+    rng = np.random.default_rng(12345)
+    perturbed = [exact.evaluator(exact.perturb_initializers(ref64m, originals, rng), True).run(order, feeds)
+                 for _ in range(PERTURBATIONS)] if order else []
+    rp, cp = _producers(ref), _producers(cand)
+    for k, name in enumerate(order):
+        r, c = np.asarray(refs[k]), np.asarray(cands[k])
+        if r.dtype.kind != "f":
+            if r.shape != c.shape or np.any(r != c):
+                return _blame(name, rp, cp, k + 1, len(order), {"deviation": None, "limit": 0.0})
+            continue
+        scale = _scale_of([r]) or 1.0
+        dev = _rel_dev(c, r, scale) if r.shape == c.shape else float("inf")
+        allow = max(_rel_dev(p[k], r, scale) for p in perturbed)
+        limit = ALLOWANCE_MULTIPLE * allow + FLOAT64_FLOOR
+        if dev > limit:
+            return _blame(name, rp, cp, k + 1, len(order), {"deviation": dev, "limit": limit, "allowance": allow})
+    return {"first_divergent": None, "producer": None, "candidate_producer": None, "checked": len(order),
+            "total": len(order), "method": "float64", "result": None}
+
+
+def _blame(name: str, rp: Dict[str, str], cp: Dict[str, str], checked: int, total: int, result: dict,
+           method: str = "float64") -> dict:
+    return {"first_divergent": name, "producer": rp.get(name), "candidate_producer": cp.get(name),
+            "checked": checked, "total": total, "method": method, "result": result}
+
+
+def localize_divergence(ref_path: str, cand_path: str, ref_provider: str, cand_provider: str,
+                        feeds: Dict[str, np.ndarray], rtol: float, atol_rel: float) -> dict:
+    """Name the first intermediate tensor (in the reference's order) that differs at runtime.
+
+    Only tensors present under the same name in both main graphs are compared, each with
+    ``atol = atol_rel x`` its own max|reference| (the failing output's relative tolerance).
+    They are exposed as extra outputs in batches of :data:`LOCALIZE_BATCH` on temporary
+    copies written beside each model (so external data still resolves).
     """
     from .modelio import load_model
 
     ref = load_model(ref_path, load_external=False)
     cand = load_model(cand_path, load_external=False)
-    cand_names = {o for n in cand.graph.node for o in n.output if o}
-    producers = {}
-    order = []
-    for n in ref.graph.node:
-        for o in n.output:
-            if o and o in cand_names:
-                order.append(o)
-                producers[o] = f"{n.op_type} '{n.name}'"
-    outputs = {o.name for o in ref.graph.output}
-    order = [o for o in order if o not in outputs]
+    order = _shared_order(ref, cand)
+    rp, cp = _producers(ref), _producers(cand)
     for start in range(0, len(order), LOCALIZE_BATCH):
         batch = order[start:start + LOCALIZE_BATCH]
-        got = []
-        for model, path, provider in ((ref, ref_path, ref_provider), (cand, cand_path, cand_provider)):
-            got.append(_run_with_outputs(model, path, provider, batch, feeds))
+        got = [_run_with_outputs(model, path, provider, batch, feeds)
+               for model, path, provider in ((ref, ref_path, ref_provider), (cand, cand_path, cand_provider))]
         for name in batch:
-            acc = _Accumulator(name)
-            acc.add(got[0][name], got[1][name], tol, factor, 0)
-            if not acc.r.equivalent:
-                return {"first_divergent": name, "producer": producers[name], "checked": start + batch.index(name) + 1,
-                        "result": asdict(acc.r)}
-    return {"first_divergent": None, "producer": None, "checked": len(order),
-            "result": None}
+            res = _compare(name, [got[0][name]], [got[1][name]], rtol, atol_rel, None, "runtime")
+            if not res.equivalent:
+                return _blame(name, rp, cp, start + batch.index(name) + 1, len(order), asdict(res), "runtime")
+    return {"first_divergent": None, "producer": None, "candidate_producer": None, "checked": len(order),
+            "total": len(order), "method": "runtime", "result": None}
 
 
 def _run_with_outputs(model, path: str, provider: str, names: List[str], feeds) -> Dict[str, np.ndarray]:
@@ -370,6 +806,11 @@ def _run_with_outputs(model, path: str, provider: str, names: List[str], feeds) 
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(probe.SerializeToString())
-        return runner.open_runner(tmp, provider).run(feeds, names)
+        r = runner.open_runner(tmp, provider)
+        if r.reference_fallback:
+            from . import exact
+
+            r.session = exact.OwnDtypeEvaluator(probe)
+        return r.run(feeds, names)
     finally:
         os.unlink(tmp)

@@ -90,4 +90,4 @@ def test_colours_only_on_a_terminal_without_no_color(monkeypatch):
 
 def test_pre_commit_hooks_run_bnfold_check():
     text = (ROOT / ".pre-commit-hooks.yaml").read_text()
-    assert "entry: bnfold check" in text and "files: \\.onnx$" in text
+    assert "entry: bnfold check" in text and "files: \\.onnx(\\.data)?$" in text

@@ -67,7 +67,7 @@ def test_report_json_and_stdout_json(model, tmp_path):
                           "verification", "reparameterized"}
     assert saved["before"]["bn_count"] == 13 and saved["after"]["bn_count"] == 0 and saved["folded"] == 13
     rec = saved["records"][0]
-    assert set(rec) == {"node", "graph", "folded", "direction", "host", "host_op", "reason", "detail"}
+    assert set(rec) == {"node", "graph", "folded", "direction", "host", "host_op", "reason", "detail", "why"}
     assert saved["verification"]["equivalent"] is True
 
 
@@ -126,8 +126,8 @@ def test_failed_verification_writes_nothing_unless_forced(model, monkeypatch):
     res = run("fuse", model)
     assert res.exit_code == 1 and "not written" in res.output and "NOT EQUIVALENT" in res.output
     assert not out.exists()
-    res = run("fuse", model, "--force")
-    assert res.exit_code == 0 and out.exists() and "--force" in res.output
+    res = run("fuse", model, "--force")  # writes, says so, and still fails the run
+    assert res.exit_code == 1 and out.exists() and "written with --force" in res.output
 
 
 def test_without_onnxruntime_fuse_warns_and_verify_says_how_to_install(model, monkeypatch):
@@ -135,6 +135,7 @@ def test_without_onnxruntime_fuse_warns_and_verify_says_how_to_install(model, mo
         raise MissingDependencyError(f"ONNX Runtime is not installed: {runner.INSTALL_HINT}")
 
     monkeypatch.setattr(runner, "ort", missing)
+    monkeypatch.setattr(runner, "ORT_MODULE", "onnxruntime_absent")  # what the worker path looks up
     res = run("fuse", model)
     assert res.exit_code == 0 and "not verified" in res.output and "bnfold[cpu]" in res.output
     assert model.with_name("net.fused.onnx").exists()

@@ -212,12 +212,16 @@ def test_json_shape(pair):
     report = verify(ref, pair(dropped_mean(onnx.load(str(ref))), "bug.onnx"), providers="cpu")
     data = json.loads(json.dumps(report.to_dict()))
     assert set(data) == {"reference", "candidate", "equivalent", "samples", "seed", "inputs", "notes",
-                         "comparisons", "skipped", "localized", "timing"}
+                         "comparisons", "skipped", "localized", "timing", "method", "exact"}
     comp = data["comparisons"][0]
-    assert set(comp) == {"name", "reference_provider", "candidate_provider", "equivalent", "outputs"}
+    assert set(comp) == {"name", "reference_provider", "candidate_provider", "equivalent", "outputs", "placement"}
     out = comp["outputs"][0]
     assert set(out) == {"name", "equivalent", "dtype", "shape", "rtol", "atol", "max_abs_error", "max_rel_error",
-                        "mean_abs_error", "cosine_similarity", "fail_fraction", "worst", "problem"}
+                        "mean_abs_error", "cosine_similarity", "fail_fraction", "worst", "problem", "compared",
+                        "method"}
+    assert data["method"] == "calibrated" and data["exact"]["ran"] and not data["exact"]["equivalent"]
+    assert set(data["exact"]["outputs"][0]) == {"name", "equivalent", "scale", "allowance", "deviation", "limit",
+                                                "used", "reference_noise", "candidate_noise", "direction", "problem"}
     assert set(out["worst"]) == {"sample", "index", "reference", "candidate"}
     assert data["equivalent"] is False and comp["reference_provider"] == "CPUExecutionProvider"
 
@@ -292,6 +296,7 @@ def test_cuda_detection_checks_the_session_not_the_list(monkeypatch):
 
     runner.cuda_status.cache_clear()
     monkeypatch.setattr(runner, "ort", lambda: FakeOrt)
+    monkeypatch.setattr(runner, "ISOLATE", False)  # FakeOrt replaces the module in this process
     try:
         ok, why = runner.cuda_status()
         assert not ok and "fell back to the CPU" in why

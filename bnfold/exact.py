@@ -1,0 +1,295 @@
+"""Models evaluated in float64 ("exact enough" arithmetic) with onnx.reference.
+
+Used by verification to measure how far a model's own-dtype run is from exact
+arithmetic, and how far a candidate's *weights* move the result, free of any
+runtime's rounding. Never imports the fold code.
+
+- :func:`upcast` turns every floating-point tensor of a model into float64:
+  initializers, graph inputs/outputs/value_info types, Cast targets, ``dtype``
+  attributes, Constant nodes and tensor attributes (e.g. ConstantOfShape's
+  value), in subgraphs and functions too.
+- :func:`evaluator` runs an upcast model through ``onnx.reference`` with
+  *inference* BatchNormalization at every opset (the stock implementation below
+  opset 15 uses batch statistics, i.e. training semantics).
+- :func:`perturb_initializers` draws a copy whose float weights move at random
+  within half an ulp of their original dtype: the rounding a correct rewrite of
+  those weights is allowed.
+- :func:`estimate_seconds` predicts the cost of one evaluation from the model's
+  multiply-accumulates, so callers can skip the pass on models too big for it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+# Measured here (onnx 1.23.2, 2 shared cores, the Conv below): 2.8 GMAC/s on a resnet18-like net, 0.5 on a
+# mobilenet-like one (depthwise); 1 GMAC/s plus 1 ms per node keeps the estimate on the safe side.
+MACS_PER_SECOND = 1e9
+SECONDS_PER_NODE = 1e-3
+
+
+def _to_double(elem_type: int) -> int:
+    return TensorProto.DOUBLE if elem_type in FLOAT_TYPES else elem_type
+
+
+def _upcast_type(tp: onnx.TypeProto) -> None:
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        tp.tensor_type.elem_type = _to_double(tp.tensor_type.elem_type)
+    elif kind == "sparse_tensor_type":
+        tp.sparse_tensor_type.elem_type = _to_double(tp.sparse_tensor_type.elem_type)
+    elif kind == "sequence_type":
+        _upcast_type(tp.sequence_type.elem_type)
+    elif kind == "optional_type":
+        _upcast_type(tp.optional_type.elem_type)
+    elif kind == "map_type":
+        _upcast_type(tp.map_type.value_type)
+
+
+def _upcast_tensor(t: TensorProto) -> None:
+    if t.data_type in FLOAT_TYPES and t.data_type != TensorProto.DOUBLE:
+        arr = numpy_helper.to_array(t).astype(np.float64)
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def _upcast_node(node: onnx.NodeProto) -> None:
+    if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        for a in list(node.attribute):
+            # value_float(s) would make a float32 Constant: turn them into a float64 tensor.
+            if a.name in ("value_float", "value_floats"):
+                arr = np.float64(a.f) if a.name == "value_float" else np.asarray(a.floats, np.float64)
+                node.attribute.remove(a)
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.asarray(arr))))
+    for a in node.attribute:
+        if a.type == AttributeProto.TENSOR:
+            _upcast_tensor(a.t)
+        elif a.type == AttributeProto.TENSORS:
+            for t in a.tensors:
+                _upcast_tensor(t)
+        elif a.type == AttributeProto.GRAPH:
+            _upcast_graph(a.g)
+        elif a.type == AttributeProto.GRAPHS:
+            for g in a.graphs:
+                _upcast_graph(g)
+        elif a.type == AttributeProto.INT and a.name in ("to", "dtype", "output_dtype"):
+            a.i = _to_double(a.i)
+
+
+def _upcast_graph(graph: onnx.GraphProto) -> None:
+    for t in graph.initializer:
+        _upcast_tensor(t)
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        _upcast_type(v.type)
+    for node in graph.node:
+        _upcast_node(node)
+
+
+def upcast(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float64 copy of ``model`` (external data must already be loaded)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _upcast_graph(out.graph)
+    for f in out.functions:
+        for node in f.node:
+            _upcast_node(node)
+    return out
+
+
+def float_initializers(model: onnx.ModelProto) -> List[Tuple[str, np.ndarray]]:
+    """(name, array in its own dtype) for every floating-point initializer of the main graph."""
+    return [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
+
+
+def half_ulp(arr: np.ndarray) -> np.ndarray:
+    """Half the spacing of ``arr``'s own dtype at each value, in float64."""
+    if arr.dtype.name == "bfloat16":  # 8 significant bits
+        a = np.abs(arr.astype(np.float64))
+        exp = np.floor(np.log2(np.where(a > 0, a, 2.0 ** -126)))
+        return 0.5 * 2.0 ** (np.maximum(exp, -126) - 7)
+    return 0.5 * np.abs(np.spacing(arr)).astype(np.float64)
+
+
+def perturb_initializers(model64: onnx.ModelProto, originals: Sequence[Tuple[str, np.ndarray]],
+                         rng: np.random.Generator) -> onnx.ModelProto:
+    """A copy of the float64 model whose float weights moved uniformly within half an ulp of their own dtype."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model64)
+    by_name = {t.name: t for t in out.graph.initializer}
+    for name, arr in originals:
+        base = arr.astype(np.float64)
+        moved = base + rng.uniform(-1.0, 1.0, base.shape) * half_ulp(arr)
+        by_name[name].CopyFrom(numpy_helper.from_array(np.asarray(moved, np.float64), name))
+    return out
+
+
+def _bn_class():
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        """Inference BatchNormalization at every opset (training_mode=1 keeps batch statistics)."""
+
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, spatial=None,  # noqa: D401
+                 training_mode=None, is_test=None, consumed_inputs=None):
+            eps = 1e-5 if epsilon is None else float(epsilon)
+            if training_mode:
+                axes = tuple(i for i in range(x.ndim) if i != 1)
+                mean = x.mean(axis=axes)
+                var = x.var(axis=axes)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            if spatial == 0 and np.ndim(scale) > 1:  # opset < 9: per-(C, H, W) parameters
+                shape = (1,) + tuple(np.shape(scale))
+
+            def p(a):
+                return np.asarray(a).reshape(shape)
+
+            y = (x - p(mean)) / np.sqrt(p(var) + eps) * p(scale) + p(bias)
+            extra = (mean, var, mean, var)[:len(self.output) - 1]
+            return (y.astype(x.dtype, copy=False),) + tuple(np.asarray(e) for e in extra)
+
+    return BatchNormalization
+
+
+def _conv_class():
+    from onnx.reference.ops.op_conv import Conv as StockConv
+
+    class Conv(StockConv):
+        """2-D Conv through numpy windows + tensordot (the stock im2col loop is ~10x slower); others: stock."""
+
+        op_domain = ""
+
+        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
+                 strides=None):
+            if X.ndim != 4 or (auto_pad not in (None, "NOTSET", b"NOTSET", "VALID", b"VALID")):
+                return super()._run(X, W, B, auto_pad=auto_pad, dilations=dilations, group=group,
+                                    kernel_shape=kernel_shape, pads=pads, strides=strides)
+            from numpy.lib.stride_tricks import sliding_window_view
+
+            g = int(group or 1)
+            kh, kw = W.shape[2], W.shape[3]
+            dh, dw = dilations or (1, 1)
+            sh, sw = strides or (1, 1)
+            t, l, b, r = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
+            xp = np.pad(X, ((0, 0), (0, 0), (t, b), (l, r)))
+            win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+            win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
+            n, c, oh, ow = win.shape[:4]
+            m = W.shape[0]
+            if g == 1:
+                y = np.tensordot(win, W, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
+            elif g == c and m == c and W.shape[1] == 1:  # depthwise
+                y = np.einsum("nchwij,cij->nchw", win, W[:, 0], optimize=True)
+            else:
+                cg, mg = c // g, m // g
+                y = np.concatenate([np.tensordot(win[:, k * cg:(k + 1) * cg], W[k * mg:(k + 1) * mg],
+                                                 axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
+                                    for k in range(g)], axis=1)
+            if B is not None:
+                y = y + B.reshape(1, -1, 1, 1)
+            return (np.ascontiguousarray(y).astype(X.dtype, copy=False),)
+
+    return Conv
+
+
+class Float64Evaluator:
+    """An upcast model under onnx.reference; ``run(names, feeds)`` like an ORT session."""
+
+    def __init__(self, model64: onnx.ModelProto) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self.model = model64
+        self.evaluator = ReferenceEvaluator(model64, new_ops=[_bn_class(), _conv_class()])
+        self.output_names = [o.name for o in model64.graph.output]
+
+    def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        feeds64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
+                   for k, v in feeds.items()}
+        return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, feeds64)]
+
+
+class OwnDtypeEvaluator(Float64Evaluator):
+    """The model as it is (no upcast) under onnx.reference with inference BN: for ORT's missing kernels."""
+
+    def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, dict(feeds))]
+
+
+def evaluator(model: onnx.ModelProto, already_float64: bool = False) -> Float64Evaluator:
+    """A float64 evaluator of ``model`` (upcast here unless ``already_float64``)."""
+    return Float64Evaluator(model if already_float64 else upcast(model))
+
+
+@dataclass
+class CostEstimate:
+    macs: float
+    nodes: int
+    seconds: float  # one evaluation
+
+
+def estimate_seconds(model: onnx.ModelProto, shapes: Mapping[str, Tuple[int, ...]]) -> CostEstimate:
+    """Predicted seconds for one float64 evaluation at these input shapes (Conv/Gemm/MatMul MACs + per-node cost).
+
+    Shapes come from ONNX shape inference with the inputs fixed; a node whose shapes
+    cannot be inferred counts only its per-node cost.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    for v in g.input:
+        if v.name in shapes and v.type.HasField("tensor_type"):
+            dims = v.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[v.name]:
+                dims.add().dim_value = int(d)
+    # shape inference needs initializer shapes, not their data (small ones may be shapes: kept)
+    for t in g.initializer:
+        if t.data_location == TensorProto.EXTERNAL or t.ByteSize() > 4096:
+            keep = (t.name, list(t.dims), t.data_type)
+            t.Clear()
+            t.name, t.data_type = keep[0], keep[2]
+            t.dims.extend(keep[1])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        inferred = probe
+    known: Dict[str, Tuple[int, ...]] = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = v.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            known[v.name] = tuple(d.dim_value for d in tt.shape.dim)
+    for t in model.graph.initializer:
+        known[t.name] = tuple(t.dims)
+    macs = 0.0
+    for n in model.graph.node:
+        out = known.get(n.output[0]) if n.output else None
+        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1:
+            w = known.get(n.input[1])
+            x = known.get(n.input[0])
+            if w is None:
+                continue
+            if n.op_type == "Conv" and out is not None:
+                macs += float(np.prod(out)) * float(np.prod(w[1:]))
+            elif x is not None:
+                macs += float(np.prod(x)) * float(np.prod(w[1:]))
+        elif n.op_type in ("Gemm", "MatMul") and out is not None and len(n.input) > 1:
+            a = known.get(n.input[0])
+            if a:
+                k = a[0] if n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute) else a[-1]
+                macs += float(np.prod(out)) * float(k)
+    nodes = len(model.graph.node)
+    return CostEstimate(macs, nodes, macs / MACS_PER_SECOND + nodes * SECONDS_PER_NODE)
+
+
+def timed_run(ev: Float64Evaluator, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+              ) -> Tuple[Dict[str, np.ndarray], float]:
+    """Outputs by name and the seconds the evaluation took."""
+    t = time.perf_counter()
+    values = ev.run(names, feeds)
+    return dict(zip(names, values)), time.perf_counter() - t

@@ -1,0 +1,433 @@
+"""The verified-write workflow, and the exit-code policy.
+
+:func:`fuse_file` folds one model file, writes the result into a private folder beside
+its destination, verifies it there against the input through ONNX Runtime, and then
+commits it (a rename) or discards it. :func:`check_file` does the same in a scratch
+folder and never writes. Each returns a :class:`FuseOutcome` (what happened, as data);
+:func:`run_batch` runs many, in worker processes if asked, and keeps going when one
+fails. A :class:`Report` aggregates outcomes and owns the exit code, in one place:
+
+====  ========================================================================
+0     success
+1     verification failed or a policy failed (``--force`` writes and still exits 1)
+2     bad usage or unusable input (one line naming the file and the problem)
+3     internal error: a bug in bnfold (nothing was written for that model)
+130   interrupted (Ctrl-C); the report says what was written and what was not
+====  ========================================================================
+
+Nothing here prints: the CLI renders outcomes.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from . import __version__
+from .errors import BnfoldError, MissingDependencyError, PathLike
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_UNUSABLE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class Status(str, enum.Enum):
+    """What happened to one model. The value is part of the JSON report: never rename one."""
+
+    WRITTEN = "written"
+    """Folded (and verified, unless verification was off or unavailable) and written."""
+    PASSED = "passed"
+    """Checked or inspected without writing; the fold verifies and the policy holds."""
+    FORCED = "forced"
+    """Written with ``force`` although verification failed (exit 1)."""
+    NOT_EQUIVALENT = "not_equivalent"
+    """The fold does not verify; nothing written (exit 1)."""
+    POLICY_FAILED = "policy_failed"
+    """A ``check`` policy failed, e.g. BNs that still fold under ``require_folded`` (exit 1)."""
+    UNUSABLE = "unusable"
+    """The input or an output path cannot be used (exit 2)."""
+    INTERNAL_ERROR = "internal_error"
+    """A bug in bnfold (exit 3); nothing written for this model."""
+    INTERRUPTED = "interrupted"
+    """Stopped by Ctrl-C while it ran, or never started; nothing written for this model."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_EXIT = {Status.WRITTEN: EXIT_OK, Status.PASSED: EXIT_OK, Status.FORCED: EXIT_FAILED,
+         Status.NOT_EQUIVALENT: EXIT_FAILED, Status.POLICY_FAILED: EXIT_FAILED, Status.UNUSABLE: EXIT_UNUSABLE,
+         Status.INTERNAL_ERROR: EXIT_INTERNAL, Status.INTERRUPTED: EXIT_INTERRUPTED}
+
+
+@dataclass
+class FuseOutcome:
+    """The outcome of the workflow on one model file (picklable: batches run it in workers)."""
+
+    model: str
+    status: Status
+    output: Optional[str] = None
+    """The file written, or None when nothing was written."""
+    exit_code: int = 0
+    error: Optional[str] = None
+    """One line for people (file first), or None."""
+    warnings: List[str] = field(default_factory=list)
+    report: Optional[dict] = None
+    """The fuse report (``FuseResult.to_dict``) with ``output`` and ``verification`` (the verify
+    report as a dict, or None); None when the model could not be folded."""
+    hint: Optional[str] = None
+    """What to do about a failure (e.g. the option that would fold the remaining BNs)."""
+    traceback: Optional[str] = None
+    """The traceback of an internal error."""
+    time_s: float = 0.0
+    """Seconds the workflow took on this model."""
+
+    @property
+    def written(self) -> bool:
+        return self.output is not None
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.report and self.report.get("verification"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = self.status.value
+        del d["traceback"]
+        return d
+
+
+def _outcome(model: PathLike, status: Status, **kw: Any) -> FuseOutcome:
+    kw.setdefault("exit_code", _EXIT[status])
+    return FuseOutcome(os.fspath(model), status, **kw)
+
+
+def internal_error_message(exc: BaseException) -> str:
+    """The one line shown for a bug in bnfold."""
+    return (f"internal error ({type(exc).__name__}: {exc}); this is a bug in bnfold {__version__}: "
+            "please report it on bnfold's issue tracker with this line and the traceback (-v shows it)")
+
+
+@dataclass
+class FuseOptions:
+    """How :func:`fuse_file` and :func:`check_file` fold and verify (picklable)."""
+
+    verify: Optional[bool] = None
+    """True: verify (ONNX Runtime required); False: skip; None: verify when ONNX Runtime is installed."""
+    force: bool = False
+    in_place: bool = False
+    allow_overridable: bool = False
+    reparameterize: bool = False
+    require_folded: bool = False
+    verify_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for :func:`bnfold.verify` (providers, samples, tolerances, ...)."""
+
+
+def fuse_file(model: PathLike, output: Optional[PathLike] = None, *, verify: Optional[bool] = None,
+              force: bool = False, in_place: bool = False, allow_overridable: bool = False,
+              reparameterize: bool = False, verify_kwargs: Optional[Mapping[str, Any]] = None) -> FuseOutcome:
+    """Fold ``model``, verify the result against it, and write it to ``output`` only if it is
+    equivalent (or ``force``): the verified write.
+
+    ``output`` defaults to ``<stem>.fused.onnx`` beside the model (``in_place``: the model
+    itself). The result is staged beside ``output``, verified there, then renamed into
+    place; nothing is written when verification fails (status ``not_equivalent``), the
+    input is unusable (``unusable``), or bnfold has a bug (``internal_error``, with the
+    traceback). Never raises for those: the outcome says what happened. An output that
+    would replace a file the input reads is refused.
+    """
+    from .paths import default_output
+
+    target = Path(model) if in_place else Path(output) if output is not None else default_output(model)
+    opts = FuseOptions(verify=verify, force=force, in_place=in_place, allow_overridable=allow_overridable,
+                       reparameterize=reparameterize, verify_kwargs=dict(verify_kwargs or {}))
+    return run_one(Path(model), target, opts)
+
+
+def check_file(model: PathLike, *, require_folded: bool = False, verify: Optional[bool] = None,
+               allow_overridable: bool = False, reparameterize: bool = False,
+               verify_kwargs: Optional[Mapping[str, Any]] = None) -> FuseOutcome:
+    """The CI gate on one model: fold in memory, verify the fold in a scratch folder, apply the
+    policy; never writes a model. ``require_folded`` fails a model that still holds BNs
+    ``fuse`` would fold, or BNs kept only because their parameters are overridable graph
+    inputs (``fuse --allow-overridable`` folds those)."""
+    opts = FuseOptions(verify=verify, allow_overridable=allow_overridable, reparameterize=reparameterize,
+                       require_folded=require_folded, verify_kwargs=dict(verify_kwargs or {}))
+    return run_one(Path(model), None, opts)
+
+
+def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> FuseOutcome:
+    """:func:`fuse_file` (``target`` given) or :func:`check_file` (``target`` None) with options.
+
+    ``KeyboardInterrupt`` propagates (after the staged files are removed); :func:`run_batch`
+    turns it into an ``interrupted`` outcome.
+    """
+    model, target = Path(model), (None if target is None else Path(target))
+    warnings: List[str] = []
+    t0 = time.perf_counter()
+    try:
+        outcome = _run_one(model, target, opts, warnings)
+    except BnfoldError as e:
+        outcome = _outcome(model, Status.UNUSABLE, exit_code=e.exit_code, error=str(e), warnings=warnings)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # anything else is a bug in bnfold: reported, never written
+        outcome = _outcome(model, Status.INTERNAL_ERROR, error=f"{model}: {internal_error_message(e)}",
+                           warnings=warnings, traceback=traceback.format_exc())
+    outcome.time_s = time.perf_counter() - t0
+    return outcome
+
+
+def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
+    from .fold import fuse as fuse_model
+    from .modelio import external_files
+    from .paths import check_model_output
+
+    if target is not None and not opts.in_place:
+        # before any work: the obvious case
+        check_model_output(target, [model], external_data=False, hint="; use --in-place to overwrite it")
+    result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
+    if target is not None:  # now that its external data files are known (the model as loaded)
+        reads = [model] + sorted(external_files(result._model, result.base_dir))
+        check_model_output(target, reads, in_place=opts.in_place)
+    data = result.to_dict()
+    data["output"] = data["verification"] = None
+    scratch = None
+    try:
+        if target is None:  # check: the candidate lives in a private folder and goes away
+            scratch = Path(tempfile.mkdtemp(prefix="bnfold-check-"))
+        staging = target if target is not None else scratch / model.name
+        with result.stage(staging, external_data=result.source_external_data or None) as staged:
+            result.release_model()  # written: free it before ONNX Runtime loads both models
+            report = None
+            if opts.verify is not False and result.folded:
+                report = _verify_staged(model, Path(staged.path), opts, warnings)
+                if report is not None:
+                    report.candidate = str(target) if target is not None else f"{model} (folded in memory)"
+                    data["verification"] = report.to_dict()
+            failed = report is not None and not report.equivalent
+            if failed and not opts.force:
+                error = (f"{target}: not written: the folded model is not equivalent to {model} "
+                         "(--force writes it anyway)" if target is not None else
+                         f"{model}: folding it gives a model that is not equivalent")
+                return _outcome(model, Status.NOT_EQUIVALENT, error=error, warnings=warnings, report=data)
+            if target is None:
+                return _policy(model, data, opts, warnings)
+            with _sigint_held() as interrupted:
+                staged.commit()
+            data["output"] = str(target)
+            if failed:
+                outcome = _outcome(model, Status.FORCED, output=str(target), report=data,
+                                   warnings=warnings,
+                                   error=f"{target}: written with --force although it is not equivalent to {model}")
+            else:
+                outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data,
+                                   warnings=warnings)
+            if interrupted:
+                raise InterruptedAfterWrite(outcome)
+            return outcome
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """Ctrl-C arrived while the output was being renamed into place: it was held until the
+    output was complete, and is raised now, carrying the outcome (the output *was* written)."""
+
+    def __init__(self, outcome: FuseOutcome) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[List[int]]:
+    """Hold Ctrl-C while files are renamed into place, so that an output (model and data file)
+    is never half replaced. Yields a list that is non-empty if an interrupt arrived. Only the
+    main thread can handle signals; elsewhere, and where Ctrl-C is ignored, nothing changes."""
+    import signal
+    import threading
+
+    caught: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield caught
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[str]):
+    from .verification import verify
+
+    try:
+        # the model was just loaded (and so checked), and the candidate written here
+        return verify(model, staged, validated=True, **opts.verify_kwargs)
+    except MissingDependencyError as e:
+        if opts.verify:
+            raise
+        warnings.append(f"not verified: {e}")
+        return None
+    except BnfoldError as e:
+        err = BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)", e.path)
+        err.exit_code = e.exit_code
+        raise err from None
+
+
+def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
+    """``check``'s policy on a fold that verified (or was not verified)."""
+    if opts.require_folded:
+        overridable = [r for r in data["records"] if not r["folded"] and r["reason"] == "OVERRIDABLE_PARAMETER"]
+        if data["folded"]:
+            return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
+                            error=f"{model}: {data['folded']} BatchNormalization can still be folded",
+                            hint="run bnfold fuse on it")
+        if overridable:
+            return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
+                            error=f"{model}: {len(overridable)} BatchNormalization kept only because their "
+                                  "parameters are overridable graph inputs (OVERRIDABLE_PARAMETER)",
+                            hint="run bnfold fuse --allow-overridable on it if nobody feeds those inputs")
+    return _outcome(model, Status.PASSED, report=data, warnings=warnings)
+
+
+# -- many models ---------------------------------------------------------------------------
+
+Job = Tuple[PathLike, Optional[PathLike]]
+
+
+def _job(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> Tuple[FuseOutcome, bool]:
+    """One batch job, and whether Ctrl-C stopped the batch in it: an interrupt while it ran
+    gives an ``interrupted`` outcome (its staged files are gone); one held while its output
+    was committed gives its real outcome."""
+    try:
+        return run_one(model, target, opts), False
+    except InterruptedAfterWrite as e:
+        return e.outcome, True
+    except KeyboardInterrupt:
+        return _outcome(model, Status.INTERRUPTED, error=f"{model}: interrupted while it ran; nothing written "
+                                                         "for it"), True
+
+
+def _ignore_sigint() -> None:
+    # Workers leave Ctrl-C to the parent, which cancels what has not started and lets the
+    # running models finish, so it knows exactly what was written.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
+              on_outcome: Optional[Callable[[FuseOutcome, int, int], None]] = None) -> "Report":
+    """Run the workflow over ``(model, target)`` pairs (target None: check only), in ``n_jobs``
+    worker processes when above 1. One failure does not stop the rest. ``on_outcome(outcome,
+    done, total)`` is called as each finishes (for progress display).
+
+    Raises :class:`BnfoldError` before anything runs when two jobs would write the same file
+    or a job would write over another job's model. On Ctrl-C the batch stops: with workers,
+    models already running finish, those not started are cancelled; the :class:`Report` lists
+    every model, ``interrupted`` for those that were not done, so it says exactly what was
+    written.
+    """
+    from .paths import check_batch_targets
+
+    check_batch_targets(jobs, in_place=opts.in_place)  # raises before anything is written
+    report = Report()
+    done: Dict[int, FuseOutcome] = {}
+
+    def record(i: int, o: FuseOutcome) -> None:
+        done[i] = o
+        if on_outcome is not None:
+            on_outcome(o, len(done), len(jobs))
+
+    try:
+        if n_jobs > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            pool = ProcessPoolExecutor(max_workers=n_jobs, initializer=_ignore_sigint)
+            futures = {pool.submit(_job, m, t, opts): i for i, (m, t) in enumerate(jobs)}
+            try:
+                for f in as_completed(futures):
+                    record(futures[f], f.result()[0])  # workers ignore Ctrl-C: the parent handles it
+            except KeyboardInterrupt:
+                report.interrupted = True
+                pool.shutdown(wait=True, cancel_futures=True)
+                for f, i in futures.items():  # finished after the interrupt: still counted
+                    if i not in done and f.done() and not f.cancelled() and f.exception() is None:
+                        done[i] = f.result()[0]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            for i, (m, t) in enumerate(jobs):
+                o, stop = _job(m, t, opts)
+                record(i, o)
+                if stop:
+                    report.interrupted = True
+                    break
+    except KeyboardInterrupt:  # between jobs, or in the progress callback
+        report.interrupted = True
+    for i, (m, _) in enumerate(jobs):
+        report.add(done.get(i) or _outcome(m, Status.INTERRUPTED, error=f"{m}: not started (interrupted)"))
+    return report
+
+
+@dataclass
+class Report:
+    """Outcomes of one run, and the exit code they call for (the policy lives here only)."""
+
+    outcomes: List[FuseOutcome] = field(default_factory=list)
+    interrupted: bool = False
+
+    def add(self, outcome: FuseOutcome) -> None:
+        self.outcomes.append(outcome)
+        if outcome.status is Status.INTERRUPTED:
+            self.interrupted = True
+
+    @property
+    def exit_code(self) -> int:
+        """130 when interrupted; otherwise the worst outcome: 3 internal error > 2 unusable >
+        1 failed > 0."""
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return max((o.exit_code for o in self.outcomes), default=EXIT_OK)
+
+    @property
+    def written(self) -> List[str]:
+        return [o.output for o in self.outcomes if o.output is not None]
+
+    def count(self, *statuses: Status) -> int:
+        return sum(o.status in statuses for o in self.outcomes)
+
+    def to_dict(self) -> dict:
+        """The batch JSON report: ``{"models": [...], "exit_code": N, "interrupted": bool}``."""
+        return {"models": [o.to_dict() for o in self.outcomes], "exit_code": self.exit_code,
+                "interrupted": self.interrupted}
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code for an exception that ends a command: BnfoldError's own (2 unless a
+    subclass says otherwise), 130 for Ctrl-C, 3 for anything else (a bug)."""
+    if isinstance(error, BnfoldError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_INTERNAL
+
+
+def verify_exit_code(equivalent: bool) -> int:
+    """``verify``'s exit code for its verdict."""
+    return EXIT_OK if equivalent else EXIT_FAILED

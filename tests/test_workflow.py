@@ -1,0 +1,423 @@
+"""The verified-write workflow: internal errors, file safety, batches, interrupts, CI reports
+and the exit-code policy, through the library and through click's CliRunner."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx.external_data_helper import convert_model_to_external_data
+
+import bnfold
+from bnfold import __version__, fold, numerics
+from bnfold.cli import main
+from conftest import MODELS, ROOT, bn_count, build
+from junit_schema import problems
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def files_under(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "net.onnx"
+    shutil.copy(MODELS / "mlp_bn1d.onnx", path)
+    return path
+
+
+def external(tmp_path, name="m.onnx"):
+    """mlp_bn1d saved with its weights in ``<name>.data``."""
+    m = onnx.load(str(MODELS / "mlp_bn1d.onnx"))
+    convert_model_to_external_data(m, all_tensors_to_one_file=True, location=name + ".data", size_threshold=0)
+    path = tmp_path / name
+    onnx.save_model(m, str(path))
+    assert (tmp_path / (name + ".data")).exists()
+    return path
+
+
+def no_bn_model(path):
+    m = build("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x) => (float[2, 4] y) { y = Relu(x) }""")
+    onnx.save_model(m, str(path))
+    return path
+
+
+@pytest.fixture
+def boom(monkeypatch):
+    """A planted bug: a fold helper raises TypeError."""
+    def bug(*args, **kwargs):
+        raise TypeError("planted bug")
+
+    monkeypatch.setattr(fold, "_fold_backward", bug)
+
+
+# -- A: internal errors are not verdicts -----------------------------------------------------
+
+def test_internal_error_exits_3_writes_nothing_and_asks_for_a_bug_report(model, boom):
+    before = files_under(model.parent)
+    res = run("fuse", model)
+    assert res.exit_code == 3, res.output
+    assert "internal error (TypeError: planted bug)" in res.output and f"bnfold {__version__}" in res.output
+    assert "Traceback" not in res.output and "UNSUPPORTED_HOST" not in res.output
+    assert files_under(model.parent) == before
+    res = run("fuse", model, "-v")
+    assert res.exit_code == 3 and "Traceback" in res.output and "planted bug" in res.output
+
+
+def test_check_fails_on_an_internal_error_and_a_batch_goes_on(model, boom, tmp_path):
+    assert run("check", model, "--require-folded").exit_code == 3
+    plain = no_bn_model(tmp_path / "plain.onnx")
+    out = tmp_path / "out"
+    res = run("fuse", model, plain, "--out-dir", out, "--json")
+    assert res.exit_code == 3
+    data = json.loads(res.stdout)
+    assert [m["status"] for m in data["models"]] == ["internal_error", "written"]
+    assert (out / "plain.onnx").exists() and not (out / "net.onnx").exists()
+
+
+def test_a_bug_while_writing_is_an_internal_error_not_an_unwritable_output(model, monkeypatch):
+    from bnfold import modelio
+
+    def bug(*args, **kwargs):
+        raise ValueError("planted bug in the writer")
+
+    monkeypatch.setattr(modelio, "write_model", bug)
+    res = run("fuse", model, "--no-verify")
+    assert res.exit_code == 3 and "could not be written" not in res.output and "planted bug" in res.output
+    assert sorted(p.name for p in model.parent.iterdir()) == ["net.onnx"]  # no output, no temporary
+
+
+def test_a_batch_goes_on_after_a_runtime_crash_reported_as_bnfold_error(tmp_path, monkeypatch):
+    from bnfold import verification
+    from bnfold.errors import BnfoldError
+
+    class RuntimeCrashed(BnfoldError):  # as a worker process reports a native crash
+        exit_code = 2
+
+    real = verification.verify
+
+    def crash_on_a(reference, candidate, **kw):
+        if os.fspath(reference).endswith("a.onnx"):
+            raise RuntimeCrashed("ONNX Runtime crashed (SIGSEGV)", reference)
+        return real(reference, candidate, **kw)
+
+    monkeypatch.setattr(verification, "verify", crash_on_a)
+    for n in ("a", "b"):
+        shutil.copy(MODELS / "mlp_bn1d.onnx", tmp_path / f"{n}.onnx")
+    res = run("fuse", tmp_path / "a.onnx", tmp_path / "b.onnx", "--out-dir", tmp_path / "o")
+    assert res.exit_code == 2 and "SIGSEGV" in res.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["b.onnx"]
+
+
+def test_library_reports_an_internal_error_as_an_outcome(model, boom):
+    outcome = bnfold.fuse_file(model, model.with_name("x.onnx"))
+    assert outcome.status == "internal_error" and outcome.exit_code == 3 and not outcome.written
+    assert "TypeError" in outcome.traceback and not model.with_name("x.onnx").exists()
+
+
+# -- B, C: the verified write in the library; the Report's exit code --------------------------
+
+def test_fuse_file_writes_only_a_verified_result(model, monkeypatch):
+    out = model.with_name("out.onnx")
+    ok = bnfold.fuse_file(model, out, verify_kwargs={"providers": "cpu"})
+    assert ok.status == "written" and ok.exit_code == 0 and ok.verified and ok.output == str(out)
+    assert bn_count(onnx.load(str(out))) == 0
+    out.unlink()
+    real = numerics.bn_affine
+    monkeypatch.setattr(numerics, "bn_affine", lambda s, b, m, v, e: real(s, b, np.zeros_like(m), v, e))
+    bad = bnfold.fuse_file(model, out)
+    assert bad.status == "not_equivalent" and bad.exit_code == 1 and not out.exists()
+    forced = bnfold.fuse_file(model, out, force=True)
+    assert forced.status == "forced" and forced.exit_code == 1 and out.exists()
+    report = bnfold.Report([ok, forced])
+    assert report.exit_code == 1 and report.written == [str(out), str(out)]
+    assert bnfold.Report([ok]).exit_code == 0
+
+
+def test_report_exit_code_policy():
+    from bnfold.workflow import FuseOutcome, Report, Status
+
+    def o(status, code):
+        return FuseOutcome("m.onnx", status, exit_code=code)
+
+    assert Report([o(Status.WRITTEN, 0), o(Status.UNUSABLE, 2), o(Status.NOT_EQUIVALENT, 1)]).exit_code == 2
+    assert Report([o(Status.UNUSABLE, 2), o(Status.INTERNAL_ERROR, 3)]).exit_code == 3
+    assert Report([o(Status.WRITTEN, 0), o(Status.INTERRUPTED, 130)]).exit_code == 130
+    assert Report().exit_code == 0
+
+
+def test_kept_reasons_render_from_structured_fields(tmp_path):
+    m = onnx.load(str(MODELS / "resnet_mini.onnx"))
+    bn = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+    bn.attribute.append(onnx.helper.make_attribute("training_mode", 1))
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path))
+    res = run("inspect", path, "--json")
+    rec = next(r for r in json.loads(res.output)["records"] if not r["folded"])
+    assert rec["why"] and rec["detail"].endswith(rec["why"]) and rec["node"] not in rec["why"]
+    assert f"TRAINING_MODE: {rec['why']}" in run("inspect", path).output
+
+
+# -- D: no output replaces a file the input reads --------------------------------------------
+
+def test_output_over_the_inputs_external_data_is_refused(tmp_path):
+    path = external(tmp_path)
+    data = tmp_path / "m.onnx.data"
+    before = files_under(tmp_path)
+    res = run("fuse", path, "-o", data)
+    assert res.exit_code == 2 and "a file the input reads" in res.output and "Traceback" not in res.output
+    (tmp_path / "link.onnx").symlink_to(data)
+    os.link(path, tmp_path / "hard.onnx")
+    before = files_under(tmp_path)
+    for target in (tmp_path / "link.onnx", tmp_path / "hard.onnx", tmp_path / "sub" / ".." / "m.onnx.data"):
+        res = run("fuse", path, "-o", target, "--no-verify")
+        assert res.exit_code == 2, (target, res.output)
+    for opt in ("--report", "--junit"):
+        res = run("fuse", path, opt, data)
+        assert res.exit_code == 2, res.output
+    res = run("verify", path, path, "--junit", data)
+    assert res.exit_code == 2
+    res = run("insert", path, "-o", data)
+    assert res.exit_code == 2 and "a file the input reads" in res.output
+    res = run("recalibrate", path, "--calibration", tmp_path / "none.npz", "-o", data)
+    assert res.exit_code == 2 and "a file the input reads" in res.output
+    assert files_under(tmp_path) == before
+    assert run("fuse", path, "--no-verify").exit_code == 0  # the default output is fine
+
+
+def test_check_output_is_a_library_function(tmp_path):
+    from bnfold.errors import BnfoldError
+    from bnfold.paths import check_model_output, model_files
+
+    path = external(tmp_path)
+    reads = model_files(path)
+    assert [p.name for p in reads] == ["m.onnx", "m.onnx.data"]
+    with pytest.raises(BnfoldError):
+        check_model_output(tmp_path / "m.onnx.data", reads)
+    check_model_output(tmp_path / "other.onnx", reads)
+
+
+# -- E: batches never write two models to one file ---------------------------------------------
+
+def test_clashing_targets_are_refused_before_anything_is_written(tmp_path):
+    for d in ("a/b", "c"):
+        (tmp_path / d).mkdir(parents=True)
+        shutil.copy(MODELS / "mlp_bn1d.onnx", tmp_path / d / "m.onnx")
+    out = tmp_path / "o"
+    res = run("fuse", tmp_path / "a/b/m.onnx", tmp_path / "c/m.onnx", "--out-dir", out, "--jobs", "2")
+    assert res.exit_code == 2 and "two models would be written here" in res.output
+    assert not out.exists()
+    res = run("fuse", tmp_path / "a/b/m.onnx", tmp_path / "a/b/../b/m.onnx", "--out-dir", out, "--no-verify")
+    assert res.exit_code == 0 and (out / "m.onnx").exists()  # the same file named twice runs once
+    assert "1 model(s)" in res.output or "BatchNormalization" in res.output
+
+
+def test_a_target_that_is_another_input_is_refused(tmp_path):
+    a = tmp_path / "a.onnx"
+    shutil.copy(MODELS / "mlp_bn1d.onnx", a)
+    shutil.copy(MODELS / "mlp_bn1d.onnx", tmp_path / "a.fused.onnx")
+    before = files_under(tmp_path)
+    res = run("fuse", a, tmp_path / "a.fused.onnx", "--no-verify")
+    assert res.exit_code == 2 and "another input of this run" in res.output
+    assert files_under(tmp_path) == before
+
+
+def test_missing_out_dir_is_created(model, tmp_path):
+    res = run("fuse", model, "--out-dir", tmp_path / "new" / "deeper", "--no-verify")
+    assert res.exit_code == 0 and (tmp_path / "new" / "deeper" / "net.onnx").exists()
+
+
+# -- F: overridable parameters under --require-folded ------------------------------------------
+
+def test_require_folded_fails_bns_kept_only_as_overridable(tmp_path):
+    m = onnx.load(str(MODELS / "mlp_bn1d.onnx"))
+    graph_inputs = {i.name for i in m.graph.input}
+    for t in m.graph.initializer:  # keep_initializers_as_inputs=True, as old exporters did
+        if t.name not in graph_inputs:
+            m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    path = tmp_path / "exported.onnx"
+    onnx.save_model(m, str(path))
+    res = run("check", path)
+    assert res.exit_code == 0
+    res = run("check", path, "--require-folded")
+    assert res.exit_code == 1 and "OVERRIDABLE_PARAMETER" in res.output and "--allow-overridable" in res.output
+
+
+# -- G: Ctrl-C says what was written ------------------------------------------------------------
+
+def test_interrupt_says_what_was_written_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("a", "b", "c"):
+        shutil.copy(MODELS / "mlp_bn1d.onnx", src / f"{n}.onnx")
+    real = fold.fuse
+
+    def interrupted(path, **kw):
+        if os.fspath(path).endswith("b.onnx"):
+            raise KeyboardInterrupt
+        return real(path, **kw)
+
+    monkeypatch.setattr(fold, "fuse", interrupted)
+    out = tmp_path / "out"
+    res = run("fuse", src, "--out-dir", out, "--no-verify", "--report", tmp_path / "r.json")
+    assert res.exit_code == 130
+    assert "1 output(s) written" in res.output and str(out / "a.onnx") in res.output
+    assert "2 model(s) not written" in res.output and str(src / "c.onnx") in res.output
+    assert "nothing was written" not in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx"]  # no partial output, no temporary
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["status"] for m in data["models"]] == ["written", "interrupted", "interrupted"]
+    assert data["interrupted"] is True and data["exit_code"] == 130
+
+
+def test_ctrl_c_while_an_output_is_renamed_into_place_is_held_until_it_is_complete(tmp_path, monkeypatch):
+    import signal
+
+    from bnfold import modelio
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("a", "b"):
+        shutil.copy(MODELS / "mlp_bn1d.onnx", src / f"{n}.onnx")
+    real = modelio.StagedModel.commit
+
+    def interrupted_commit(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between staging and the renames
+        real(self)
+
+    monkeypatch.setattr(modelio.StagedModel, "commit", interrupted_commit)
+    out = tmp_path / "out"
+    res = run("fuse", src, "--out-dir", out, "--no-verify", "--json")
+    assert res.exit_code == 130
+    data = json.loads(res.stdout)
+    assert [m["status"] for m in data["models"]] == ["written", "interrupted"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx"]
+    assert bn_count(onnx.load(str(out / "a.onnx"))) == 0  # complete, not half written
+
+
+# -- H: folder search --------------------------------------------------------------------------
+
+def test_folder_search_skips_environments_and_honours_exclude(tmp_path):
+    root = tmp_path / "repo"
+    for d in ("models", ".git/x", "venv/lib", "lib/site-packages/p", "web/node_modules/m", "legacy"):
+        (root / d).mkdir(parents=True)
+        shutil.copy(MODELS / "mlp_bn1d.onnx", root / d / "m.onnx")
+    (root / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    res = run("check", root, "--json")
+    assert res.exit_code == 0, res.output
+    found = sorted(os.path.relpath(m["model"], root) for m in json.loads(res.stdout)["models"])
+    assert found == ["legacy/m.onnx", "models/m.onnx"]
+    res = run("check", root, "--json", "--exclude", "legacy")
+    assert [os.path.relpath(m["model"], root) for m in json.loads(res.stdout)["models"]] == ["models/m.onnx"]
+    res = run("fuse", root, "--exclude", "legacy", "--exclude", "models/*", "--no-verify")
+    assert res.exit_code == 2 and "no *.onnx" in res.output
+
+
+# -- I: JUnit for every model and every exit path -----------------------------------------------
+
+def test_junit_has_a_case_per_model_and_validates(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(MODELS / "mlp_bn1d.onnx", src / "unfolded.onnx")
+    (src / "truncated.onnx").write_bytes((MODELS / "resnet_mini.onnx").read_bytes()[:5000])
+    no_bn_model(src / "plain.onnx")
+    xml = tmp_path / "r.xml"
+    res = run("check", src, "--require-folded", "--junit", xml)
+    assert res.exit_code == 2
+    text = xml.read_text()
+    assert problems(text) == []
+    suite = ET.fromstring(text).find("testsuite")
+    cases = {(c.get("classname"), c.get("name")): c for c in suite.iter("testcase")}
+    assert {cls for cls, _ in cases} == {str(src / n) for n in ("plain.onnx", "truncated.onnx", "unfolded.onnx")}
+    assert cases[(str(src / "unfolded.onnx"), "check")].find("failure") is not None
+    assert cases[(str(src / "truncated.onnx"), "check")].find("error") is not None
+    assert cases[(str(src / "plain.onnx"), "check")].find("failure") is None
+    assert (str(src / "unfolded.onnx"), "cpu:scores") in cases  # its verification, per output
+    assert suite.get("failures") == "1" and suite.get("errors") == "1"
+    assert suite.get("tests") == str(len(cases)) and suite.get("time") is not None
+
+
+def test_junit_from_verify_on_exit_2_and_from_fuse(model, tmp_path):
+    xml = tmp_path / "v.xml"
+    res = run("verify", model, tmp_path / "missing.onnx", "--junit", xml)
+    assert res.exit_code == 2 and problems(xml.read_text()) == []
+    case = ET.parse(xml).getroot().find("testsuite/testcase")
+    assert case.find("error") is not None and case.get("classname") == str(tmp_path / "missing.onnx")
+    res = run("fuse", model, "--junit", xml)
+    assert res.exit_code == 0 and problems(xml.read_text()) == []
+    names = {c.get("name") for c in ET.parse(xml).getroot().iter("testcase")}
+    assert "fuse" in names and "cpu:scores" in names
+
+
+def test_junit_is_written_when_the_run_is_refused_before_it_starts(model, tmp_path):
+    xml = tmp_path / "r.xml"
+    res = run("check", tmp_path / "nowhere", "--junit", xml)
+    assert res.exit_code == 2 and problems(xml.read_text()) == []
+    error = ET.parse(xml).getroot().find("testsuite/testcase/error")
+    assert error is not None and "no such file" in error.get("message")
+    res = run("fuse", model, "--out-dir", tmp_path / "o", "-o", tmp_path / "x.onnx", "--junit", xml)  # usage
+    assert res.exit_code == 2 and ET.parse(xml).getroot().find("testsuite/testcase/error") is not None
+    res = run("fuse", model, "--junit", model)  # the JUnit path itself refused: not written
+    assert res.exit_code == 2 and model.read_bytes() == (MODELS / "mlp_bn1d.onnx").read_bytes()
+
+
+def test_junit_checker_rejects_what_the_schema_rejects():
+    assert problems('<testsuites><testsuite name="a" tests="1" failures="0" errors="0">'
+                    '<testcase name="x" classname="m.onnx" time="0.100"/></testsuite></testsuites>') == []
+    assert problems('<testsuites><testsuite name="a" tests="1" failures="0">'
+                    '<testcase classname="m"/></testsuite></testsuites>')  # errors, name missing
+    assert problems('<testsuites skipped="1"/>')  # not an attribute of the root
+    assert problems('<testsuites><testsuite name="a" tests="1" failures="0" errors="0" time="1s"/></testsuites>')
+    assert problems('<testsuites><testcase name="x"/></testsuites>')
+
+
+# -- J: GitHub step summary ----------------------------------------------------------------------
+
+def test_github_step_summary_table(model, tmp_path):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    res = run("check", model, "--require-folded", env={"GITHUB_STEP_SUMMARY": str(summary), "GITHUB_ACTIONS": "true"})
+    assert res.exit_code == 1 and f"::error file={model}::" in res.output
+    text = summary.read_text()
+    assert text.startswith("earlier step\n") and "| model | BN before -> after | verdict | margin |" in text
+    assert f"| {model} | 3 -> 0 | policy_failed: 3 BatchNormalization can still be folded" in text
+
+
+# -- L: pre-commit -------------------------------------------------------------------------------
+
+def test_a_data_file_is_checked_through_its_model(tmp_path):
+    path = external(tmp_path)
+    res = run("check", tmp_path / "m.onnx.data", "--json")
+    assert res.exit_code == 0, res.output
+    assert [m["model"] for m in json.loads(res.stdout)["models"]] == [str(path)]
+    res = run("check", tmp_path / "m.onnx.data", path, "--json")  # both changed: checked once
+    assert len(json.loads(res.stdout)["models"]) == 1
+    import re
+    pattern = re.search(r"^\s+files: (.*)$", (ROOT / ".pre-commit-hooks.yaml").read_text(), re.M).group(1)
+    assert re.search(pattern, "m.onnx.data") and re.search(pattern, "m.onnx")
+
+
+# -- M: -q with -v ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [("fuse", "M"), ("check", "M"), ("inspect", "M"), ("verify", "M", "M"),
+                                  ("insert", "M"), ("recalibrate", "M", "--calibration", "M")])
+def test_quiet_with_verbose_is_a_usage_error(model, args):
+    res = run(*[model if a == "M" else a for a in args], "-q", "-v")
+    assert res.exit_code == 2 and "-q or -v" in res.output
+    assert sorted(p.name for p in model.parent.iterdir()) == ["net.onnx"]
+
+
+def test_readme_lists_every_exit_code():
+    text = (ROOT / "README.md").read_text()
+    for code in ("0", "1", "2", "3", "130"):
+        assert f"\n| {code} |" in text
