@@ -21,6 +21,7 @@ import click
 
 from . import __version__
 from .errors import BnfoldError
+from .hosts import RULES
 from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE  # no onnx import: --help stays fast
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -767,8 +768,8 @@ def _calibration_line(cal: dict) -> str:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.bn.onnx beside MODEL].")
-@click.option("--op", "ops", multiple=True, help="Op types to follow with a BN (repeatable) "
-                                                 "[default: Conv, ConvTranspose, Gemm, MatMul].")
+@click.option("--op", "ops", multiple=True,
+              help=f"Op types to follow with a BN (repeatable) [default: {', '.join(RULES)}].")
 @click.option("--node", help="Only ops whose name (or output) matches this regular expression.")
 @click.option("--exclude", help="Skip ops whose name (or output) matches this regular expression.")
 @click.option("--position", type=click.Choice(["pre-activation", "post-activation"]), default="pre-activation",

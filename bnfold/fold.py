@@ -6,10 +6,18 @@ functions) the driver:
 1. checks what every fold needs: inference mode, per-channel constant parameters
    with sane values (:func:`_bn_affine`);
 2. tries the op *before* it (:func:`_fold_backward`): a host from
-   :data:`bnfold.hosts.BACKWARD_HOSTS`, possibly behind a constant ``Add`` and a
-   ``Reshape``/``Flatten`` that provably keeps the feature axis on BN's axis 1;
-3. otherwise tries the op *after* it (:func:`_fold_forward`);
-4. repeats until nothing changes, so chains (Conv -> BN -> BN) fold completely.
+   :data:`bnfold.hosts.RULES`, possibly behind one constant ``Add``, value-preserving
+   ops (Identity, inference Dropout, same-type Cast) and layout ops that provably
+   keep the feature axis on BN's axis 1 (:func:`_track_features`); or, behind a
+   channel Concat, one host per slice (:func:`_fold_into_concat`);
+3. otherwise tries the op *after* it (:func:`_fold_forward`), directly or behind a
+   Flatten from axis 1 for hosts reading ``[N, K]`` features;
+4. folds BNs already decomposed into a per-channel ``Mul`` (+ ``Add``) of constants
+   the same way (:func:`_fold_decomposed`), recorded apart;
+5. repeats until nothing changes, so chains (Conv -> BN -> BN) fold completely.
+
+Weights and parameters computed from constants only are evaluated by
+:meth:`bnfold.graph.ModelIndex.resolve`.
 
 Every BN left in place gets a :class:`BNRecord` with a :class:`Reason` and a
 sentence naming the node. Weights are computed in float64 and rounded once to the
@@ -23,14 +31,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-from onnx import ModelProto, NodeProto, helper
+from onnx import ModelProto, NodeProto
 
 from . import __version__, numerics
 from .errors import MalformedModelError
-from .graph import (FLOAT_TENSOR_TYPES, Constant, ModelIndex, NotConstant, Scope, attr, has_attribute_refs,
-                    is_default_domain)
-from .hosts import ACTIVATIONS, BACKWARD_HOSTS, FORWARD_HOSTS, LAYOUT_OPS, BackwardHost, Refusal
-from .reasons import Reason
+from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
+from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
+                    name_base)
+from .reasons import Reason, Refusal
 
 PROVENANCE_KEY = "bnfold"
 
@@ -84,7 +92,8 @@ class FuseResult:
     def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
-                 base_dir: Optional[str] = None) -> None:
+                 base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None,
+                 decomposed: Optional[List[BNRecord]] = None) -> None:
         self._model = model
         self._replacements = replacements
         self.records = records
@@ -97,6 +106,11 @@ class FuseResult:
         self.base_dir = base_dir
         self.merges = merges or []
         """Multi-branch blocks merged into one Conv (:class:`bnfold.reparam.Merge`)."""
+        self.unmerged = unmerged
+        self.decomposed = decomposed or []
+        """BNs already decomposed into a per-channel ``Mul`` (+ ``Add``) of constants after a host:
+        one record each, ``node`` naming the Mul (not counted in ``records``)."""
+        """With ``reparameterize``: why each candidate block was not merged; None when not asked."""
 
     @property
     def model(self) -> ModelProto:
@@ -157,6 +171,9 @@ class FuseResult:
             "kept": len(self.kept),
             "records": [r.to_dict() for r in self.records],
             "reparameterized": [{"conv": m.conv, "graph": m.graph, "branches": m.branches} for m in self.merges],
+            **({"decomposed_bn": [r.to_dict() for r in self.decomposed]} if self.decomposed else {}),
+            **({} if self.unmerged is None else
+               {"not_reparameterized": [{"reason": r.reason.value, "detail": r.detail} for r in self.unmerged]}),
         }
 
 
@@ -210,25 +227,27 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
-    folds = _fold_all(index)
+    folds, decomposed = _fold_all(index)
     merges = []
+    unmerged = None
     if reparameterize:
         from .reparam import reparameterize as merge_branches
 
-        merges = merge_branches(index, _bn_affine)
+        merges, unmerged = merge_branches(index, _bn_affine)
         absorbed = {id(bn): m for m in merges for bn in m.absorbed_bns}
         folds = [(bn, _absorbed(rec, absorbed[id(bn)]) if id(bn) in absorbed else rec) for bn, rec in folds]
     records = [rec for _, rec in folds]
     replacements: Dict[str, np.ndarray] = {}
-    if any(r.folded for r in records) or merges:
+    if any(r.folded for r in records + decomposed) or merges:
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records, merges)
-    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir)
+    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
+                      unmerged, decomposed)
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:
-    return BNRecord(record.node, record.graph, True, REPARAMETERIZED, merge.conv, "Conv",
+    return BNRecord(record.node, record.graph, True, REPARAMETERIZED, merge.conv, CONV.op_type,
                     detail=f"merged with its parallel branches into Conv '{merge.conv}' (re-parameterised)")
 
 
@@ -245,12 +264,19 @@ def _stamp(model: ModelProto, records: List[BNRecord], merges: list) -> None:
     model.metadata_props.add(key=PROVENANCE_KEY, value=text)
 
 
-def _fold_all(index: ModelIndex) -> List[Tuple[NodeProto, BNRecord]]:
+def _fold_all(index: ModelIndex) -> Tuple[List[Tuple[NodeProto, BNRecord]], List[BNRecord]]:
+    """Fold BNs, and BNs already decomposed into Mul/Add (:func:`_fold_decomposed`), until
+    nothing changes; return the BN records and the decomposed ones."""
     outcome: dict = {}
     order: List[Tuple[Scope, NodeProto]] = [
         (scope, node) for scope in index.scopes for node in scope.nodes
         if node.op_type == "BatchNormalization" and is_default_domain(node)
     ]
+    muls: List[Tuple[Scope, NodeProto]] = [
+        (scope, node) for scope in index.scopes for node in scope.nodes
+        if node.op_type == "Mul" and is_default_domain(node) and len(node.input) == 2
+    ]
+    affine: Dict[int, BNRecord] = {}
     progress = True
     while progress:
         progress = False
@@ -260,7 +286,14 @@ def _fold_all(index: ModelIndex) -> List[Tuple[NodeProto, BNRecord]]:
                 continue
             outcome[key] = record = _fold_one(scope, bn)
             progress |= record.folded
-    return [(bn, outcome[id(bn)]) for _, bn in order]
+        for scope, mul in muls:
+            if id(mul) in affine and affine[id(mul)].folded or id(mul) in scope.removed:
+                continue
+            rec = _fold_decomposed(scope, mul)
+            if rec is not None:
+                affine[id(mul)] = rec
+                progress |= rec.folded
+    return [(bn, outcome[id(bn)]) for _, bn in order], [affine[id(m)] for _, m in muls if id(m) in affine]
 
 
 def _fold_one(scope: Scope, bn: NodeProto) -> BNRecord:
@@ -297,7 +330,8 @@ def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
     if isinstance(fwd, NodeProto):
         return BNRecord(label, scope.label, True, INTO_FOLLOWING, scope.label_of(fwd), fwd.op_type,
                         detail=f"folded into the following {fwd.op_type} '{scope.label_of(fwd)}'")
-    if back.reason == Reason.NO_HOST and isinstance(fwd, Refusal):
+    if isinstance(fwd, Refusal) and (back.reason == Reason.NO_HOST or fwd.reason == Reason.FOLLOWING_CONV_PADDED):
+        # a following Conv that pads is the reason that matters, whatever precedes the BN
         return _kept(scope, bn, fwd)
     if back.reason == Reason.NO_HOST:
         return _kept(scope, bn, Refusal(Reason.NO_HOST, f"{back.detail}, and {fwd}"))
@@ -330,9 +364,9 @@ def _bn_affine(scope: Scope, bn: NodeProto) -> Union[Tuple[np.ndarray, np.ndarra
     params = []
     for pname, name in zip(PARAM_NAMES, bn.input[1:5]):
         c = scope.index.resolve(scope, name)
-        if isinstance(c, NotConstant):
+        if isinstance(c, Refusal):
             reason = Reason.QUANTIZED_WEIGHT if c.reason == Reason.QUANTIZED_WEIGHT else c.reason
-            return Refusal(reason, f"its {pname} {c.why}")
+            return Refusal(reason, f"its {pname} {c.detail}")
         if c.data_type not in FLOAT_TENSOR_TYPES:
             return Refusal(Reason.UNSUPPORTED_DTYPE, f"its {pname} '{name}' is not a float tensor")
         params.append(c.value)
@@ -355,9 +389,9 @@ def _weight(scope: Scope, node: NodeProto, index: int, what: str) -> Union[Const
     if not name:
         return Refusal(Reason.UNSUPPORTED_HOST, f"{node.op_type} '{scope.label_of(node)}' has no {what}")
     c = scope.index.resolve(scope, name)
-    if isinstance(c, NotConstant):
+    if isinstance(c, Refusal):
         reason = c.reason if c.reason != Reason.NOT_CONSTANT else Reason.HOST_WEIGHT_NOT_CONSTANT
-        return Refusal(reason, f"the {what} of {node.op_type} '{scope.label_of(node)}': {c.why}")
+        return Refusal(reason, f"the {what} of {node.op_type} '{scope.label_of(node)}': {c.detail}")
     if c.data_type not in FLOAT_TENSOR_TYPES:
         return Refusal(Reason.UNSUPPORTED_DTYPE,
                        f"the {what} of {node.op_type} '{scope.label_of(node)}' is not a float tensor")
@@ -392,51 +426,76 @@ def _constant_operand(scope: Scope, node: NodeProto) -> Optional[int]:
 
 # -- folding into the op before the BN -----------------------------------------------------
 
+# Ops the backward search walks through between a host and its BN: layout ops whose
+# effect on the feature axis is tracked (:func:`_track_features`), value-preserving
+# ops, and one constant Add (a bias).
+WALK_LAYOUT = LAYOUT_OPS
+WALK_PASS_THROUGH = PASS_THROUGH
+
+
 @dataclass
 class _Path:
     host: NodeProto
+    rule: HostRule
     add: Optional[NodeProto] = None
     add_const: int = -1
-    layout: Optional[NodeProto] = None
     chain: List[NodeProto] = field(default_factory=list)  # host .. last node before the BN
 
 
+def _passes_values(scope: Scope, node: NodeProto) -> bool:
+    """An op between host and BN that leaves values untouched at inference."""
+    if node.op_type not in WALK_PASS_THROUGH:
+        return False
+    if node.op_type == "Dropout":  # inference mode: no training_mode input, or a constant false one
+        if len(node.output) > 1 and node.output[1]:
+            return False
+        if len(node.input) > 2 and node.input[2]:
+            mode = scope.index.resolve(scope, node.input[2])
+            return isinstance(mode, Constant) and not bool(np.asarray(mode.value).any())
+        return scope.opset >= 7 or attr(node, "is_test", 0) == 1  # Dropout-6 and older: is_test
+    if node.op_type == "Cast":  # only to the type it already has
+        src = scope.index.elem_type(node.input[0])
+        return src is not None and src == attr(node, "to")
+    return True
+
+
 def _find_host(scope: Scope, x: str, consumer: NodeProto) -> Union[_Path, Refusal]:
-    """The linear op (behind an optional constant Add and Reshape/Flatten) producing ``x``
-    for ``consumer``, every tensor on the way read by nothing else."""
+    """The host op producing ``x`` for ``consumer``, behind layout ops, value-preserving ops
+    and one constant Add, every tensor on the way read by nothing else."""
     node = scope.producer.get(x)
     if node is None:
         where = "an input of the " + scope.label if x in scope.inputs else "defined outside the " + scope.label
         return Refusal(Reason.NO_HOST, f"'{x}' is {where}")
-    layout = add = None
+    between: List[NodeProto] = []  # BN-side first
+    add = None
     add_const = -1
-    if node.op_type in ("Reshape", "Flatten") and is_default_domain(node):
-        layout, node = node, scope.producer.get(node.input[0])
-    if node is not None and node.op_type == "Add" and is_default_domain(node):
-        k = _constant_operand(scope, node)
-        if k is not None:
-            add, add_const, node = node, k, scope.producer.get(node.input[1 - k])
-    first = layout or add
-    if node is None or node.op_type not in BACKWARD_HOSTS or not is_default_domain(node):
-        shown = node if node is not None and first is None else first
-        return _no_host(scope, shown if shown is not None else scope.producer[x], consumer)
-    host_rule = BACKWARD_HOSTS[node.op_type]
-    if first is not None and not host_rule.feature_last:
-        return Refusal(Reason.NO_HOST if first is add else Reason.CHANNEL_AXIS_MISMATCH,
-                       f"a {first.op_type} '{scope.label_of(first)}' sits between {node.op_type} "
-                       f"'{scope.label_of(node)}' and the {consumer.op_type}")
-    chain = [n for n in (node, add, layout) if n is not None]
+    while node is not None and is_default_domain(node) and backward_rule(node) is None and node.input:
+        if node.op_type in WALK_LAYOUT or _passes_values(scope, node):
+            between.append(node)
+            node = scope.producer.get(node.input[0])
+            continue
+        k = _constant_operand(scope, node) if node.op_type == "Add" and add is None else None
+        if k is None:
+            break
+        add, add_const = node, k
+        between.append(node)
+        node = scope.producer.get(node.input[1 - k])
+    rule = backward_rule(node)
+    if rule is None:  # name the node the search stopped at
+        shown = node if node is not None else (between[-1] if between else scope.producer[x])
+        return _no_host(scope, shown, consumer)
+    chain = [node] + between[::-1]
     for a, b in zip(chain, chain[1:] + [consumer]):
         refusal = _feeds_only(scope, a.output[0], a, b)
         if refusal:
             return refusal
-    return _Path(node, add, add_const, layout, chain)
+    return _Path(node, rule, add, add_const, chain)
 
 
 def _no_host(scope: Scope, node: NodeProto, consumer: NodeProto) -> Refusal:
     label = f"{node.op_type} '{scope.label_of(node)}'"
     upstream = scope.producer.get(node.input[0]) if node.input else None
-    behind = upstream is not None and upstream.op_type in BACKWARD_HOSTS
+    behind = backward_rule(upstream) is not None
     if node.op_type in ACTIVATIONS and behind:
         return Refusal(Reason.ACTIVATION_BETWEEN,
                        f"the non-linearity {label} sits between {upstream.op_type} "
@@ -448,66 +507,146 @@ def _no_host(scope: Scope, node: NodeProto, consumer: NodeProto) -> Refusal:
     return Refusal(Reason.NO_HOST, f"'{node.output[0]}' comes from {label}, which is not a foldable linear op")
 
 
-def _check_feature_axis(scope: Scope, path: _Path, n_out: int) -> Optional[Refusal]:
-    """For Gemm/MatMul hosts: prove BN's axis 1 is the host's last (feature) axis."""
-    host, layout = path.host, path.layout
-    index = scope.index
-    host_label = f"{host.op_type} '{scope.label_of(host)}'"
-    if layout is None:
-        if host.op_type == "Gemm":
-            return None
-        ranks = [index.rank(host.input[0]), index.rank(host.input[1])]
-        out_rank = index.rank(host.output[0])
-        if out_rank is None and None not in ranks:
-            out_rank = max(ranks)
-        if out_rank == 2:
-            return None
-        if out_rank is None:
-            return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
-                           f"the rank of {host_label}'s output is unknown, so BN's axis 1 cannot be "
-                           "proven to be its feature axis")
-        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
-                       f"{host_label} produces a {out_rank}-D tensor with features on the last axis, "
-                       "but BN normalises axis 1")
-    lay_label = f"{layout.op_type} '{scope.label_of(layout)}'"
-    in_rank = index.rank(layout.input[0])
-    if layout.op_type == "Reshape":
-        shape = index.resolve(scope, layout.input[1]) if len(layout.input) > 1 else None
-        if not isinstance(shape, Constant):
-            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"{lay_label} has a shape computed at run time")
-        target = [int(v) for v in np.asarray(shape.value).reshape(-1)]
-        keeps = len(target) == 2 and (target[1] == n_out or (
-            target[1] == 0 and in_rank == 2 and not attr(layout, "allowzero", 0)))
-        if keeps:
-            return None
-        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
-                       f"{lay_label} to {target} does not keep {host_label}'s {n_out} features on axis 1")
-    if in_rank is None:
-        return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"the rank of {lay_label}'s input is unknown")
-    axis = int(attr(layout, "axis", 1))
-    if axis % max(in_rank, 1) == in_rank - 1 and axis < in_rank:
+def _prod(dims: List[Optional[int]]) -> Optional[int]:
+    if any(d is None for d in dims):
         return None
-    return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
-                   f"{lay_label} with axis={axis} merges {host_label}'s features with other axes")
+    return int(np.prod(dims, dtype=np.int64)) if dims else 1
 
 
-def _check_add_bias(scope: Scope, path: _Path, n_out: int) -> Union[np.ndarray, None, Refusal]:
-    """The constant of an Add between host and BN, if it broadcasts along features only."""
+def _int_list(scope: Scope, node: NodeProto, attr_name: str, input_index: int) -> Optional[List[int]]:
+    """An int-list operand given as attribute (older opsets) or constant input (newer)."""
+    value = attr(node, attr_name)
+    if value is not None:
+        return [int(v) for v in value]
+    if len(node.input) > input_index and node.input[input_index]:
+        c = scope.index.resolve(scope, node.input[input_index])
+        if isinstance(c, Constant):
+            return [int(v) for v in np.asarray(c.value).reshape(-1)]
+    return None
+
+
+@dataclass
+class _Features:
+    """Where the host's features are in a tensor on the way to the BN."""
+
+    dims: List[Optional[int]]  # the tensor's dims, None where unknown
+    axis: int  # the axis holding all n features, alone
+
+
+def _track_step(scope: Scope, node: NodeProto, f: _Features, n: int) -> Union[_Features, str]:
+    """The features after ``node``, or why they cannot be proven to stay on one axis."""
+    dims, axis, rank = f.dims, f.axis, len(f.dims)
+    op = node.op_type
+    if op == "Transpose":
+        perm = [int(p) for p in attr(node, "perm", list(range(rank))[::-1])]
+        if sorted(perm) != list(range(rank)):
+            return f"its perm {perm} does not fit a {rank}-D input"
+        return _Features([dims[p] for p in perm], perm.index(axis))
+    if op == "Flatten":
+        k = int(attr(node, "axis", 1))
+        k = k + rank if k < 0 else k
+        left, right = dims[:k], dims[k:]
+        group, new_axis, at = (left, 0, axis) if axis < k else (right, 1, axis - k)
+        if any(d != 1 for i, d in enumerate(group) if i != at):
+            return f"with axis={attr(node, 'axis', 1)} it merges the features with other axes"
+        return _Features([_prod(left), _prod(right)], new_axis)
+    if op == "Unsqueeze":
+        axes = _int_list(scope, node, "axes", 1)
+        if axes is None:
+            return "its axes are computed at run time"
+        out_rank = rank + len(axes)
+        axes = sorted(a + out_rank if a < 0 else a for a in axes)
+        new_dims = list(dims)
+        for a in axes:
+            new_dims.insert(a, 1)
+        kept = [i for i in range(out_rank) if i not in axes]
+        return _Features(new_dims, kept[axis])
+    if op == "Squeeze":
+        axes = _int_list(scope, node, "axes", 1)
+        if axes is None:
+            if any(d is None for d in dims):
+                return "it squeezes axes whose sizes are unknown"
+            axes = [i for i, d in enumerate(dims) if d == 1]
+        axes = [a + rank if a < 0 else a for a in axes]
+        if axis in axes:
+            return "it removes the feature axis"
+        return _Features([d for i, d in enumerate(dims) if i not in axes], axis - sum(a < axis for a in axes))
+    if op == "Reshape":
+        shape = scope.index.resolve(scope, node.input[1]) if len(node.input) > 1 else None
+        if not isinstance(shape, Constant):
+            return "it has a shape computed at run time"
+        target = [int(v) for v in np.asarray(shape.value).reshape(-1)]
+        allowzero = attr(node, "allowzero", 0)
+        out: List[Optional[int]] = []
+        for i, v in enumerate(target):
+            if v == 0 and not allowzero:
+                out.append(dims[i] if i < rank else None)
+            else:
+                out.append(None if v < 0 else v)
+        # The element count is kept, so the features stay alone on axis b exactly when
+        # out[b] == n and the dims after b hold as many elements as those after the axis.
+        tail = _prod(dims[axis + 1:])
+        hits = [b for b, d in enumerate(out) if d == n and tail is not None and _prod(out[b + 1:]) == tail]
+        if len(hits) != 1:
+            return f"to {target} it does not keep the {n} features on one axis"
+        return _Features(out, hits[0])
+    return f
+
+
+def _track_features(scope: Scope, path: _Path, n_out: int,
+                    w: np.ndarray) -> Union[Tuple[int, int, List[_Features]], Refusal]:
+    """Follow the host's feature axis through the chain to the BN (or Concat) input.
+
+    Returns ``(rank, axis)`` there and the features at each chain node's output.
+    """
+    host, rule = path.host, path.rule
+    host_label = f"{host.op_type} '{scope.label_of(host)}'"
+    rank = rule.output_rank(scope.index, host, w)
+    if rank is None:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"the rank of {host_label}'s output is unknown, so BN's axis 1 cannot be "
+                       "proven to be its feature axis")
+    axis = rule.feature_axis(host, w) % rank
+    # shape inference only when a layout op needs the dims (a plain Conv -> BN never does)
+    needs_dims = any(n.op_type in WALK_LAYOUT for n in path.chain[1:])
+    known = scope.index.shape(host.output[0]) if needs_dims else None
+    dims: List[Optional[int]] = list(known) if known is not None and len(known) == rank else [None] * rank
+    dims[axis] = n_out
+    f = _Features(dims, axis)
+    steps = [f]
+    for node in path.chain[1:]:
+        if node.op_type in WALK_LAYOUT:
+            nxt = _track_step(scope, node, f, n_out)
+            if isinstance(nxt, str):
+                return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                               f"{node.op_type} '{scope.label_of(node)}' after {host_label}: {nxt}")
+            f = nxt
+        steps.append(f)
+    return len(f.dims), f.axis, steps
+
+
+def _check_add_bias(scope: Scope, path: _Path, n_out: int,
+                    steps: List[_Features]) -> Union[Tuple[np.ndarray, Tuple[int, ...]], None, Refusal]:
+    """The constant of an Add between host and BN as a per-feature vector (float64) and the
+    shape to store it in, if it broadcasts along the features only."""
     if path.add is None:
         return None
     c = _weight(scope, path.add, path.add_const, "constant operand")
     if isinstance(c, Refusal):
         return c
-    b = c.value
-    core = b.shape
-    while core and core[0] == 1:
-        core = core[1:]
-    out_rank = scope.index.rank(path.host.output[0]) if b.ndim > 2 else 2
-    if core not in ((), (n_out,)) or out_rank is None or b.ndim > out_rank:
+    b = np.asarray(c.value)
+    f = steps[path.chain.index(path.add) - 1]  # the features at the Add's other input
+    rank = len(f.dims)
+    lead = rank - b.ndim  # the constant lines up with the trailing axes
+    ok = lead >= 0 and all(d == 1 or (lead + i == f.axis and d == n_out) for i, d in enumerate(b.shape))
+    if not ok:
         return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
                        f"Add '{scope.label_of(path.add)}' adds a constant of shape {list(b.shape)}, "
                        "not a per-feature bias")
-    return b
+    vec = np.broadcast_to(b.astype(np.float64).reshape(-1) if b.size == n_out else b.astype(np.float64).reshape(-1)[:1],
+                          (n_out,))
+    store = tuple([n_out] + [1] * (rank - 1 - f.axis))  # features on f.axis, broadcasting over the rest
+    return vec, store
 
 
 def _fold_backward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> Union[NodeProto, Refusal]:
@@ -529,18 +668,17 @@ def _replace_bn(scope: Scope, bn: NodeProto, last: NodeProto) -> None:
     scope.rename_output(last, 0, bn.output[0])
 
 
-def _host_weight(scope: Scope, path: _Path) -> Union[Tuple[BackwardHost, np.ndarray], Refusal]:
-    host = path.host
-    rule: BackwardHost = BACKWARD_HOSTS[host.op_type]
+def _host_weight(scope: Scope, path: _Path) -> Union[np.ndarray, Refusal]:
+    host, rule = path.host, path.rule
     refusal = _attribute_refs(scope, path.chain) or rule.check(scope, host)
     if refusal:
         return refusal
-    w = _weight(scope, host, rule.weight_index, "weight")
+    w = _weight(scope, host, rule.weight_slot, "weight")
     if isinstance(w, Refusal):
         return w
     if w.value.ndim < 2:
         return Refusal(Reason.UNSUPPORTED_HOST, f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
-    return rule, w.value
+    return w.value
 
 
 def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype) -> Union[np.ndarray, Callable[[], np.ndarray]]:
@@ -553,31 +691,37 @@ def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype) -> Union[np.ndarray
     return numerics.scale_round(w, factor, dtype, "the folded weight")
 
 
-def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> Union[Callable[[], None], Refusal]:
+def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray, want_axis: int = 1,
+                    min_rank: int = 2) -> Union[Callable[[], None], Refusal]:
     """Check and compute folding ``s * x + t`` into the host of ``path``; return the edit.
 
+    ``want_axis`` is the axis the features must reach at the end of the chain (BN's 1;
+    negative counts from the end); the tensor there must have at least ``min_rank`` axes.
     Nothing changes until the returned function is called.
     """
-    found = _host_weight(scope, path)
-    if isinstance(found, Refusal):
-        return found
-    rule, w_val = found
-    host = path.host
+    w_val = _host_weight(scope, path)
+    if isinstance(w_val, Refusal):
+        return w_val
+    host, rule = path.host, path.rule
     n_out = rule.out_channels(host, w_val)
-    if rule.feature_last:
-        refusal = _check_feature_axis(scope, path, n_out)
-        if refusal:
-            return refusal
+    tracked = _track_features(scope, path, n_out, w_val)
+    if isinstance(tracked, Refusal):
+        return tracked
+    rank, axis, steps = tracked
+    if rank < min_rank or axis != want_axis % rank:
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"{host.op_type} '{scope.label_of(host)}' puts its features on axis {axis} of a {rank}-D "
+                       f"tensor, but the {'BN normalises' if want_axis == 1 else 'constants scale'} axis {want_axis}")
     if n_out != s.shape[0]:
         return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
                        f"{host.op_type} '{scope.label_of(host)}' has {n_out} output channels, the BN {s.shape[0]}")
-    add_bias = _check_add_bias(scope, path, n_out)
+    add_bias = _check_add_bias(scope, path, n_out, steps)
     if isinstance(add_bias, Refusal):
         return add_bias
     host_bias = None
-    has_bias_slot = rule.bias_index is not None
-    if has_bias_slot and len(host.input) > rule.bias_index and host.input[rule.bias_index]:
-        c = _weight(scope, host, rule.bias_index, "bias")
+    has_bias_slot = rule.bias_slot is not None
+    if has_bias_slot and len(host.input) > rule.bias_slot and host.input[rule.bias_slot]:
+        c = _weight(scope, host, rule.bias_slot, "bias")
         if isinstance(c, Refusal):
             return c
         host_bias = rule.effective_bias(host, c.value)
@@ -586,8 +730,9 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
     try:
         factor = rule.weight_factor(host, w_val, s)
         new_w = _scaled_weight(w_val, factor, dtype)
-        if path.add is not None:  # the Add carries the shift; the host's own bias is only scaled
-            new_add = numerics.round_to(numerics.fold_bias(add_bias, s, t), dtype, "the folded bias")
+        if add_bias is not None:  # the Add carries the shift; the host's own bias is only scaled
+            vec, store = add_bias
+            new_add = numerics.round_to(numerics.fold_bias(vec, s, t), dtype, "the folded bias").reshape(store)
             if host_bias is not None:
                 new_host_bias = numerics.round_to(host_bias * s, dtype, "the folded bias")
         elif has_bias_slot:
@@ -598,15 +743,13 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray) -> 
         return Refusal(Reason.OVERFLOW, f"folding into {host.op_type} '{scope.label_of(host)}': {e}")
 
     def apply() -> None:
-        host_label = _name_base(host)
-        scope.write_constant(host, rule.weight_index, new_w, f"{host_label}_weight_bnfold", factor=factor)
+        scope.write_constant(host, rule.weight_slot, new_w, f"{name_base(host)}_weight_bnfold", factor=factor)
         if new_host_bias is not None:
-            scope.write_constant(host, rule.bias_index, new_host_bias, f"{host_label}_bias_bnfold")
-            rule.after_fold(scope, host)
+            rule.write_bias(scope, host, new_host_bias, path.chain)
         if path.add is not None:
-            scope.write_constant(path.add, path.add_const, new_add, f"{host_label}_bias_bnfold")
-        elif not has_bias_slot:
-            _insert_bias_add(scope, host, new_add, path.chain)
+            scope.write_constant(path.add, path.add_const, new_add, f"{name_base(host)}_bias_bnfold")
+        elif not has_bias_slot and np.any(new_add):  # a zero shift (a bare Mul) needs no bias node
+            rule.write_bias(scope, host, new_add, path.chain)
 
     return apply
 
@@ -622,17 +765,17 @@ def _fold_into_concat(scope: Scope, bn: NodeProto, s: np.ndarray,
     if len(set(concat.input)) != len(concat.input):
         return Refusal(Reason.NO_HOST, f"{label} concatenates one tensor more than once")
     paths, sizes = [], []
+    rank = None
     for k, x in enumerate(concat.input):
         path = _find_host(scope, x, concat)
         found = path if isinstance(path, Refusal) else _host_weight(scope, path)
         if isinstance(found, Refusal):
             return Refusal(found.reason, f"input {k} of {label}: {found.detail}")
-        rule, w_val = found
         paths.append(path)
-        sizes.append(rule.out_channels(path.host, w_val))
-        rank = 2 if rule.feature_last else w_val.ndim
+        sizes.append(path.rule.out_channels(path.host, found))
+        rank = path.rule.output_rank(scope.index, path.host, found) if rank is None else rank
     axis = int(attr(concat, "axis", 1))
-    if axis not in (1, 1 - rank):
+    if rank is None or axis not in (1, 1 - rank):
         return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"{label} joins axis {axis}, not BN's channel axis 1")
     if sum(sizes) != s.shape[0]:
         return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
@@ -650,65 +793,157 @@ def _fold_into_concat(scope: Scope, bn: NodeProto, s: np.ndarray,
     return concat, [p.host for p in paths]
 
 
-def _name_base(node: NodeProto) -> str:
-    """Prefix for tensors generated for ``node``: its name, else its output's."""
-    return node.name or node.output[0]
+# -- BNs already decomposed into Mul + Add of constants ---------------------------------------
+
+def _per_channel(value: np.ndarray) -> Optional[Tuple[np.ndarray, int]]:
+    """A constant varying along at most one axis: its values (float64) and that axis, counted
+    from the end (-1 last); axis 0 when it is a scalar in effect."""
+    v = np.asarray(value)
+    varying = [j for j, d in enumerate(v.shape) if d != 1]
+    if len(varying) > 1:
+        return None
+    vec = v.astype(np.float64).reshape(-1)
+    return vec, (varying[0] - v.ndim if varying else 0)
 
 
-def _insert_bias_add(scope: Scope, host: NodeProto, bias: np.ndarray, chain: List[NodeProto]) -> None:
-    """Give a MatMul a following ``Add`` carrying the folded bias."""
-    label = _name_base(host)
-    out = host.output[0]
-    scope.rename_output(host, 0, scope.index.fresh_name(f"{out}_matmul"))
-    add = helper.make_node("Add", [host.output[0], ""], [out], name=scope.index.fresh_name(f"{label}_bias_add"))
-    if scope.opset < 7:
-        add.attribute.append(helper.make_attribute("broadcast", 1))  # Add-6 broadcasts only when told to
-    scope.add_node_after(host, add)
-    scope.write_constant(add, 1, bias, f"{label}_bias_bnfold")
-    chain.insert(1, add)
+def _fold_decomposed(scope: Scope, mul: NodeProto) -> Optional[BNRecord]:
+    """Fold ``host -> Mul(x, per-channel constant) [-> Add(per-channel constant)]`` like a BN.
+
+    None when the Mul is no candidate (no per-channel float constant, or no host behind it):
+    only candidates with a host get a record, so ordinary Muls are not reported.
+    """
+    k = _constant_operand(scope, mul)
+    if k is None or has_attribute_refs(mul):
+        return None
+    cm = scope.index.resolve(scope, mul.input[k])
+    if cm.data_type not in FLOAT_TENSOR_TYPES:
+        return None
+    pm = _per_channel(cm.value)
+    if pm is None or pm[1] == 0:
+        return None
+    s, axis = pm
+    ndim = cm.value.ndim
+    nodes = [mul]
+    t = np.zeros_like(s)
+    add = scope.only_consumer(mul.output[0])
+    if add is not None and add.op_type == "Add" and is_default_domain(add) and not has_attribute_refs(add):
+        ka = _constant_operand(scope, add)
+        ca = scope.index.resolve(scope, add.input[ka]) if ka is not None else None
+        pa = _per_channel(ca.value) if isinstance(ca, Constant) and ca.data_type in FLOAT_TENSOR_TYPES else None
+        if pa is not None and (pa[1] in (0, axis)) and (pa[0].size in (1, s.size)):
+            t = np.broadcast_to(pa[0], s.shape).copy()
+            ndim = max(ndim, ca.value.ndim)
+            nodes.append(add)
+    label = scope.label_of(mul)
+    what = f"Mul '{label}'" + (f" and Add '{scope.label_of(nodes[1])}'" if len(nodes) > 1 else "")
+    path = _find_host(scope, mul.input[1 - k], mul)
+    if isinstance(path, Refusal):
+        if path.reason in (Reason.NO_HOST, Reason.ACTIVATION_BETWEEN):
+            return None
+        refusal: Union[Refusal, Callable[[], None]] = path
+    else:
+        if s.size == 1:  # one value for every channel: as many as the host has
+            return None
+        refusal = _plan_into_host(scope, path, s, t, want_axis=axis, min_rank=ndim)
+    if isinstance(refusal, Refusal):
+        return BNRecord(label, scope.label, False, reason=refusal.reason,
+                        detail=f"the per-channel {what} (a decomposed BN) kept: {refusal.detail}")
+    refusal()
+    last = path.chain[-1]
+    out = nodes[-1].output[0]
+    scope.redirect_shape_readers(last.output[0], out)
+    for n in nodes:
+        scope.remove_node(n)
+    scope.rename_output(last, 0, out)
+    host = path.host
+    return BNRecord(label, scope.label, True, INTO_PRECEDING, scope.label_of(host), host.op_type,
+                    detail=f"the per-channel {what} (a decomposed BN) folded into the preceding "
+                           f"{host.op_type} '{scope.label_of(host)}'")
 
 
 # -- folding into the op after the BN ------------------------------------------------------
 
+def _flattened(scope: Scope, bn: NodeProto, layout: NodeProto, k: int, c: int) -> Optional[str]:
+    """Why ``layout`` (a Flatten or Reshape after the BN) is not ``[N, C, ...] -> [N, C*rest]``
+    with ``k == C*rest`` input features, or None when it is."""
+    if layout.op_type == "Flatten":
+        if int(attr(layout, "axis", 1)) != 1:
+            return f"Flatten '{scope.label_of(layout)}' does not flatten from axis 1"
+        return None if k % c == 0 else f"{k} features are not a multiple of the BN's {c} channels"
+    shape = scope.index.resolve(scope, layout.input[1]) if len(layout.input) > 1 else None
+    if not isinstance(shape, Constant):
+        return f"Reshape '{scope.label_of(layout)}' has a shape computed at run time"
+    target = [int(v) for v in np.asarray(shape.value).reshape(-1)]
+    dims = scope.index.shape(bn.input[0])
+    rest = None if dims is None or len(dims) < 2 else dims[1:]
+    if len(target) == 2 and target[0] == 0 and target[1] == -1 and not attr(layout, "allowzero", 0):
+        return None if k % c == 0 else f"{k} features are not a multiple of the BN's {c} channels"
+    if len(target) == 2 and target[1] == k and rest is not None and None not in rest and int(np.prod(rest)) == k:
+        return None
+    return f"Reshape '{scope.label_of(layout)}' to {target} is not proven to flatten the BN's output from axis 1"
+
+
 def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> Union[NodeProto, Refusal, str]:
-    """Fold into the single following Conv/Gemm; a string says why there is no candidate."""
+    """Fold into the single following host that takes a BN before it (directly, or behind a
+    Flatten/Reshape from axis 1 for hosts reading flat features); a string says why there is
+    no candidate."""
     y = bn.output[0]
     nxt = scope.only_consumer(y)
     if nxt is None:
         n = scope.uses(y)
         return "its output is a graph output" if y in scope.outputs else f"its output feeds {n} nodes"
-    rule = FORWARD_HOSTS.get(nxt.op_type) if is_default_domain(nxt) else None
-    if rule is None or nxt.input[0] != y or y in nxt.input[1:]:
-        return f"its output feeds {nxt.op_type} '{scope.label_of(nxt)}', not the data input of a Conv or Gemm"
-    w = _attribute_refs(scope, [nxt]) or _weight(scope, nxt, 1, "weight")
+    first = nxt  # the node that will read the BN's input instead
+    while is_default_domain(nxt) and nxt.input and nxt.input[0] == y and _passes_values(scope, nxt):
+        y = nxt.output[0]  # through Identity / inference Dropout / same-type Cast
+        after_pass = scope.only_consumer(y)
+        if after_pass is None:
+            return f"its output reaches {nxt.op_type} '{scope.label_of(nxt)}', whose output feeds several nodes"
+        nxt = after_pass
+    layout = None
+    if nxt.op_type in ("Flatten", "Reshape") and is_default_domain(nxt) and nxt.input[0] == y:
+        after = scope.only_consumer(nxt.output[0])
+        rule = forward_rule(after)
+        if rule is not None and rule.flat_input:
+            layout, nxt = nxt, after
+    rule = forward_rule(nxt)
+    x = layout.output[0] if layout is not None else y
+    if rule is None or nxt.input[0] != x or x in nxt.input[1:]:
+        return (f"its output feeds {nxt.op_type} '{scope.label_of(nxt)}', not the data input of a "
+                f"{' or '.join(host_names(forward=True))}")
+    w = _attribute_refs(scope, [nxt] + ([layout] if layout is not None else [])) or \
+        _weight(scope, nxt, rule.weight_slot, "weight")
     if isinstance(w, Refusal):
         return w
     w_val = w.value
-    refusal = rule.check(scope, nxt, w_val)
+    refusal = rule.forward_check(scope, nxt, w_val)
     if refusal:
         return refusal
-    if rule.in_channels(nxt, w_val) != s.shape[0]:
+    k = rule.in_channels(nxt, w_val)
+    if layout is not None:  # [N, C, d...] flattened: input feature c*D + j reads channel c
+        why = _flattened(scope, bn, layout, k, s.shape[0])
+        if why:
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH, f"between it and {nxt.op_type} '{scope.label_of(nxt)}', {why}")
+        s, t = np.repeat(s, k // s.shape[0]), np.repeat(t, k // s.shape[0])
+    if k != s.shape[0]:
         return Refusal(Reason.CHANNEL_COUNT_MISMATCH,
-                       f"{nxt.op_type} '{scope.label_of(nxt)}' reads {rule.in_channels(nxt, w_val)} channels, "
-                       f"the BN has {s.shape[0]}")
+                       f"{nxt.op_type} '{scope.label_of(nxt)}' reads {k} channels, the BN has {s.shape[0]}")
     bias = None
-    if len(nxt.input) > 2 and nxt.input[2]:
-        c = _weight(scope, nxt, 2, "bias")
+    if rule.bias_slot is not None and len(nxt.input) > rule.bias_slot and nxt.input[rule.bias_slot]:
+        c = _weight(scope, nxt, rule.bias_slot, "bias")
         if isinstance(c, Refusal):
             return c
         bias = c.value
     dtype = w_val.dtype
     try:
-        factor, b64 = rule.fold(nxt, w_val, bias, s, t)
+        factor, b64 = rule.forward_fold(nxt, w_val, bias, s, t)
         new_w = _scaled_weight(w_val, factor, dtype)
         new_b = numerics.round_to(b64, dtype, "the folded bias")
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")
-    label = _name_base(nxt)
-    scope.write_constant(nxt, 1, new_w, f"{label}_weight_bnfold", factor=factor)
-    scope.write_constant(nxt, 2, new_b, f"{label}_bias_bnfold")
-    rule.after_fold(scope, nxt)
+    label = name_base(nxt)
+    scope.write_constant(nxt, rule.weight_slot, new_w, f"{label}_weight_bnfold", factor=factor)
+    rule.write_bias(scope, nxt, new_b, [nxt])
     scope.redirect_shape_readers(bn.output[0], bn.input[0])
-    scope.set_input(nxt, 0, bn.input[0])
+    scope.set_input(first, 0, bn.input[0])
     scope.remove_node(bn)
     return nxt

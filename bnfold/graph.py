@@ -21,14 +21,24 @@ from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProt
 
 from .errors import MalformedModelError
 from .modelio import ScaledTensor, as_array, read_tensor, set_tensor_data
-from .reasons import Reason
+from .reasons import Reason, Refusal
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops that read only a tensor's shape: folding changes values, never shapes, so they
 # may keep reading a tensor a fold rewrites.
 SHAPE_READERS = frozenset({"Shape", "Size"})
-# Pure ops on constants that resolve() evaluates, and finish() removes once dead.
-CONSTANT_OPS = frozenset({"Constant", "Identity", "Transpose"})
+# Pure, deterministic ops that resolve() evaluates when every input is constant (exporters
+# compute weights with them: ConstantOfShape, Cast in float16 exports, weight_norm's
+# Mul/Div/Pow/ReduceL2, Reshape/Unsqueeze/Concat/Slice of constants ...).
+EVALUABLE_OPS = frozenset({
+    "Cast", "CastLike", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Concat", "Slice", "Gather", "Flatten",
+    "Tile", "Mul", "Div", "Add", "Sub", "Neg", "Sqrt", "Pow", "Reciprocal", "Abs", "ReduceL2", "ReduceSum",
+    "ReduceMean", "ReduceMax", "ReduceMin", "ConstantOfShape", "Range", "Shape", "Identity", "Transpose",
+})
+# Ops finish() removes once nothing reads their output.
+CONSTANT_OPS = frozenset({"Constant"}) | EVALUABLE_OPS
+MAX_EVAL_ELEMENTS = 1 << 25
+"""The largest constant (in elements) resolve() computes from a constant subgraph."""
 FLOAT_TENSOR_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
@@ -111,18 +121,35 @@ class Constant:
 
     @property
     def data_type(self) -> int:
+        if self.derived is not None:
+            return onnx.helper.np_dtype_to_tensor_dtype(self.derived.dtype)
         if self.tensor is not None:
             return self.tensor.data_type
         return TensorProto.FLOAT if attr(self.node, "value_float") is not None or attr(
             self.node, "value_floats") is not None else TensorProto.INT64
 
 
-@dataclass
-class NotConstant:
-    """Why a name is not a usable constant, as a reason code and a phrase."""
+_COMPUTED = "computed"
+_QUANTIZED = "quantized"
 
-    reason: Reason
-    why: str
+
+def _output_size_bound(node: NodeProto, inputs: List[np.ndarray]) -> int:
+    """An upper bound on the elements ``node`` produces from ``inputs`` (before computing them)."""
+    op = node.op_type
+    try:
+        if op == "ConstantOfShape":
+            return int(np.prod(inputs[0].astype(np.int64)))
+        if op == "Expand":
+            return int(np.prod(np.broadcast_shapes(inputs[0].shape, tuple(int(d) for d in inputs[1]))))
+        if op == "Tile":
+            return int(np.prod(np.asarray(inputs[0].shape, np.int64) * inputs[1].astype(np.int64)))
+        if op == "Range":
+            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in inputs[:3])
+            return int(max(np.ceil((limit - start) / delta), 0)) if delta else MAX_EVAL_ELEMENTS + 1
+        total = sum(v.size for v in inputs)
+        return max(total, int(np.prod(np.broadcast_shapes(*(v.shape for v in inputs)))))
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return sum(v.size for v in inputs)
 
 
 class Scope:
@@ -343,7 +370,10 @@ class ModelIndex:
         self.main = self._add_graph(model.graph, "main graph", None)
         for f in model.functions:
             self._add_function(f)
-        self._ranks: Optional[Dict[str, int]] = None
+        self._kinds: Dict[int, Dict[str, str]] = {}
+        self._evaluated: Dict[tuple, Union[Constant, Refusal]] = {}
+        self._shapes: Optional[Dict[str, List[Optional[int]]]] = None
+        self._elem_types: Dict[str, int] = {}
 
     def _add_graph(self, graph: GraphProto, label: str, parent: Optional[Scope]) -> Scope:
         scope = Scope(self, graph, label, parent)
@@ -390,7 +420,7 @@ class ModelIndex:
         return name
 
     # -- constants -------------------------------------------------------------------
-    def resolve(self, scope: Scope, name: str) -> Union[Constant, NotConstant]:
+    def resolve(self, scope: Scope, name: str) -> Union[Constant, Refusal]:
         """Find what ``name`` refers to as seen from ``scope``."""
         s: Optional[Scope] = scope
         while s is not None:
@@ -398,9 +428,9 @@ class ModelIndex:
             if node is not None:
                 if node.op_type == "Constant" and is_default_domain(node):
                     if has_attribute_refs(node):
-                        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is set by the calling function")
+                        return Refusal(Reason.NOT_CONSTANT, f"'{name}' is set by the calling function")
                     if attr(node, "sparse_value") is not None or attr(node, "value_string") is not None:
-                        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
+                        return Refusal(Reason.NOT_CONSTANT, f"'{name}' is a sparse or string Constant")
                     return Constant(name, s, attr(node, "value"), node)
                 if node.op_type == "Identity" and is_default_domain(node) and node.input:
                     return self.resolve(s, node.input[0])  # exporters route shared weights through Identity
@@ -412,29 +442,149 @@ class ModelIndex:
                         return Constant(name, src.scope, src.tensor, src.node, derived=value)
                     return src
                 if node.op_type == "DequantizeLinear":
-                    return NotConstant(Reason.QUANTIZED_WEIGHT,
-                                       f"'{name}' is de-quantized at run time by DequantizeLinear '{s.label_of(node)}'")
-                return NotConstant(Reason.NOT_CONSTANT,
+                    return Refusal(Reason.QUANTIZED_WEIGHT,
+                                   f"'{name}' is de-quantized at run time by DequantizeLinear '{s.label_of(node)}'")
+                kind = self._constant_kind(s).get(name)
+                if kind == _COMPUTED:
+                    return self._evaluate(s, node, name)
+                if kind == _QUANTIZED:
+                    return Refusal(Reason.QUANTIZED_WEIGHT,
+                                   f"'{name}' is computed by {node.op_type} '{s.label_of(node)}' from a "
+                                   "DequantizeLinear output")
+                return Refusal(Reason.NOT_CONSTANT,
                                    f"'{name}' is computed at run time by {node.op_type} '{s.label_of(node)}'")
             if name in s.initializers:
                 if (name in s.inputs and self.model.ir_version >= 4 and not self.allow_overridable):
-                    return NotConstant(Reason.OVERRIDABLE_PARAMETER,
+                    return Refusal(Reason.OVERRIDABLE_PARAMETER,
                                        f"'{name}' is an initializer that is also a graph input, so callers may "
                                        "override it (allow_overridable / --allow-overridable treats it as constant)")
                 return Constant(name, s, s.initializers[name])
             if name in s.inputs:
-                return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is an input of the {s.label}")
+                return Refusal(Reason.NOT_CONSTANT, f"'{name}' is an input of the {s.label}")
             s = s.parent
-        return NotConstant(Reason.NOT_CONSTANT, f"'{name}' is not defined in the {scope.label}")
+        return Refusal(Reason.NOT_CONSTANT, f"'{name}' is not defined in the {scope.label}")
+
+    def _constant_kind(self, scope: Scope) -> Dict[str, str]:
+        """Names of ``scope`` computed by :data:`EVALUABLE_OPS` from constants only (``_COMPUTED``)
+        or from constants and de-quantized tensors (``_QUANTIZED``), in one pass over its nodes."""
+        kinds = self._kinds.get(id(scope))
+        if kinds is not None:
+            return kinds
+        kinds = {}
+        outer = self._constant_kind(scope.parent) if scope.parent is not None else {}
+
+        def kind_of(name: str) -> Optional[str]:
+            if name in kinds:
+                return kinds[name]
+            if name in scope.producer:
+                return None
+            if name in scope.initializers:
+                overridable = name in scope.inputs and self.model.ir_version >= 4 and not self.allow_overridable
+                return None if overridable else _COMPUTED
+            if name in scope.inputs or scope.parent is None:
+                return None
+            p = scope.parent
+            while p is not None:  # an outer initializer or constant
+                if name in p.producer or name in p.inputs or name in p.initializers:
+                    break
+                p = p.parent
+            if p is not None and name in p.initializers and not (
+                    name in p.inputs and self.model.ir_version >= 4 and not self.allow_overridable):
+                return _COMPUTED
+            return outer.get(name)
+
+        for node in scope.nodes:
+            if not is_default_domain(node) or has_attribute_refs(node) or len(node.output) != 1:
+                continue
+            if node.op_type == "Constant":
+                kinds[node.output[0]] = _COMPUTED
+                continue
+            if node.op_type == "DequantizeLinear":
+                kinds[node.output[0]] = _QUANTIZED
+                continue
+            if node.op_type not in EVALUABLE_OPS or any(True for _ in subgraphs(node)):
+                continue
+            # CastLike reads only the type of its second input (dynamo exports: CastLike(c, input))
+            reads = node.input[:1] if node.op_type == "CastLike" else node.input
+            ins = [kind_of(i) for i in reads if i]
+            if ins and None not in ins:
+                kinds[node.output[0]] = _QUANTIZED if _QUANTIZED in ins else _COMPUTED
+        self._kinds[id(scope)] = kinds
+        return kinds
+
+    def _evaluate(self, scope: Scope, node: NodeProto, name: str) -> Union[Constant, Refusal]:
+        """Compute ``name`` (made by ``node`` from constants) as the runtime would, once."""
+        key = (id(scope), name)
+        if key in self._evaluated:
+            return self._evaluated[key]
+        label = f"{node.op_type} '{scope.label_of(node)}'"
+        result: Union[Constant, Refusal]
+        feeds: Dict[str, np.ndarray] = {}
+        if node.op_type == "CastLike" and len(node.input) > 1 and node.input[1] != node.input[0]:
+            like = node.input[1]  # only its element type matters: feed an empty tensor of that type
+            c = self.resolve(scope, like)
+            elem = c.data_type if isinstance(c, Constant) else (self.elem_type(like) if scope is self.main else None)
+            if elem is None:
+                result = Refusal(
+                    Reason.NOT_CONSTANT, f"'{name}' is cast by {label} to the unknown type of '{like}'")
+                self._evaluated[key] = result
+                return result
+            feeds[like] = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(elem))
+        for i in node.input:
+            if i and i not in feeds:
+                c = self.resolve(scope, i)
+                if isinstance(c, Refusal):
+                    self._evaluated[key] = c
+                    return c
+                feeds[i] = np.asarray(c.value)
+        size = _output_size_bound(node, [feeds[i] for i in node.input if i])
+        if size > MAX_EVAL_ELEMENTS:
+            result = Refusal(
+                Reason.CONSTANT_TOO_LARGE, f"'{name}' is computed from constants by {label}, but would hold "
+                                           f"about {size} elements (cap {MAX_EVAL_ELEMENTS})")
+        else:
+            from onnx.reference import ReferenceEvaluator
+
+            g = onnx.helper.make_graph(
+                [node], "constant", [onnx.helper.make_tensor_value_info(
+                    k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()],
+                [onnx.helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)])
+            m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", scope.opset)],
+                                       ir_version=max(self.model.ir_version, 3))
+            try:
+                value = np.asarray(ReferenceEvaluator(m).run(None, feeds)[0])
+            except (ValueError, TypeError, IndexError, KeyError, RuntimeError, NotImplementedError) as e:
+                # a malformed constant subgraph is reported, like any other non-constant weight
+                result = Refusal(Reason.NOT_CONSTANT, f"'{name}' is computed from constants by {label}, which "
+                                                      f"cannot be evaluated ({type(e).__name__}: {e})")
+            else:
+                result = Constant(name, scope, None, node, derived=value)
+        self._evaluated[key] = result
+        return result
 
     # -- shapes ----------------------------------------------------------------------
     def rank(self, name: str) -> Optional[int]:
-        """The rank of tensor ``name`` if declared or inferable, else None."""
-        if self._ranks is None:
-            self._ranks = self._infer_ranks()
-        return self._ranks.get(name)
+        """The rank of tensor ``name`` if declared or inferable, else None.
 
-    def _infer_ranks(self) -> Dict[str, int]:
+        Inferred once, on first use, from the graph as it is then: callers that edit the
+        graph (``insert``) ask before their first edit.
+        """
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def shape(self, name: str) -> Optional[List[Optional[int]]]:
+        """The dims of tensor ``name`` (None for a symbolic or unknown dim), if its rank is known."""
+        if self._shapes is None:
+            self._shapes, self._elem_types = self._infer_shapes()
+        return self._shapes.get(name)
+
+    def elem_type(self, name: str) -> Optional[int]:
+        """The element type (``TensorProto`` enum) of tensor ``name``, if declared or inferable."""
+        if self._shapes is None:
+            self._shapes, self._elem_types = self._infer_shapes()
+        return self._elem_types.get(name)
+
+    def _infer_shapes(self):
         # Shape inference on a skeleton: big initializers keep dims but not data, so
         # this stays cheap on large models.
         skeleton = ModelProto()
@@ -450,18 +600,24 @@ class ModelIndex:
                 g.initializer.append(t)
             else:
                 g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        ranks: Dict[str, int] = {}
+        shapes: Dict[str, List[Optional[int]]] = {}
+        types: Dict[str, int] = {}
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
             values = itertools.chain(inferred.graph.input, inferred.graph.output, inferred.graph.value_info)
         except Exception:  # inference is a bonus: fall back to what is declared
             values = itertools.chain(src.input, src.output, src.value_info)
         for v in values:
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+            if v.type.HasField("tensor_type"):
+                tt = v.type.tensor_type
+                if tt.elem_type:
+                    types[v.name] = tt.elem_type
+                if tt.HasField("shape"):
+                    shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         for t in src.initializer:
-            ranks[t.name] = len(t.dims)
-        return ranks
+            shapes[t.name] = list(t.dims)
+            types[t.name] = t.data_type
+        return shapes, types
 
     # -- finishing -------------------------------------------------------------------
     def take_replacements(self) -> Dict[str, object]:

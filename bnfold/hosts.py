@@ -1,157 +1,145 @@
-"""The linear ops a BatchNormalization folds into, one small class each.
+"""Host rules: the only place that knows the linear ops a BatchNormalization folds into.
 
-A host describes only what is particular to it: where its weight is, along which
-weight axis the BN's channels run, where its bias lives and any extra checks.
-Checks every fold shares (BN parameters, single consumers, dtypes, overflow) live
-in :mod:`bnfold.fuse`.
+One :class:`HostRule` per op carries everything particular to it, in both
+directions (in the spirit of onnxscript's rewriter rules: the shared checks live
+once in :mod:`bnfold.fold`, each rule overrides hooks):
 
-Backward hosts (``host -> BN``), computing ``W' = W * s`` along the output-channel
-axis and ``b' = b * s + t``:
+- its weight and bias input slots, its output-channel count and the weight axis
+  the BN's channels run along (:meth:`HostRule.weight_factor`);
+- where its output features are (:meth:`HostRule.feature_axis`, :meth:`HostRule.output_rank`),
+  which the fold driver tracks through layout ops to BN's axis 1;
+- how a folded bias is materialised (its bias slot, or a following ``Add``);
+- extra checks; and, for hosts a BN *before* them can fold into, the forward fold.
+
+Backward (``host -> BN``), ``W' = W * s`` along the output-channel axis, ``b' = b * s + t``:
 
 - Conv: weight ``[C_out, C_in/group, k...]``, output channels on axis 0.
 - ConvTranspose: weight ``[C_in, C_out/group, k...]``; channel ``g*(C_out/group)+j``
   is column ``j`` of group ``g``'s rows.
 - Gemm: ``alpha * A' @ B' + beta * C``; ``B`` is ``[K, N]`` (transB=0) or
   ``[N, K]`` (transB=1); the new ``C`` is ``beta * C * s + t`` and beta becomes 1.
-- MatMul: weight ``B`` ``[..., K, N]``, channels on the last axis; its bias is a
+- MatMul: weight ``B`` ``[..., K, N]``, features on the last axis; its bias is a
   following ``Add`` with a constant (created when absent).
 
-Forward hosts (``BN -> host``), exact because the host sees every shifted input
-value exactly once per output: Conv without padding, and Gemm (transA=0).
+Forward (``BN -> host``), exact because the host sees every shifted input value
+exactly once per output: Conv without padding, and Gemm (transA=0).
+
+Adding a host: see CONTRIBUTING.md. :data:`RULES` drives the fold, ``insert``'s
+default op set and channel counts, and the CLI help.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-import numpy as np
-from onnx import NodeProto
+from .reasons import Reason, Refusal
 
-from . import numerics
-from .graph import Scope, attr, set_attr
-from .reasons import Reason
+if TYPE_CHECKING:
+    import numpy as np
+    from onnx import NodeProto
 
+    from .graph import ModelIndex, Scope
 
-@dataclass
-class Refusal:
-    """A fold that does not apply: the reason code and a sentence saying why."""
-
-    reason: Reason
-    detail: str
+# This module stays import-light (numpy and onnx are imported where a rule runs), so
+# that the CLI's help can list the hosts without paying for onnx.
 
 
-class BackwardHost:
-    """Base for ops a BN *after* them folds into."""
+def attr(node: "NodeProto", name: str, default=None):
+    """The value of attribute ``name`` of ``node`` or ``default`` (:func:`bnfold.graph.attr`)."""
+    from .graph import attr as get
+
+    return get(node, name, default)
+
+
+def _np():
+    import numpy
+
+    return numpy
+
+
+def _numerics():
+    from . import numerics
+
+    return numerics
+
+
+__all__ = ["HostRule", "RULES", "CONV", "backward_rule", "forward_rule", "ACTIVATIONS", "LAYOUT_OPS",
+           "PASS_THROUGH", "Refusal"]
+
+
+def name_base(node: NodeProto) -> str:
+    """Prefix for tensors generated for ``node``: its name, else its output's."""
+    return node.name or node.output[0]
+
+
+class HostRule:
+    """Base rule: an op with weight in input 1 and bias in input 2, features on output axis 1."""
 
     op_type = ""
-    weight_index = 1
-    bias_index: Optional[int] = 2
-    feature_last = False  # channels on the last output axis (Gemm/MatMul) vs axis 1
+    weight_slot = 1
+    bias_slot: Optional[int] = 2
+    folds_forward = False
+    """Whether a BN *before* the op (feeding its input 0) can fold into it."""
+    flat_input = False
+    """Whether the op reads ``[N, K]`` features: a BN before it may sit behind a Flatten from axis 1."""
 
+    # -- backward: host -> BN -------------------------------------------------------
     def check(self, scope: Scope, node: NodeProto) -> Optional[Refusal]:
+        """Extra conditions for folding a following BN; None when they hold."""
         return None
 
     def out_channels(self, node: NodeProto, w: np.ndarray) -> int:
+        """How many output features the op has, given its weight."""
         return w.shape[0]
+
+    def output_rank(self, index: ModelIndex, node: NodeProto, w: np.ndarray) -> Optional[int]:
+        """The rank of the op's output, or None when it cannot be known."""
+        return w.ndim
+
+    def feature_axis(self, node: NodeProto, w: np.ndarray) -> int:
+        """The output axis holding the op's features (negative counts from the end)."""
+        return 1
 
     def weight_factor(self, node: NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
         """What to multiply the weight by (broadcasting) to scale output channel ``c`` by ``s[c]``."""
-        return numerics.axis_factor(s, 0, w.ndim)
+        return _numerics().axis_factor(s, 0, w.ndim)
 
     def effective_bias(self, node: NodeProto, c: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """The bias the op adds, in float64, given the stored bias tensor (or None)."""
-        return None if c is None else np.asarray(c, dtype=np.float64)
+        return None if c is None else _np().asarray(c, dtype=_np().float64)
 
-    def after_fold(self, scope: Scope, node: NodeProto) -> None:
-        """Attribute changes the rewritten bias needs."""
+    def write_bias(self, scope: Scope, node: NodeProto, bias: np.ndarray, chain: List[NodeProto]) -> None:
+        """Make the op add ``bias`` (already rounded) instead of its own, in either direction;
+        ``chain`` (host .. last node before the BN) gains any node this creates, right after
+        the host. Also the place for attribute changes the new bias needs."""
+        assert self.bias_slot is not None
+        scope.write_constant(node, self.bias_slot, bias, f"{name_base(node)}_bias_bnfold")
+
+    # -- forward: BN -> host --------------------------------------------------------
+    def forward_check(self, scope: Scope, node: NodeProto, w: np.ndarray) -> Optional[Refusal]:
+        """Extra conditions for folding a BN before the op; None when they hold."""
+        return None
+
+    def in_channels(self, node: NodeProto, w: np.ndarray) -> int:
+        """How many input features the op reads (the BN's channels, or C*H*W behind a Flatten)."""
+        raise NotImplementedError
+
+    def forward_fold(self, node: NodeProto, w: np.ndarray, bias: Optional[np.ndarray], s: np.ndarray,
+                     t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(factor, b')`` such that ``op(s * x + t) == op'(x)`` with ``W' = W * factor``
+        (broadcasting) and ``b'`` in float64."""
+        raise NotImplementedError
 
 
 def _group_check(scope: Scope, node: NodeProto) -> Optional[Refusal]:
+    from .graph import Constant
+
     group = attr(node, "group", 1)
     w = scope.index.resolve(scope, node.input[1]) if len(node.input) > 1 else None
-    dims = getattr(getattr(w, "tensor", None), "dims", None)
+    dims = w.value.shape if isinstance(w, Constant) else None
     if not isinstance(group, int) or group < 1 or (dims and dims[0] % group):
         return Refusal(Reason.UNSUPPORTED_HOST, f"{node.op_type} '{scope.label_of(node)}' has group={group}, "
                                                 "which does not divide its weight")
     return None
-
-
-class ConvHost(BackwardHost):
-    op_type = "Conv"
-
-
-class ConvTransposeHost(BackwardHost):
-    op_type = "ConvTranspose"
-
-    def check(self, scope, node):
-        return _group_check(scope, node)
-
-    def out_channels(self, node, w):
-        return w.shape[1] * int(attr(node, "group", 1))
-
-    def weight_factor(self, node, w, s):
-        return numerics.conv_transpose_factor(s, w.shape, int(attr(node, "group", 1)))
-
-
-class GemmHost(BackwardHost):
-    op_type = "Gemm"
-    feature_last = True
-
-    def out_channels(self, node, w):
-        return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
-
-    def weight_factor(self, node, w, s):
-        return numerics.axis_factor(s, 0 if attr(node, "transB", 0) else 1, w.ndim)
-
-    def effective_bias(self, node, c):
-        if c is None:
-            return None
-        return float(attr(node, "beta", 1.0)) * np.asarray(c, dtype=np.float64)
-
-    def after_fold(self, scope, node):
-        gemm_bias_rewritten(scope, node)
-
-
-def gemm_bias_rewritten(scope: Scope, node: NodeProto) -> None:
-    """The new C already includes beta; Gemm-6 and older broadcast C only when told to."""
-    set_attr(node, "beta", 1.0)
-    if scope.opset < 7:
-        set_attr(node, "broadcast", 1)
-
-
-class MatMulHost(BackwardHost):
-    op_type = "MatMul"
-    bias_index = None  # the bias is a following Add
-    feature_last = True
-
-    def out_channels(self, node, w):
-        return w.shape[-1]
-
-    def weight_factor(self, node, w, s):
-        return numerics.axis_factor(s, -1, w.ndim)
-
-
-BACKWARD_HOSTS: Dict[str, BackwardHost] = {h.op_type: h for h in (ConvHost(), ConvTransposeHost(), GemmHost(), MatMulHost())}
-
-
-class ForwardHost:
-    """Base for ops a BN *before* them folds into (the BN feeds their input 0)."""
-
-    op_type = ""
-
-    def check(self, scope: Scope, node: NodeProto, w: np.ndarray) -> Optional[Refusal]:
-        return None
-
-    def in_channels(self, node: NodeProto, w: np.ndarray) -> int:
-        raise NotImplementedError
-
-    def fold(self, node: NodeProto, w: np.ndarray, bias: Optional[np.ndarray], s: np.ndarray, t: np.ndarray):
-        """Return ``(factor, b')`` such that ``op(s * x + t) == op'(x)`` with ``W' = W * factor``
-        (broadcasting) and ``b'`` in float64."""
-        raise NotImplementedError
-
-    def after_fold(self, scope: Scope, node: NodeProto) -> None:
-        pass
 
 
 def conv_pads_input(node: NodeProto, kernel_shape) -> bool:
@@ -165,10 +153,11 @@ def conv_pads_input(node: NodeProto, kernel_shape) -> bool:
     return any(p != 0 for p in attr(node, "pads", []) or [])
 
 
-class ConvForward(ForwardHost):
+class ConvRule(HostRule):
     op_type = "Conv"
+    folds_forward = True
 
-    def check(self, scope, node, w):
+    def forward_check(self, scope, node, w):
         refusal = _group_check(scope, node)
         if refusal:
             return refusal
@@ -181,17 +170,59 @@ class ConvForward(ForwardHost):
     def in_channels(self, node, w):
         return w.shape[1] * int(attr(node, "group", 1))
 
-    def fold(self, node, w, bias, s, t):
+    def forward_fold(self, node, w, bias, s, t):
         group = int(attr(node, "group", 1))
-        shift = numerics.conv_input_shift(w, t, group)
-        b_new = shift if bias is None else np.asarray(bias, dtype=np.float64) + shift
-        return numerics.conv_input_factor(s, w.shape, group), b_new
+        shift = _numerics().conv_input_shift(w, t, group)
+        b_new = shift if bias is None else _np().asarray(bias, dtype=_np().float64) + shift
+        return _numerics().conv_input_factor(s, w.shape, group), b_new
 
 
-class GemmForward(ForwardHost):
+class ConvTransposeRule(HostRule):
+    op_type = "ConvTranspose"
+
+    def check(self, scope, node):
+        return _group_check(scope, node)
+
+    def out_channels(self, node, w):
+        return w.shape[1] * int(attr(node, "group", 1))
+
+    def weight_factor(self, node, w, s):
+        return _numerics().conv_transpose_factor(s, w.shape, int(attr(node, "group", 1)))
+
+
+def _gemm_bias_rewritten(scope: Scope, node: NodeProto) -> None:
+    """The new C already includes beta; Gemm-6 and older broadcast C only when told to."""
+    from .graph import set_attr
+
+    set_attr(node, "beta", 1.0)
+    if scope.opset < 7:
+        set_attr(node, "broadcast", 1)
+
+
+class GemmRule(HostRule):
     op_type = "Gemm"
+    folds_forward = True
+    flat_input = True
 
-    def check(self, scope, node, w):
+    def out_channels(self, node, w):
+        return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
+
+    def output_rank(self, index, node, w):
+        return 2
+
+    def weight_factor(self, node, w, s):
+        return _numerics().axis_factor(s, 0 if attr(node, "transB", 0) else 1, w.ndim)
+
+    def effective_bias(self, node, c):
+        if c is None:
+            return None
+        return float(attr(node, "beta", 1.0)) * _np().asarray(c, dtype=_np().float64)
+
+    def write_bias(self, scope, node, bias, chain):
+        super().write_bias(scope, node, bias, chain)
+        _gemm_bias_rewritten(scope, node)
+
+    def forward_check(self, scope, node, w):
         if attr(node, "transA", 0):
             return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
                            f"the following Gemm '{scope.label_of(node)}' transposes its input (transA=1)")
@@ -200,21 +231,90 @@ class GemmForward(ForwardHost):
     def in_channels(self, node, w):
         return w.shape[1] if attr(node, "transB", 0) else w.shape[0]
 
-    def fold(self, node, w, bias, s, t):
+    def forward_fold(self, node, w, bias, s, t):
         trans_b = attr(node, "transB", 0)
         alpha = float(attr(node, "alpha", 1.0))
         beta = float(attr(node, "beta", 1.0))
-        w64 = np.asarray(w, dtype=np.float64)
+        w64 = _np().asarray(w, dtype=_np().float64)
         b_kn = w64.T if trans_b else w64  # [K, N]
         shift = alpha * (t @ b_kn)
-        b_new = shift if bias is None else beta * np.asarray(bias, dtype=np.float64) + shift
-        return numerics.axis_factor(s, 1 if trans_b else 0, w64.ndim), b_new
-
-    def after_fold(self, scope, node):
-        gemm_bias_rewritten(scope, node)
+        b_new = shift if bias is None else beta * _np().asarray(bias, dtype=_np().float64) + shift
+        return _numerics().axis_factor(s, 1 if trans_b else 0, w64.ndim), b_new
 
 
-FORWARD_HOSTS: Dict[str, ForwardHost] = {h.op_type: h for h in (ConvForward(), GemmForward())}
+class MatMulRule(HostRule):
+    op_type = "MatMul"
+    bias_slot = None  # the bias is a following Add
+    folds_forward = True
+    flat_input = True
+
+    def out_channels(self, node, w):
+        return w.shape[-1]
+
+    def output_rank(self, index, node, w):
+        rank = index.rank(node.output[0])
+        if rank is None:
+            ranks = [index.rank(node.input[0]), w.ndim]
+            rank = None if None in ranks else max(ranks)
+        return rank
+
+    def feature_axis(self, node, w):
+        return -1
+
+    def weight_factor(self, node, w, s):
+        return _numerics().axis_factor(s, -1, w.ndim)
+
+    def write_bias(self, scope, node, bias, chain):
+        label = name_base(node)
+        out = node.output[0]
+        scope.rename_output(node, 0, scope.index.fresh_name(f"{out}_matmul"))
+        from onnx import helper
+
+        add = helper.make_node("Add", [node.output[0], ""], [out], name=scope.index.fresh_name(f"{label}_bias_add"))
+        if scope.opset < 7:
+            add.attribute.append(helper.make_attribute("broadcast", 1))  # Add-6 broadcasts only when told to
+        scope.add_node_after(node, add)
+        scope.write_constant(add, 1, bias, f"{label}_bias_bnfold")
+        chain.insert(1, add)
+
+    def forward_check(self, scope, node, w):
+        # x @ W contracts x's last axis: BN's channels (axis 1) are that axis only in 2-D
+        rank = scope.index.rank(node.input[0])
+        if rank != 2 or w.ndim != 2:
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                           f"the following MatMul '{scope.label_of(node)}' reads a {rank or 'unknown'}-D input "
+                           f"with a {w.ndim}-D weight; only [N, C] @ [C, M] contracts BN's channel axis")
+        return None
+
+    def in_channels(self, node, w):
+        return w.shape[0]
+
+    def forward_fold(self, node, w, bias, s, t):
+        return _numerics().axis_factor(s, 0, 2), t @ _np().asarray(w, dtype=_np().float64)
+
+
+CONV = ConvRule()
+RULES: Dict[str, HostRule] = {r.op_type: r for r in (CONV, ConvTransposeRule(), GemmRule(), MatMulRule())}
+"""Every host op, by op type: the fold, ``insert`` and the CLI help read this table."""
+
+
+def backward_rule(node: Optional[NodeProto]) -> Optional[HostRule]:
+    """The rule for folding a BN after ``node`` into it, if ``node`` is a host."""
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    return RULES.get(node.op_type)
+
+
+def forward_rule(node: Optional[NodeProto]) -> Optional[HostRule]:
+    """The rule for folding a BN before ``node`` into it, if it can take one."""
+    rule = backward_rule(node)
+    return rule if rule is not None and rule.folds_forward else None
+
+
+def host_names(forward: bool = False) -> List[str]:
+    """Host op types in table order (only forward ones when ``forward``)."""
+    return [k for k, r in RULES.items() if r.folds_forward or not forward]
+
 
 # Element-wise non-linearities: a BN after one of these never folds across it.
 ACTIVATIONS = frozenset({
@@ -223,3 +323,5 @@ ACTIVATIONS = frozenset({
 })
 # Ops that only move data around: they may hide the channel axis.
 LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
+# Ops that pass values through unchanged at inference (Cast only to the same type, checked by the driver).
+PASS_THROUGH = frozenset({"Identity", "Dropout", "Cast"})

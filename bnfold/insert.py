@@ -29,7 +29,6 @@ are refused with a reason, never given a wrong BN.
 from __future__ import annotations
 
 import copy
-import enum
 import os
 import re
 import shutil
@@ -45,26 +44,16 @@ from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelSt
                           iter_batches, moments)
 from .errors import BnfoldError
 from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
-from .hosts import ACTIVATIONS
+from .hosts import ACTIVATIONS, backward_rule, host_names
+from .reasons import Reason
 
-DEFAULT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DEFAULT_OPS = tuple(host_names())
 MODES = ("preserve", "normalize")
 # Called after each batch with (samples so far in this pass, pass number from 1, passes).
 Progress = Optional[Callable[[int, int, int], None]]
 
 
-class InsertReason(str, enum.Enum):
-    """Why no BN was inserted after a chosen op."""
-
-    CHANNEL_AXIS_MISMATCH = "CHANNEL_AXIS_MISMATCH"
-    """The op's output does not carry its channels on axis 1 (or that cannot be proven)."""
-    NO_ACTIVATION = "NO_ACTIVATION"
-    """post-activation placement, but the op's output does not feed a single activation."""
-    UNSUPPORTED_WEIGHT = "UNSUPPORTED_WEIGHT"
-    """The op's weight is not a float constant, so its channel count and dtype are unknown."""
-
-    def __str__(self) -> str:
-        return self.value
+InsertReason = Reason  # insert's codes live with all the others (reasons.py)
 
 
 @dataclass(frozen=True)
@@ -188,23 +177,22 @@ def check_epsilon(epsilon: float) -> None:
 def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str, int, np.dtype], InsertRecord]:
     """The tensor after which a BN goes, its channel count and dtype, or why none does."""
     label = scope.label_of(node)
-    w = scope.index.resolve(scope, node.input[1]) if len(node.input) > 1 else None
+    # Ranks are inferred once, from the graph as it is on first use: ask before any BN is
+    # inserted (a Gemm given a BN first must not hide the rank of a MatMul after it).
+    scope.index.rank(node.output[0])
+    rule = backward_rule(node)
+    slot = rule.weight_slot if rule is not None else 1
+    w = scope.index.resolve(scope, node.input[slot]) if rule is not None and len(node.input) > slot else None
     if not isinstance(w, Constant) or w.value.dtype.kind != "f" or w.value.ndim < 2:
         return InsertRecord(label, node.op_type, False, reason=InsertReason.UNSUPPORTED_WEIGHT,
                             detail=f"the weight of {node.op_type} '{label}' is not a float constant matrix")
     wv = w.value
-    if node.op_type == "Conv":
-        channels = wv.shape[0]
-    elif node.op_type == "ConvTranspose":
-        channels = wv.shape[1] * int(attr(node, "group", 1))
-    elif node.op_type == "Gemm":
-        channels = wv.shape[0] if attr(node, "transB", 0) else wv.shape[1]
-    else:  # MatMul: only a 2-D output has its features on BN's axis 1
-        ranks = [scope.index.rank(node.output[0]), scope.index.rank(node.input[0])]
-        if ranks[0] != 2 and not (ranks[0] is None and ranks[1] == 2 and wv.ndim == 2):
-            return InsertRecord(label, node.op_type, False, reason=InsertReason.CHANNEL_AXIS_MISMATCH,
-                                detail=f"MatMul '{label}' output is not 2-D: its features are not on axis 1")
-        channels = wv.shape[-1]
+    channels = rule.out_channels(node, wv)
+    rank = rule.output_rank(scope.index, node, wv)
+    if rank is None or rule.feature_axis(node, wv) % rank != 1:
+        shown = "of unknown rank" if rank is None else f"{rank}-D"
+        return InsertRecord(label, node.op_type, False, reason=InsertReason.CHANNEL_AXIS_MISMATCH,
+                            detail=f"{node.op_type} '{label}' output is {shown}: its features are not on axis 1")
     tensor = node.output[0]
     if position == "post-activation":
         act = scope.only_consumer(tensor)

@@ -1,11 +1,15 @@
-"""Stable reason codes for every BatchNormalization bnfold leaves in place.
+"""Stable reason codes, and the one type that says why something did not happen.
 
+Every "why not" in bnfold (a BN kept by ``fuse``, an op ``insert`` skipped, a block
+``reparameterize`` did not merge, a name that is not a usable constant) is a
+:class:`Refusal`: a code from :class:`Reason` plus a sentence naming the node.
 The code is part of the public interface (JSON reports, CI policies): never rename
-one. The human sentence that names the node lives on each record, not here.
+one.
 """
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class Reason(str, enum.Enum):
@@ -44,6 +48,35 @@ class Reason(str, enum.Enum):
     """The weights are not float16, bfloat16, float32 or float64."""
     UNSUPPORTED_HOST = "UNSUPPORTED_HOST"
     """The linear op has a form bnfold does not fold (e.g. a non-default domain, a missing weight)."""
+    CONSTANT_TOO_LARGE = "CONSTANT_TOO_LARGE"
+    """A weight or parameter is computed from constants, but evaluating it would exceed the size cap."""
+
+    # insert: why no BN was put after a chosen op
+    NO_ACTIVATION = "NO_ACTIVATION"
+    """post-activation placement, but the op's output does not feed a single activation."""
+    UNSUPPORTED_WEIGHT = "UNSUPPORTED_WEIGHT"
+    """The op's weight is not a float constant, so its channel count and dtype are unknown."""
+
+    # reparameterize: why a sum of parallel branches was not merged into one Conv
+    BRANCH_SHARED = "BRANCH_SHARED"
+    """A branch's output also feeds something outside the sum."""
+    BRANCH_NOT_LINEAR = "BRANCH_NOT_LINEAR"
+    """A branch is not a Conv, a BN or the plain input, or its weights are not constant."""
+    BRANCH_MISMATCH = "BRANCH_MISMATCH"
+    """The branches' Convs differ in strides, groups, dilations, shapes, padding alignment or dtype."""
+    IDENTITY_BRANCH_INEXACT = "IDENTITY_BRANCH_INEXACT"
+    """An identity branch needs stride 1, equal in/out channels and a size-keeping kernel."""
 
     def __str__(self) -> str:  # so f-strings and click print the code
         return self.value
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why something did not happen: a stable code and one sentence naming the node."""
+
+    reason: Reason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"

@@ -23,13 +23,15 @@ Runs inside :func:`bnfold.fold.fuse` (``reparameterize=True``) after the BN fold
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import NodeProto, helper
 
 from . import numerics
 from .graph import Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
+from .hosts import CONV
+from .reasons import Reason, Refusal
 
 
 @dataclass
@@ -51,24 +53,39 @@ class _Branch:
     t: Optional[np.ndarray] = None
 
 
-def reparameterize(index: ModelIndex, bn_affine) -> List[Merge]:
-    """Collapse every exact multi-branch block of every scope; return what was merged.
+def reparameterize(index: ModelIndex, bn_affine) -> Tuple[List[Merge], List[Refusal]]:
+    """Collapse every exact multi-branch block of every scope.
 
-    ``bn_affine(scope, bn)`` gives a BN's ``(s, t)`` or a refusal (from the fold driver).
+    Returns what was merged, and why each candidate block (two or more branches reading
+    one tensor, at least one of them a Conv) was not. ``bn_affine(scope, bn)`` gives a
+    BN's ``(s, t)`` or a refusal (from the fold driver).
     """
-    merges = []
+    merges: List[Merge] = []
+    refusals: List[Refusal] = []
     for scope in index.scopes:
         for node in list(scope.nodes):
             if id(node) in scope.removed or not _is_add(node) or _parent_add(scope, node) is not None:
                 continue
-            merge = _try_merge(scope, node, bn_affine)
-            if merge is not None:
-                merges.append(merge)
-    return merges
+            outcome = _try_merge(scope, node, bn_affine)
+            if isinstance(outcome, Merge):
+                merges.append(outcome)
+            elif outcome is not None:
+                where = "" if scope is index.main else f" in {scope.label}"
+                refusals.append(Refusal(outcome.reason, f"Add '{scope.label_of(node)}'{where} not merged: "
+                                                         f"{outcome.detail}"))
+    return merges, refusals
 
 
 def _is_add(node: NodeProto) -> bool:
     return node.op_type == "Add" and is_default_domain(node) and len(node.input) == 2
+
+
+def _is_conv(node: Optional[NodeProto]) -> bool:
+    return node is not None and node.op_type == CONV.op_type and is_default_domain(node)
+
+
+def _is_bn(node: Optional[NodeProto]) -> bool:
+    return node is not None and node.op_type == "BatchNormalization" and is_default_domain(node)
 
 
 def _parent_add(scope: Scope, node: NodeProto) -> Optional[NodeProto]:
@@ -91,40 +108,45 @@ def _leaves(scope: Scope, root: NodeProto) -> Tuple[List[str], List[NodeProto]]:
     return leaves, adds
 
 
-def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Optional[Merge]:
+def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Union[Merge, Refusal, None]:
+    """The merge, why a candidate block cannot merge, or None when it is no candidate."""
     leaves, adds = _leaves(scope, root)
     if len(set(leaves)) != len(leaves):
         return None
-    branches: List[_Branch] = []
     consts: List[np.ndarray] = []
-    x = None
+    found: List[Tuple[str, Optional[NodeProto]]] = []  # (leaf, producer) of each branch
     for leaf in leaves:
         c = scope.index.resolve(scope, leaf)
         if isinstance(c, Constant):  # e.g. MobileOne's "out = 0" before its first branch
             consts.append(c.value.astype(np.float64))
-            continue
-        p = scope.producer.get(leaf)
+        else:
+            found.append((leaf, scope.producer.get(leaf)))
+    sources = {p.input[0] if (_is_conv(p) or _is_bn(p)) else leaf for leaf, p in found}
+    if len(found) < 2 or len(sources) != 1 or not any(_is_conv(p) for _, p in found):
+        return None  # not a block of parallel branches on one input
+    x = sources.pop()
+    branches: List[_Branch] = []
+    for leaf, p in found:
+        label = f"{p.op_type} '{scope.label_of(p)}'" if p is not None else f"'{leaf}'"
         if p is not None and scope.only_consumer(leaf) is None:
-            return None
-        if p is not None and p.op_type == "Conv" and is_default_domain(p) and not has_attribute_refs(p):
-            src, b = _conv_branch(scope, p)
-        elif p is not None and p.op_type == "BatchNormalization" and is_default_domain(p):
+            return Refusal(Reason.BRANCH_SHARED, f"the output of {label} also feeds other nodes")
+        if _is_conv(p):
+            b = _conv_branch(scope, p)
+            if isinstance(b, Refusal):
+                return b
+        elif _is_bn(p):
             affine = bn_affine(scope, p)
             if not isinstance(affine, tuple):
-                return None
-            src, b = p.input[0], _Branch(p, s=affine[0], t=affine[1])
+                return Refusal(Reason.BRANCH_NOT_LINEAR, f"{label} cannot be folded ({affine.reason}: "
+                                                         f"{affine.detail})")
+            b = _Branch(p, s=affine[0], t=affine[1])
         else:
-            src, b = leaf, _Branch(None)  # the input itself: an identity branch
-        if b is None or (x is not None and src != x):
-            return None
-        x = src
+            b = _Branch(None)  # the input itself: an identity branch
         branches.append(b)
-    convs = [b for b in branches if b.node is not None and b.node.op_type == "Conv"]
-    if not convs or len(branches) < 2:
-        return None
-    plan = _plan(convs, branches)
-    if plan is None:
-        return None
+    convs = [b for b in branches if _is_conv(b.node)]
+    plan = _plan(scope, convs, branches)
+    if isinstance(plan, Refusal):
+        return plan
     weight, bias, attrs = plan
     rank = weight.ndim - 2
     for c in consts:  # a constant added to the sum is a bias if it is per channel or scalar
@@ -132,32 +154,38 @@ def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Optional[Merge]:
         while core and core[0] == 1:
             core = core[1:]
         if core not in ((), (bias.shape[0],) + (1,) * rank) or c.ndim > rank + 2:
-            return None
+            return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                           f"a constant of shape {list(c.shape)} in the sum is not a per-channel bias")
         bias = bias + c.reshape(-1) if core else bias + float(c.reshape(-1)[0])
     try:
         dtype = convs[0].weight.dtype
         w_new = numerics.round_to(weight, dtype, "the merged weight")
         b_new = numerics.round_to(bias, dtype, "the merged bias")
-    except numerics.FoldOverflow:
-        return None
+    except numerics.FoldOverflow as e:
+        return Refusal(Reason.OVERFLOW, str(e))
     return _apply(scope, root, adds, branches, x, w_new, b_new, attrs)
 
 
-def _conv_branch(scope: Scope, conv: NodeProto) -> Tuple[str, Optional[_Branch]]:
+def _conv_branch(scope: Scope, conv: NodeProto) -> Union[_Branch, Refusal]:
+    label = f"Conv '{scope.label_of(conv)}'"
+    if has_attribute_refs(conv):
+        return Refusal(Reason.BRANCH_NOT_LINEAR, f"{label} takes attributes from the calling function")
     w = scope.index.resolve(scope, conv.input[1]) if len(conv.input) > 1 else None
-    if not isinstance(w, Constant) or attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        return conv.input[0], None
+    if not isinstance(w, Constant):
+        return Refusal(Reason.BRANCH_NOT_LINEAR, f"the weight of {label} is not constant")
+    if attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return Refusal(Reason.BRANCH_MISMATCH, f"{label} uses auto_pad, whose padding depends on the input size")
     bias = None
     if len(conv.input) > 2 and conv.input[2]:
         c = scope.index.resolve(scope, conv.input[2])
         if not isinstance(c, Constant):
-            return conv.input[0], None
+            return Refusal(Reason.BRANCH_NOT_LINEAR, f"the bias of {label} is not constant")
         bias = c.value.astype(np.float64)
-    return conv.input[0], _Branch(conv, weight=w.value, bias=bias)
+    return _Branch(conv, weight=w.value, bias=bias)
 
 
-def _plan(convs: List[_Branch], branches: List[_Branch]):
-    """The merged weight, bias (float64) and Conv attributes, or None when inexact."""
+def _plan(scope: Scope, convs: List[_Branch], branches: List[_Branch]):
+    """The merged weight, bias (float64) and Conv attributes, or why the merge is inexact."""
     first = convs[0].node
     rank = convs[0].weight.ndim - 2
     strides = list(attr(first, "strides", [1] * rank))
@@ -170,7 +198,9 @@ def _plan(convs: List[_Branch], branches: List[_Branch]):
         if (b.weight.ndim != rank + 2 or list(attr(n, "strides", [1] * rank)) != strides
                 or int(attr(n, "group", 1)) != group or any(d != 1 for d in attr(n, "dilations", [1] * rank))
                 or b.weight.shape[:2] != (c_out, c_in_g) or b.weight.dtype != dtype):
-            return None
+            return Refusal(Reason.BRANCH_MISMATCH,
+                           f"Conv '{scope.label_of(n)}' differs from Conv '{scope.label_of(first)}' in strides, "
+                           "groups, dilations, channels or dtype")
     kernel = [max(b.weight.shape[2 + i] for b in convs) for i in range(rank)]
     big = next(b for b in convs if list(b.weight.shape[2:]) == kernel)
     pads = list(attr(big.node, "pads", [0] * 2 * rank))
@@ -179,26 +209,30 @@ def _plan(convs: List[_Branch], branches: List[_Branch]):
     for b in convs:
         k = b.weight.shape[2:]
         off = [(kernel[i] - k[i]) // 2 for i in range(rank)]
-        if any((kernel[i] - k[i]) % 2 for i in range(rank)):
-            return None
         want = [pads[i] - off[i] for i in range(rank)] + [pads[rank + i] - off[i] for i in range(rank)]
-        if list(attr(b.node, "pads", [0] * 2 * rank)) != want:
-            return None
+        if any((kernel[i] - k[i]) % 2 for i in range(rank)) or list(attr(b.node, "pads", [0] * 2 * rank)) != want:
+            return Refusal(Reason.BRANCH_MISMATCH,
+                           f"the kernel and padding of Conv '{scope.label_of(b.node)}' do not line its output up "
+                           f"with Conv '{scope.label_of(big.node)}'")
         region = (slice(None), slice(None)) + tuple(slice(o, o + k[i]) for i, o in enumerate(off))
         weight[region] += b.weight.astype(np.float64)
         if b.bias is not None:
             bias += b.bias
-    identities = [b for b in branches if b.node is None or b.node.op_type == "BatchNormalization"]
+    identities = [b for b in branches if b.node is None or _is_bn(b.node)]
     if identities:
         same_size = all(pads[i] == pads[rank + i] == (kernel[i] - 1) // 2 and kernel[i] % 2 for i in range(rank))
         if any(s != 1 for s in strides) or c_out != c_in_g * group or not same_size:
-            return None
+            return Refusal(Reason.IDENTITY_BRANCH_INEXACT,
+                           "an identity branch needs stride 1, as many output as input channels and a "
+                           f"size-keeping kernel (Conv '{scope.label_of(big.node)}')")
         centre = tuple(k // 2 for k in kernel)
         for b in identities:
             s = np.ones(c_out) if b.node is None else b.s
             t = np.zeros(c_out) if b.node is None else b.t
             if s.shape[0] != c_out:
-                return None
+                return Refusal(Reason.IDENTITY_BRANCH_INEXACT,
+                               f"BatchNormalization '{scope.label_of(b.node)}' has {s.shape[0]} channels, "
+                               f"the Convs {c_out}")
             for o in range(c_out):
                 weight[(o, o % c_in_g) + centre] += s[o]
             bias += t
@@ -210,7 +244,7 @@ def _apply(scope: Scope, root: NodeProto, adds: List[NodeProto], branches: List[
            weight: np.ndarray, bias: np.ndarray, attrs: Dict) -> Merge:
     out = root.output[0]
     base = root.name or out
-    conv = helper.make_node("Conv", [x, "", ""], [out], name=scope.index.fresh_name(f"{base}_reparam"), **attrs)
+    conv = helper.make_node(CONV.op_type, [x, "", ""], [out], name=scope.index.fresh_name(f"{base}_reparam"), **attrs)
     labels = [f"{b.node.op_type} '{scope.label_of(b.node)}'" if b.node is not None else f"identity '{x}'"
               for b in branches]
     for node in adds + [b.node for b in branches if b.node is not None]:

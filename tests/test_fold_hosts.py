@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from bnfold import Reason, fuse
 from conftest import assert_equivalent, bn_count, bn_params, build, check, feeds_for, ort_run, rand
 
 HEAD = '<ir_version: 8, opset_import: ["" : 15]>'
@@ -424,3 +425,30 @@ def test_bn_after_concat_of_gemms_folds(fold):
     _, folded = fold(model)
     assert bn_count(folded) == 0
     assert_equivalent(model, folded)
+
+
+def test_bn1d_then_matmul_folds_forward():
+    """BN on [N, C] -> MatMul [C, M]: W rows scaled by s, bias t @ W in a new Add."""
+    model = build(f"""{HEAD}
+    g (float[N,5] x) => (float[N,6] y) {{
+        z = BatchNormalization (x, s, b, m, v)
+        y = MatMul (z, W)
+    }}""", W=rand(5, 6), **bn_params(5))
+    check(model)
+    result = fuse(model)
+    check(result.model)
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+    assert result.records[0].direction == "into_following"
+    assert_equivalent(model, result.model)
+
+
+def test_bn_then_matmul_over_another_axis_is_kept():
+    """[N, C, L] @ [L, M] contracts L, not BN's channels."""
+    model = build(f"""{HEAD}
+    g (float[N,5,4] x) => (float[N,5,6] y) {{
+        z = BatchNormalization (x, s, b, m, v)
+        y = MatMul (z, W)
+    }}""", W=rand(4, 6), **bn_params(5))
+    result = fuse(model)
+    assert [r.reason for r in result.kept] == [Reason.CHANNEL_AXIS_MISMATCH]
+    assert "MatMul" in result.kept[0].detail

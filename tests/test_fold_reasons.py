@@ -93,8 +93,9 @@ def test_parameter_is_graph_input():
 
 
 def test_parameter_computed_at_runtime():
-    model = conv_then("y = BatchNormalization (c, s, b, m2, v)", "m2 = Abs (m)")
-    model.graph.node.insert(0, model.graph.node.pop(2))
+    # computed from the activations (a parameter computed from constants folds: test_fold_constants.py)
+    model = conv_then("m2 = ReduceMean <axes = [0, 2, 3], keepdims = 0> (c)\n        "
+                      "y = BatchNormalization (c, s, b, m2, v)", "")
     kept(model, Reason.NOT_CONSTANT)
 
 
@@ -171,19 +172,22 @@ def test_matmul_3d_output_straight_into_bn():
 
 
 def test_transpose_between_matmul_and_bn():
+    """A Transpose that leaves the features on the last axis (the twin of test_fold_layout's
+    bn(x.transpose(1, 2)), which folds)."""
     model = build(f"""{HEAD}
-    g (float[2,6,5] x) => (float[2,6,6] y) {{
+    g (float[6,6,5] x) => (float[6,6,6] y) {{
         c = MatMul (x, W)
-        t = Transpose <perm = [0, 2, 1]> (c)
+        t = Transpose <perm = [1, 0, 2]> (c)
         y = BatchNormalization (t, s, b, m, v)
     }}""", W=rand(5, 6), **bn_params(6))
     kept(model, Reason.CHANNEL_AXIS_MISMATCH)
 
 
-@pytest.mark.parametrize("target", [[-1, 12], [6, -1], [-1, 0]])
-def test_reshape_that_moves_features(target):
+@pytest.mark.parametrize("target,tokens", [([-1, 12], 6), ([6, -1], 6), ([-1, 0], 4)])
+def test_reshape_that_moves_features(target, tokens):
+    # [-1, 0] copies the token axis; with 6 tokens it would be [12, 6], features last (exact)
     model = build(f"""{HEAD}
-    g (float[2,6,5] x) => (float[?,?] y) {{
+    g (float[2,{tokens},5] x) => (float[?,?] y) {{
         c = MatMul (x, W)
         r = Reshape (c, shape)
         y = BatchNormalization (r, s, b, m, v)

@@ -77,3 +77,20 @@ def test_usage_examples_run(tmp_path):
         proc = _run_bnfold(command.strip(), tmp_path)
         assert proc.returncode == expected, (command, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_insert_default_ops_after_fuse_reaches_every_2d_matmul():
+    """A Gemm given a BN first must not hide the rank of the MatMuls after it (issue #12.6)."""
+    import numpy as np
+
+    from bnfold.insert import insert
+    from conftest import feeds_for, ort_run
+
+    folded = fuse(onnx.load(str(MODELS / "mlp_bn1d.onnx"))).model
+    result = insert(folded)
+    assert [(r.host_op, r.inserted) for r in result.records] == [
+        ("Gemm", True), ("MatMul", True), ("MatMul", True), ("Gemm", True)]
+    check(result.model)
+    feeds = feeds_for(folded)
+    for ref, got in zip(ort_run(folded, feeds), ort_run(result.model, feeds)):
+        assert np.array_equal(ref, got)  # identity BNs: bit-identical

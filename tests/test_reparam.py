@@ -79,12 +79,12 @@ def test_acnet_asymmetric_kernels():
     assert_equivalent(model, result.model)
 
 
-@pytest.mark.parametrize("b_line,wb,extra", [
-    ("b1 = Conv (x2, Wb)", (4, 4, 1, 1), ""),  # the branches read different inputs
-    ("b1 = Conv <pads = [2, 0, 0, 2]> (x, Wb)", (4, 4, 3, 3), ""),  # same size, shifted window
-    ("b1 = Conv (x, Wb)", (4, 4, 1, 1), "e = Relu (an)"),  # a branch also feeds another node
+@pytest.mark.parametrize("b_line,wb,extra,reason", [
+    ("b1 = Conv (x2, Wb)", (4, 4, 1, 1), "", None),  # the branches read different inputs: no candidate
+    ("b1 = Conv <pads = [2, 0, 0, 2]> (x, Wb)", (4, 4, 3, 3), "", Reason.BRANCH_MISMATCH),  # shifted window
+    ("b1 = Conv (x, Wb)", (4, 4, 1, 1), "e = Relu (an)", Reason.BRANCH_SHARED),  # a branch feeds another node
 ])
-def test_inexact_blocks_are_left_alone(b_line, wb, extra):
+def test_inexact_blocks_are_left_alone(b_line, wb, extra, reason):
     model = build(f"""{HEAD}
     g (float[N,4,6,6] x, float[N,4,6,6] x2) => (float[N,4,6,6] y, float[N,4,6,6] e) {{
         a = Conv <pads = [1, 1, 1, 1]> (x, Wa)
@@ -97,6 +97,8 @@ def test_inexact_blocks_are_left_alone(b_line, wb, extra):
     check(model)
     result = fuse(model, reparameterize=True)
     assert not result.merges
+    assert [r.reason for r in result.unmerged] == ([reason] if reason else [])
+    assert all("Add 'Add#" in r.detail for r in result.unmerged)
     assert_equivalent(model, result.model)
 
 
@@ -114,3 +116,12 @@ def test_identity_branch_with_stride_2_is_not_merged_and_keeps_its_reason():
 def test_reparameterize_is_off_by_default():
     result = fuse(repvgg())
     assert not result.merges and bn_count(result.model) == 1
+    assert result.unmerged is None and "not_reparameterized" not in result.to_dict()
+
+
+def test_identity_branch_of_a_strided_block_is_refused_with_its_reason():
+    model = repvgg(stride=2, identity=True)
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "H"  # the sum broadcasts: no fixed shape
+    model.graph.output[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    result = fuse(model, reparameterize=True)
+    assert not result.merges and [r.reason for r in result.unmerged] == [Reason.IDENTITY_BRANCH_INEXACT]
