@@ -105,6 +105,18 @@ def render_fuse(data: dict, verbose: int) -> str:
         hidden = len(records) - len(rows)
         if hidden:
             lines.append(f"  ... and {hidden} folded (use -v to list them)")
+    decomposed = data.get("decomposed_bn") or []
+    if decomposed:
+        n_folded = sum(1 for r in decomposed if r["folded"])
+        lines.append(f"decomposed BN (per-channel Mul/Add after a linear op): {n_folded} of {len(decomposed)} folded")
+        for r in decomposed:
+            if verbose > 0 or not r["folded"]:
+                text = (f"into {r['host_op']} '{r['host']}'" if r["folded"]
+                        else f"kept: {r['reason']}: {r.get('why') or r['detail']}")
+                lines.append(f"  {r['node']}  {text}")
+    for u in data.get("not_reparameterized") or []:
+        if verbose > 0:
+            lines.append(f"  not reparameterized: {u['reason']}: {u['detail']}")
     return "\n".join(lines)
 
 

@@ -105,3 +105,25 @@ def test_scalar_mul_or_no_host_is_not_reported(line):
     result = fuse(model)
     assert not result.decomposed and "decomposed_bn" not in result.to_dict()
     assert "Mul" in ops(result.model)
+
+
+def test_the_table_lists_decomposed_bns_apart(tmp_path):
+    """`inspect` says how many decomposed BNs folded, apart from the BatchNormalization table."""
+    from click.testing import CliRunner
+
+    import onnx
+
+    from bnfold.cli import main
+
+    model = build(f"""{HEAD}
+    g (float[N,4,6,6] x) => (float[N,4,6,6] y) {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, W, B)
+        m = Mul (c, k)
+        y = Add (m, a)
+    }}""", W=rand(4, 4, 3, 3), B=rand(4, seed=2), k=rand(4, 1, 1, seed=3), a=rand(4, 1, 1, seed=4))
+    path = tmp_path / "decomposed.onnx"
+    onnx.save(model, path)
+    res = CliRunner().invoke(main, ["inspect", str(path), "-v"])
+    assert res.exit_code == 0, res.output
+    assert "decomposed BN (per-channel Mul/Add after a linear op): 1 of 1 folded" in res.output
+    assert "Mul#1" in res.output and "into Conv" in res.output
