@@ -176,7 +176,8 @@ def describe(path: Path) -> dict:
             "input_shape": [list(feeds[k].shape) for k in feeds][0]}
 
 
-def run_arch(source: str, name: str, side: int, out: Path) -> list[dict]:
+def run_arch(source: str, name: str, side: int, out: Path, exporters=EXPORTERS, dtypes=DTYPES,
+             flat: bool = False) -> list[dict]:
     """All exporter x dtype variants of one architecture (runs in its own process)."""
     import torch
 
@@ -186,9 +187,9 @@ def run_arch(source: str, name: str, side: int, out: Path) -> list[dict]:
     calibrate(model, (CALIBRATION_BATCH, 3, side, side))
     setup_s = time.perf_counter() - t0
     entries = []
-    for exporter in EXPORTERS:
-        for dtype in DTYPES:
-            path = out / exporter / dtype / f"{name}.onnx"
+    for exporter in exporters:
+        for dtype in dtypes:
+            path = out / f"{name}.onnx" if flat else out / exporter / dtype / f"{name}.onnx"
             e = {"arch": name, "source": source, "exporter": exporter, "dtype": dtype,
                  "path": str(path.relative_to(out)), "external": False, "side": side}
             t = time.perf_counter()
@@ -234,12 +235,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/work/corpus"))
     ap.add_argument("--jobs", type=int, default=2, help="architectures exported in parallel processes")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per architecture")
+    ap.add_argument("--exporters", default=",".join(EXPORTERS), help="comma-separated [default: %(default)s]")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated [default: %(default)s]")
+    ap.add_argument("--side", type=int, help="input height and width for every architecture [default: per ARCHS]")
+    ap.add_argument("--flat", action="store_true",
+                    help="write OUT/<arch>.onnx (one exporter and dtype only; no external-data copies)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: export one architecture, print JSON
     args = ap.parse_args()
     out = args.out.resolve()
+    exporters, dtypes = args.exporters.split(","), args.dtypes.split(",")
+    if not set(exporters) <= set(EXPORTERS) or not set(dtypes) <= set(DTYPES) or (
+            args.flat and len(exporters) * len(dtypes) != 1):
+        sys.exit(f"--exporters from {EXPORTERS}, --dtypes from {DTYPES}; --flat takes one of each")
     if args.one:
         source, name, side = next(a for a in ARCHS if a[1] == args.one)
-        entries = run_arch(source, name, side, out)
+        entries = run_arch(source, name, args.side or side, out, exporters, dtypes, args.flat)
         (out / "parts").mkdir(parents=True, exist_ok=True)
         (out / "parts" / f"{name}.json").write_text(json.dumps(entries, indent=1))
         return
@@ -256,7 +266,9 @@ def main() -> None:
         part.unlink(missing_ok=True)
         t = time.perf_counter()
         try:
-            p = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", name],
+            p = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", name, "--exporters",
+                                args.exporters, "--dtypes", args.dtypes] + (["--side", str(args.side)] if args.side
+                                                                            else []) + (["--flat"] if args.flat else []),
                                timeout=args.timeout, capture_output=True, text=True)
             sys.stdout.write("".join(line for line in p.stdout.splitlines(True)
                                        if not line.startswith("[torch.onnx]")))
@@ -267,12 +279,12 @@ def main() -> None:
             why = f"timed out after {args.timeout} s"
         print(f"{name:24s} FAILED {why}", flush=True)
         return [{"arch": name, "source": source, "exporter": ex, "dtype": dt, "ok": False, "error": why,
-                 "export_s": round(time.perf_counter() - t, 1)} for ex in EXPORTERS for dt in DTYPES]
+                 "export_s": round(time.perf_counter() - t, 1)} for ex in exporters for dt in dtypes]
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         entries = [e for part in pool.map(one, archs) for e in part]
     for e in list(entries):
-        if e["ok"] and e["arch"] in EXTERNAL and e["exporter"] == "torchscript" and e["dtype"] == "float32":
+        if e["ok"] and not args.flat and e["arch"] in EXTERNAL and e["exporter"] == "torchscript" and e["dtype"] == "float32":
             entries.append(external_copy(e, out))
     manifest_path = out / "manifest.json"
     old = json.loads(manifest_path.read_text())["models"] if manifest_path.exists() and args.names else []
