@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -679,8 +679,8 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
                 feeds: Mapping[str, np.ndarray]) -> None:
     """For comparisons that run on CUDA: how many nodes ONNX Runtime placed on each provider.
 
-    With ``--providers`` naming cuda explicitly, compute nodes (Conv, Gemm, MatMul, BN) left on the
-    CPU make the comparison not what it says: a clear error.
+    With ``--providers`` naming cuda explicitly, compute nodes (those reading float weights) left on
+    the CPU make the comparison not what it says: a clear error.
     """
     if runner.CUDA not in use:
         return
@@ -689,8 +689,9 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
         placed[label] = runner.node_placement(path, runner.CUDA, dict(feeds))
     explicit = "cuda" in [p.strip().lower() for p in spec.split(",")]
     for label, nodes in placed.items():
+        names, ops = _weight_readers(ref_path if label == "reference" else cand_path)
         fell_back = sorted(n for n, (op, prov) in nodes.items()
-                           if prov != runner.PROVIDER_NAMES[runner.CUDA] and op in COMPUTE_OPS)
+                           if prov != runner.PROVIDER_NAMES[runner.CUDA] and (n in names or op in ops))
         if fell_back and explicit:
             path = ref_path if label == "reference" else cand_path
             raise BnfoldError(f"--providers {spec}: ONNX Runtime placed {len(fell_back)} compute node(s) of the "
@@ -708,7 +709,19 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
         c.placement = info
 
 
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+def _weight_readers(path: str) -> Tuple[Set[str], Set[str]]:
+    """The compute nodes of a model: those reading a float weight (an initializer with at least one
+    axis). Returns their names, and the op types of the unnamed ones (ORT names those itself).
+    Which ops they are follows from the model, not from a list of op names."""
+    from onnx import TensorProto
+
+    from .modelio import load_model
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    model = load_model(path, load_external=False)
+    weights = {t.name for t in model.graph.initializer if t.dims and t.data_type in floats}
+    readers = [n for n in model.graph.node if any(i in weights for i in n.input)]
+    return {n.name for n in readers if n.name}, {n.op_type for n in readers if not n.name}
 
 
 # -- localization --------------------------------------------------------------------------------
