@@ -746,7 +746,7 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
         finally:
             click.echo("\r\033[K", nl=False, err=True)
     with stage_model(result.model, target, external_data=result.source_external_data or None,
-                     avoid=reads) as staged:
+                     avoid=reads, source=model) as staged:
         staged.commit()
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import ModelProto, NodeProto
@@ -38,7 +39,12 @@ from .errors import MalformedModelError
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
+from .modelio.pending import PendingValue, as_array
+from .modelio.tensors import external_files, iter_tensors, set_tensor_data, tensor_nbytes
 from .reasons import Reason, Refusal
+
+if TYPE_CHECKING:
+    from .modelio.write import StagedModel
 
 PROVENANCE_KEY = "bnfold"
 
@@ -89,7 +95,7 @@ class ModelStats:
 class FuseResult:
     """The folded model and a record for every BatchNormalization it had."""
 
-    def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
+    def __init__(self, model: ModelProto, replacements: Dict[str, PendingValue], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
                  base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None,
@@ -112,15 +118,17 @@ class FuseResult:
         one record each, ``node`` naming the Mul (not counted in ``records``)."""
         """With ``reparameterize``: why each candidate block was not merged; None when not asked."""
 
-    @property
-    def model(self) -> ModelProto:
-        """The folded model. Folded initializers are written into it on first access;
-        :meth:`save` writes them straight to disk instead, sparing that memory."""
+    def to_model(self) -> ModelProto:
+        """The folded model as one in-memory ``ModelProto``.
+
+        The first call writes the folded initializers into it and, when the source kept
+        its weights in external data, reads the untouched ones from disk, so the result is
+        self-contained (and as large as the model). :meth:`save` and :meth:`stage` stream
+        the weights to disk instead, sparing that memory. Later calls return the same object.
+        """
         if self._model is None:
             raise ValueError("the model was released (release_model) after saving")
         if self._replacements:
-            from .modelio import as_array, set_tensor_data
-
             for t in self._model.graph.initializer:
                 value = self._replacements.pop(t.name, None)
                 if value is not None:
@@ -129,20 +137,22 @@ class FuseResult:
         if self._external_unloaded:  # bring the untouched external tensors in too
             from onnx.external_data_helper import load_external_data_for_model
 
-            load_external_data_for_model(self._model, self.base_dir)
+            load_external_data_for_model(self._model, self.base_dir or "")
             self._external_unloaded = False
         return self._model
 
-    def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None):
-        """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`)."""
-        from pathlib import Path
+    def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> StagedModel:
+        """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`).
 
-        from .modelio import external_files, stage_model
+        New files take the source model's mode (a replaced file keeps its own)."""
+        from .modelio.write import stage_model
 
+        if self._model is None:
+            raise ValueError("the model was released (release_model) after saving")
         overwriting_source = self.source is not None and Path(path).resolve() == Path(self.source).resolve()
         avoid = () if overwriting_source else external_files(self._model, self.base_dir)
         return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
-                           base_dir=self.base_dir, avoid=avoid)
+                           base_dir=self.base_dir, avoid=avoid, source=self.source)
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
@@ -182,8 +192,6 @@ def count(model: ModelProto) -> ModelStats:
 
     (``ModelProto.ByteSize`` would cost as much as serializing the model.)
     """
-    from .modelio import iter_tensors, tensor_nbytes
-
     bn = nodes = 0
 
     def walk(graph_nodes):
@@ -220,7 +228,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     if isinstance(model_or_path, ModelProto):
         model = model_or_path if inplace else copy.deepcopy(model_or_path)
     else:
-        from .modelio import load_model_info
+        from .modelio.load import load_model_info
+
         source = os.fspath(model_or_path)
         # external data stays on disk: only the tensors a fold touches are read
         model, external = load_model_info(source, load_external=False)
@@ -237,7 +246,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         absorbed = {id(bn): m for m in merges for bn in m.absorbed_bns}
         folds = [(bn, _absorbed(rec, absorbed[id(bn)]) if id(bn) in absorbed else rec) for bn, rec in folds]
     records = [rec for _, rec in folds]
-    replacements: Dict[str, np.ndarray] = {}
+    replacements: Dict[str, PendingValue] = {}
     if any(r.folded for r in records + decomposed) or merges:
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
@@ -681,7 +690,7 @@ def _host_weight(scope: Scope, path: _Path) -> Union[np.ndarray, Refusal]:
     return w.value
 
 
-def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype) -> Union[np.ndarray, Callable[[], np.ndarray]]:
+def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> PendingValue:
     """``w * factor`` rounded once, or raise FoldOverflow. A weight mapped from external data
     is only checked here (without computing the product); its values come later, computed
     block by block as the output is written, unless something needs them as an array."""

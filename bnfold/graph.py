@@ -13,14 +13,15 @@ from __future__ import annotations
 import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Set, Union
+from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 from .errors import MalformedModelError
-from .modelio import ScaledTensor, as_array, read_tensor, set_tensor_data
+from .modelio.pending import PendingValue, ScaledTensor, as_array
+from .modelio.tensors import read_tensor, set_tensor_data
 from .reasons import Reason, Refusal
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -288,7 +289,7 @@ class Scope:
                 self.consumers[name].append(node)
                 self.index.refs[name] += 1
 
-    def write_constant(self, node: NodeProto, i: int, value: np.ndarray, base: str,
+    def write_constant(self, node: NodeProto, i: int, value: PendingValue, base: str,
                        factor: Optional[np.ndarray] = None) -> str:
         """Make input ``i`` of ``node`` read the constant ``value``.
 
@@ -306,7 +307,7 @@ class Scope:
                     and self.index.refs[old] == 1
                     and old not in current.scope.outputs
                     and current.tensor is not None
-                    and (factor is not None or tuple(current.tensor.dims) == tuple(value.shape))):
+                    and (factor is not None or tuple(current.tensor.dims) == as_array(value).shape)):
                 # Recorded, not written: replacing a field's bytes inside a loaded protobuf keeps the
                 # old bytes alive in its arena. Main-graph initializers are written straight to disk.
                 if factor is not None and current.tensor.data_location == TensorProto.EXTERNAL:
@@ -315,14 +316,13 @@ class Scope:
                         factor = prev[1].factor * factor
                     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(current.tensor.data_type))
                     value = ScaledTensor(current.tensor, self.index.base_dir, factor, dtype)
-                elif callable(value):
-                    value = value()
+                elif not isinstance(value, ScaledTensor):
+                    value = as_array(value)
                 self.index.pending[id(current.tensor)] = (current.tensor, value)
                 return old
-        if callable(value):
-            value = value()
+        array = as_array(value)
         name = self.index.fresh_name(base)
-        tensor = numpy_helper.from_array(value, name)
+        tensor = numpy_helper.from_array(array, name)
         if self.is_function or (self.parent is not None and self.index.model.ir_version < 4):
             # Functions have no initializers; IR<4 subgraphs may not list inputs freely.
             const = onnx.helper.make_node("Constant", [], [name], name=self.index.fresh_name(name + "_const"))
@@ -333,7 +333,7 @@ class Scope:
             self.initializers[name] = self.container.initializer[-1]
             if self.index.model.ir_version < 4:
                 # IR < 4: every initializer must also be a graph input.
-                self.container.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, value.shape))
+                self.container.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, array.shape))
                 self.inputs.add(name)
         self.set_input(node, i, name)
         return name
@@ -365,7 +365,7 @@ class ModelIndex:
         self.maybe_orphaned: Set[str] = set()
         self.vanished: Set[str] = set()
         self._fresh_counter = itertools.count()
-        self.pending: Dict[int, tuple] = {}  # id(tensor) -> (tensor, new value), see write_constant
+        self.pending: Dict[int, Tuple[TensorProto, PendingValue]] = {}  # id(tensor) -> (tensor, new value)
         self.scopes: List[Scope] = []
         self.main = self._add_graph(model.graph, "main graph", None)
         for f in model.functions:
@@ -620,11 +620,11 @@ class ModelIndex:
         return shapes, types
 
     # -- finishing -------------------------------------------------------------------
-    def take_replacements(self) -> Dict[str, object]:
-        """New values of main-graph initializers by name (arrays or :class:`ScaledTensor`), left
-        for the writer to stream; every other pending edit is applied to its tensor."""
+    def take_replacements(self) -> Dict[str, PendingValue]:
+        """New values of main-graph initializers by name, left for the writer to stream; every
+        other pending edit is applied to its tensor."""
         main = self.main.initializers
-        out: Dict[str, object] = {}
+        out: Dict[str, PendingValue] = {}
         for key, (tensor, value) in list(self.pending.items()):
             if main.get(tensor.name) is tensor:
                 out[tensor.name] = value

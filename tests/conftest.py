@@ -127,7 +127,7 @@ def fold():
 
     def _fold(model, **kw):
         result = fuse(model, **kw)
-        check(result.model)
-        return result, result.model
+        check(result.to_model())
+        return result, result.to_model()
 
     return _fold

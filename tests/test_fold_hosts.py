@@ -436,10 +436,10 @@ def test_bn1d_then_matmul_folds_forward():
     }}""", W=rand(5, 6), **bn_params(5))
     check(model)
     result = fuse(model)
-    check(result.model)
-    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+    check(result.to_model())
+    assert [n.op_type for n in result.to_model().graph.node] == ["MatMul", "Add"]
     assert result.records[0].direction == "into_following"
-    assert_equivalent(model, result.model)
+    assert_equivalent(model, result.to_model())
 
 
 def test_bn_then_matmul_over_another_axis_is_kept():
