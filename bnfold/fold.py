@@ -22,6 +22,11 @@ Weights and parameters computed from constants only are evaluated by
 Every BN left in place gets a :class:`BNRecord` with a :class:`Reason` and a
 sentence naming the node. Weights are computed in float64 and rounded once to the
 host's dtype; a fold whose result would overflow that dtype is refused.
+
+Naming: *fuse* is what a user asks of a model (``bnfold fuse``, :func:`fuse`, :class:`FuseResult`);
+*fold* is what happens to each BN (this module, :class:`BNRecord` ``folded``, the reasons a BN is
+not folded). The module is not called ``fuse``: a submodule ``bnfold.fuse`` would shadow the
+function ``bnfold.fuse`` once imported.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_saved_fold_equals_materialized_model(tmp_path):
     result = fuse(MODELS / "resnet_mini.onnx")
     result.save(tmp_path / "a.onnx")  # streams replacements, model untouched
     saved = onnx.load(str(tmp_path / "a.onnx"))
-    assert saved == result.to_model()  # first access writes the replacements into the model
+    assert saved == result.to_model()  # to_model() writes the replacements into the model
 
 
 def test_failed_write_keeps_old_output_and_leaves_no_temporary(tmp_path, monkeypatch):
