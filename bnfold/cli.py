@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import click
 
@@ -60,7 +60,7 @@ def handle_errors(fn):
     return wrapper
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -304,7 +304,7 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
     skipped); a file named twice is kept once."""
     from .paths import find_models, models_reading, unique_models
 
-    models = []
+    models: List[Tuple[Path, Optional[Path]]] = []
     for p in paths:
         if p.is_dir():
             found = find_models(p, exclude)

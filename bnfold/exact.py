@@ -203,8 +203,9 @@ def _max_pool_class():
 
         op_domain = ""
 
-        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
-                 storage_order=None, strides=None):
+        # the signature of onnx's own MaxPool._run, which already narrows CommonPool._run's
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None,  # type: ignore[override]
+                 kernel_shape=None, pads=None, storage_order=None, strides=None):
             simple = (x.ndim == 4 and len(self.output) == 1 and not ceil_mode and not storage_order
                       and auto_pad in (None, "NOTSET", b"NOTSET", "VALID", b"VALID")
                       and (dilations is None or all(d == 1 for d in dilations))

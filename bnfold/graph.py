@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union, cast
 
 import numpy as np
 import onnx
@@ -113,6 +113,8 @@ class Constant:
                 return as_array(pending[1])
             return read_tensor(self.tensor, self.scope.index.base_dir)
         # Constant node with value_float / value_floats / value_int(s)
+        if self.node is None:
+            raise MalformedModelError(f"constant '{self.name}' has neither a tensor nor a Constant node")
         for key in ("value_float", "value_floats", "value_int", "value_ints"):
             v = attr(self.node, key)
             if v is not None:
@@ -126,6 +128,8 @@ class Constant:
             return onnx.helper.np_dtype_to_tensor_dtype(self.derived.dtype)
         if self.tensor is not None:
             return self.tensor.data_type
+        if self.node is None:
+            raise MalformedModelError(f"constant '{self.name}' has neither a tensor nor a Constant node")
         return TensorProto.FLOAT if attr(self.node, "value_float") is not None or attr(
             self.node, "value_floats") is not None else TensorProto.INT64
 
@@ -483,7 +487,7 @@ class ModelIndex:
                 return None if overridable else _COMPUTED
             if name in scope.inputs or scope.parent is None:
                 return None
-            p = scope.parent
+            p: Optional[Scope] = scope.parent
             while p is not None:  # an outer initializer or constant
                 if name in p.producer or name in p.inputs or name in p.initializers:
                     break
@@ -530,13 +534,13 @@ class ModelIndex:
                 self._evaluated[key] = result
                 return result
             feeds[like] = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(elem))
-        for i in node.input:
-            if i and i not in feeds:
-                c = self.resolve(scope, i)
+        for inp in node.input:
+            if inp and inp not in feeds:
+                c = self.resolve(scope, inp)
                 if isinstance(c, Refusal):
                     self._evaluated[key] = c
                     return c
-                feeds[i] = np.asarray(c.value)
+                feeds[inp] = np.asarray(c.value)
         size = _output_size_bound(node, [feeds[i] for i in node.input if i])
         if size > MAX_EVAL_ELEMENTS:
             result = Refusal(
@@ -552,7 +556,8 @@ class ModelIndex:
             m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", scope.opset)],
                                        ir_version=max(self.model.ir_version, 3))
             try:
-                value = np.asarray(ReferenceEvaluator(m).run(None, feeds)[0])
+                # run() is typed list-or-dict: it returns a dict only with intermediate=True
+                value = np.asarray(cast(List[Any], ReferenceEvaluator(m).run(None, feeds))[0])
             except (ValueError, TypeError, IndexError, KeyError, RuntimeError, NotImplementedError) as e:
                 # a malformed constant subgraph is reported, like any other non-constant weight
                 result = Refusal(Reason.NOT_CONSTANT, f"'{name}' is computed from constants by {label}, which "
@@ -653,8 +658,8 @@ class ModelIndex:
         for scope in reversed(self.scopes):  # children before parents: rebuild copies nodes
             if not scope.is_function:
                 g = scope.container
-                dead = [i for i, t in enumerate(g.initializer) if t.name in orphans]
-                for i in reversed(dead):
+                dead_inits = [i for i, t in enumerate(g.initializer) if t.name in orphans]
+                for i in reversed(dead_inits):
                     del g.initializer[i]
                 inputs_to_drop = [i for i, v in enumerate(g.input) if v.name in orphans and v.name in scope.initializers]
                 for i in reversed(inputs_to_drop):

@@ -141,7 +141,7 @@ def write_array(f: BinaryIO, value: np.ndarray) -> int:
     arr = np.ascontiguousarray(value)
     if sys.byteorder != "little":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    f.write(memoryview(arr).cast("B"))
+    f.write(arr.data.cast("B"))
     return int(arr.nbytes)
 
 

@@ -55,7 +55,7 @@ class ScaledTensor:
             for i in range(0, shape[0], rows):
                 n = min(rows, shape[0] - i)
                 view = buf[:n * row]
-                if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                if f.readinto(view.data.cast("B")) != view.nbytes:
                     raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early")
                 f_block = self.factor[i:i + n] if per_row else self.factor
                 yield scale_round(view.reshape((n,) + tuple(shape[1:])), f_block, self.dtype, "the folded weight")

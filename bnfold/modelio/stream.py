@@ -98,7 +98,7 @@ def write_model(model: ModelProto, f: BinaryIO, replacements: Optional[Mapping[s
         f.write(head)
         if n is None:
             continue
-        data: Union[memoryview, bytes] = (memoryview(np.ascontiguousarray(value)).cast("B") if value is not None
+        data: Union[memoryview, bytes] = (np.ascontiguousarray(value).data.cast("B") if value is not None
                                           else t.raw_data)
         if len(data) != n:
             raise MalformedModelError(f"tensor '{t.name}' holds {len(data)} bytes, its dims call for {n}")
