@@ -153,7 +153,8 @@ def fold_options(fn):
                            "exporters intend; by default such BNs are kept (reason OVERRIDABLE_PARAMETER).")(fn)
     fn = click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
                       help="Write the per-BN report as JSON to this file.")(fn)
-    fn = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a table.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="Print the report as JSON on stdout instead of a table.")(fn)
     fn = click.option("-v", "--verbose", count=True, help="List every BN, folded ones included.")(fn)
     fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")(fn)
     return fn

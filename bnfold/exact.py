@@ -173,8 +173,8 @@ def _conv_class():
             kh, kw = W.shape[2], W.shape[3]
             dh, dw = dilations or (1, 1)
             sh, sw = strides or (1, 1)
-            t, l, b, r = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
-            xp = np.pad(X, ((0, 0), (0, 0), (t, b), (l, r)))
+            top, left, bottom, right = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
+            xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right)))
             win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
             win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
             n, c, oh, ow = win.shape[:4]
@@ -218,8 +218,8 @@ def _max_pool_class():
 
             kh, kw = kernel_shape
             sh, sw = strides or (1, 1)
-            t, l, b, r = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
-            xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=-np.inf)
+            top, left, bottom, right = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
+            xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=-np.inf)
             win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
             return (np.ascontiguousarray(win.max(axis=(4, 5))).astype(x.dtype, copy=False),)
 

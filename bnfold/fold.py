@@ -697,7 +697,8 @@ def _host_weight(scope: Scope, path: _Path) -> Union[np.ndarray, Refusal]:
     if isinstance(w, Refusal):
         return w
     if w.value.ndim < 2:
-        return Refusal(Reason.UNSUPPORTED_HOST, f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
+        return Refusal(Reason.UNSUPPORTED_HOST,
+                       f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
     return w.value
 
 

@@ -661,7 +661,8 @@ class ModelIndex:
                 dead_inits = [i for i, t in enumerate(g.initializer) if t.name in orphans]
                 for i in reversed(dead_inits):
                     del g.initializer[i]
-                inputs_to_drop = [i for i, v in enumerate(g.input) if v.name in orphans and v.name in scope.initializers]
+                inputs_to_drop = [i for i, v in enumerate(g.input)
+                                  if v.name in orphans and v.name in scope.initializers]
                 for i in reversed(inputs_to_drop):
                     del g.input[i]
                 stale = [i for i, v in enumerate(g.value_info) if v.name in gone]

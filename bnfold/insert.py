@@ -475,8 +475,9 @@ def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto
         probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
         stats = {n: ChannelStats(estimator, momentum) for n in names}
 
+        # called only during this wave's pass, so the loop variables it reads are this wave's
         def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
-            for n, st in stats.items():
+            for n, st in stats.items():  # noqa: B023
                 x = outs[n]
                 _update(st, *moments(x), n, i, batch, where)
 
@@ -552,12 +553,13 @@ def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: boo
             nodes.append(n)
             continue
         p = fresh(f"{n.name}.calib")
-        t = lambda *names: [fresh(f"{p}.{s}") for s in names]  # noqa: E731
-        c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731
+        # these helpers are called only within this iteration (B023: the late binding is intended)
+        t = lambda *names: [fresh(f"{p}.{s}") for s in names]  # noqa: E731, B023
+        c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731, B023
 
         def reduce(op: str, x: str, out: str, axes: List[int]) -> NodeProto:
             if opset >= (13 if op == "ReduceSum" else 18):  # when axes became an input
-                return helper.make_node(op, [x, c("axes", np.array(axes, np.int64))], [out], keepdims=1)
+                return helper.make_node(op, [x, c("axes", np.array(axes, np.int64))], [out], keepdims=1)  # noqa: B023
             return helper.make_node(op, [x], [out], axes=axes, keepdims=1)
 
         x = n.input[0]

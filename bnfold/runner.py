@@ -31,7 +31,8 @@ bnfold starts one worker per process). So the worker is forked when that is safe
 Linux, with onnxruntime not imported in this process (no ORT thread pools or CUDA context
 to inherit) and no other Python thread alive (no lock held by another thread can be copied
 locked). Otherwise it is a fresh interpreter (``subprocess``, not ``multiprocessing``: no
-re-import of ``__main__``, and it works inside daemonic pool processes). ``BNFOLD_WORKER_START=fork|spawn`` overrides it.
+re-import of ``__main__``, and it works inside daemonic pool processes).
+``BNFOLD_WORKER_START=fork|spawn`` overrides it.
 
 Signals. The worker ignores SIGINT: Ctrl-C reaches the whole foreground process
 group, and the parent, on KeyboardInterrupt, kills its worker (SIGKILL: it holds
@@ -176,7 +177,8 @@ def _probe_cuda() -> Tuple[bool, str]:
     except Exception as e:  # the provider library failed to load or initialise
         return False, f"the CUDA provider failed to start ({ort_message(str(e))})"
     if sess.get_providers()[0] != "CUDAExecutionProvider":
-        return False, "the CUDA provider is installed but a session fell back to the CPU (no GPU or CUDA/cuDNN libraries)"
+        return False, ("the CUDA provider is installed but a session fell back to the CPU "
+                       "(no GPU or CUDA/cuDNN libraries)")
     return True, ""
 
 

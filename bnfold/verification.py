@@ -188,7 +188,8 @@ def _compare(name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray],
     for ref, cand in zip(refs, cands):
         if np.shape(ref) != np.shape(cand) or ref.dtype != cand.dtype:
             r.equivalent = False
-            r.problem = f"reference is {ref.dtype}{list(np.shape(ref))}, candidate is {cand.dtype}{list(np.shape(cand))}"
+            r.problem = (f"reference is {ref.dtype}{list(np.shape(ref))}, "
+                         f"candidate is {cand.dtype}{list(np.shape(cand))}")
             r.cosine_similarity = None
             return r
     is_float = ref0.dtype.kind in "fc" or ref0.dtype.name == "bfloat16"
@@ -635,7 +636,8 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], feeds: 
         check.why = "turned off"
         return check, {}
     if estimated > budget_s:
-        check.why = f"estimated {estimated:.0f} s for {2 + PERTURBATIONS} float64 runs, over the {budget_s:.0f} s budget"
+        check.why = (f"estimated {estimated:.0f} s for {2 + PERTURBATIONS} float64 runs, "
+                     f"over the {budget_s:.0f} s budget")
         return check, {}
     t = time.perf_counter()
     try:
@@ -710,7 +712,7 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
         info = {}
         for label, nodes in placed.items():
             counts: Dict[str, int] = {}
-            for op, prov in nodes.values():
+            for _op, prov in nodes.values():
                 counts[prov] = counts.get(prov, 0) + 1
             info[label] = {"nodes": len(nodes), "by_provider": counts}
         c.placement = info

@@ -8,7 +8,6 @@ is the reference, with tolerances that scale with the output's magnitude.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 

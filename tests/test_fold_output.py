@@ -1,9 +1,8 @@
 """Properties of the written model: interface kept, deterministic, idempotent, tidy."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from bnfold import fuse
 from conftest import MODELS, assert_equivalent, bn_params, build, check, rand

@@ -15,7 +15,7 @@ def p(c, seed, prefix):
 
 
 def repvgg(stride=1, identity=True, c=4):
-    ident = f"""
+    ident = """
         i = BatchNormalization (x, is, ib, im, iv)
         y = Add (s2, i)""" if identity else "\n        y = Identity (s2)"
     out_hw = 6 // stride

@@ -12,11 +12,11 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold import BnfoldError, fuse, runner
 from bnfold.verification import CROSS_PROVIDER_FACTOR, Tolerance, parse_providers, verify
-from conftest import MODELS, bn_params, build, rand
+from conftest import MODELS, build, rand
 
 SHIPPED = sorted(p.name for p in MODELS.glob("*.onnx"))
 
@@ -115,7 +115,8 @@ g (float[N,4] x) => (float[N,4] a, float[N,4] b) {
 
 def test_swapped_outputs_fail(pair):
     ref = pair(build(TWO_OUT), "ref.onnx")
-    swapped = build(TWO_OUT.replace("a = Relu", "tmp = Relu").replace("b = Sigmoid (x)", "a = Sigmoid (x)\n b = Identity (tmp)"))
+    swapped = build(TWO_OUT.replace("a = Relu", "tmp = Relu")
+                    .replace("b = Sigmoid (x)", "a = Sigmoid (x)\n b = Identity (tmp)"))
     report = verify(ref, pair(swapped, "cand.onnx"), providers="cpu")
     assert not report.equivalent
     assert [o.equivalent for o in report.comparisons[0].outputs] == [False, False]

@@ -17,13 +17,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Dict
 
-if TYPE_CHECKING:
-    from .load import load_model, load_model_info
-    from .pending import PendingValue, ScaledTensor, as_array
-    from .stream import serialize, write_model
-    from .tensors import (external_files, iter_tensors, read_tensor, set_tensor_data, tensor_nbytes,
-                          uses_external_data)
-    from .write import StagedModel, save_model, stage_model, write_bytes_atomic
+if TYPE_CHECKING:  # the names as mypy sees them (``x as x``: re-exported)
+    from .load import load_model as load_model
+    from .load import load_model_info as load_model_info
+    from .pending import PendingValue as PendingValue
+    from .pending import ScaledTensor as ScaledTensor
+    from .pending import as_array as as_array
+    from .stream import serialize as serialize
+    from .stream import write_model as write_model
+    from .tensors import external_files as external_files
+    from .tensors import iter_tensors as iter_tensors
+    from .tensors import read_tensor as read_tensor
+    from .tensors import set_tensor_data as set_tensor_data
+    from .tensors import tensor_nbytes as tensor_nbytes
+    from .tensors import uses_external_data as uses_external_data
+    from .write import StagedModel as StagedModel
+    from .write import save_model as save_model
+    from .write import stage_model as stage_model
+    from .write import write_bytes_atomic as write_bytes_atomic
 
 _EXPORTS: Dict[str, str] = {
     "load_model": "load", "load_model_info": "load",
