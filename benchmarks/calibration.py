@@ -91,7 +91,7 @@ def main() -> None:
             exact_rate = rate(n, t_exact)
             exact_text = f"{exact_rate:.0f} ({plain / exact_rate:.1f}x, {exact.calibration.passes} passes)"
             dmean, dvar = difference(fast.model, exact.model)
-        folded = fuse(model).model
+        folded = fuse(model).to_model()
         t_ins, _, s_ins = best(args.repeats, lambda pr: insert(folded, calibration=data, batch_size=args.batch_size,
                                                                progress=pr))
         ins_rate = rate(n, t_ins)

@@ -20,7 +20,8 @@ HEAD = '<ir_version: 8, opset_import: ["" : 15]>'
 def _stats(c, seed, dtype=np.float32, prefix=""):
     rng = np.random.default_rng(seed)
     return {f"{prefix}s": rng.uniform(0.5, 1.5, c).astype(dtype), f"{prefix}b": rng.normal(0, 0.5, c).astype(dtype),
-            f"{prefix}m": rng.normal(0, 1, c).astype(dtype), f"{prefix}v": (10.0 ** rng.uniform(-2, 1, c)).astype(dtype)}
+            f"{prefix}m": rng.normal(0, 1, c).astype(dtype),
+            f"{prefix}v": (10.0 ** rng.uniform(-2, 1, c)).astype(dtype)}
 
 
 def _w(*shape, seed=1, dtype=np.float32):

@@ -182,7 +182,7 @@ def calibration(model: Path, runs: int) -> dict:
     outs = remote.run(feeds)
     mb = sum(v.nbytes for v in outs.values()) / 2**20
     w = runner._worker()
-    echo_ms = _median_ms(lambda: w.request({"op": "ping", "echo": outs}), 3)
+    echo_ms = _median_ms(lambda outs=outs: w.request({"op": "ping", "echo": outs}), 3)
     del outs
     stats = {n: ChannelStats() for n in names}
     ms = _interleaved_ms({

@@ -217,7 +217,7 @@ def render(results: dict) -> str:
     tools = list(TOOLS)
     models = results["models"]
     meta = results["meta"]
-    lines = [f"# Benchmark results", "",
+    lines = ["# Benchmark results", "",
              f"{meta['date']}, {meta['machine']}; median of {meta['repeat']} run(s) per tool and model. "
              "Regenerate with `python benchmarks/run.py`.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]

@@ -203,23 +203,26 @@ class ChannelStats:
             raise ValueError("m < 2")  # callers check first, to name the tensor
         unbiased = np.asarray(var, np.float64) * (m / (m - 1))
         mean = np.asarray(mean, np.float64)
-        if self._mean is None:
+        if self._mean is None or self._var is None:
             c = mean.shape[0]
             if self.estimator == "momentum":
-                self._mean, self._var = np.full(c, MOMENTUM_START[0]), np.full(c, MOMENTUM_START[1])
+                acc_mean, acc_var = np.full(c, MOMENTUM_START[0]), np.full(c, MOMENTUM_START[1])
             else:
-                self._mean, self._var = np.zeros(c), np.zeros(c)
+                acc_mean, acc_var = np.zeros(c), np.zeros(c)
+        else:
+            acc_mean, acc_var = self._mean, self._var
         if self.estimator == "population":
-            self._mean += mean
-            self._var += unbiased
+            acc_mean += mean
+            acc_var += unbiased
         else:
             k = self.momentum
-            self._mean = k * self._mean + (1 - k) * mean
-            self._var = k * self._var + (1 - k) * unbiased
+            acc_mean = k * acc_mean + (1 - k) * mean
+            acc_var = k * acc_var + (1 - k) * unbiased
+        self._mean, self._var = acc_mean, acc_var
         self.batches += 1
 
     def result(self) -> Tuple[np.ndarray, np.ndarray]:
-        if self._mean is None:
+        if self._mean is None or self._var is None:
             raise BnfoldError("the calibration data holds no sample")
         if self.estimator == "population":
             return self._mean / self.batches, self._var / self.batches

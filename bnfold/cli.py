@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import click
 
@@ -60,7 +60,7 @@ def handle_errors(fn):
     return wrapper
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -153,7 +153,8 @@ def fold_options(fn):
                            "exporters intend; by default such BNs are kept (reason OVERRIDABLE_PARAMETER).")(fn)
     fn = click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
                       help="Write the per-BN report as JSON to this file.")(fn)
-    fn = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a table.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="Print the report as JSON on stdout instead of a table.")(fn)
     fn = click.option("-v", "--verbose", count=True, help="List every BN, folded ones included.")(fn)
     fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")(fn)
     return fn
@@ -304,7 +305,7 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
     skipped); a file named twice is kept once."""
     from .paths import find_models, models_reading, unique_models
 
-    models = []
+    models: List[Tuple[Path, Optional[Path]]] = []
     for p in paths:
         if p.is_dir():
             found = find_models(p, exclude)
@@ -746,7 +747,7 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
         finally:
             click.echo("\r\033[K", nl=False, err=True)
     with stage_model(result.model, target, external_data=result.source_external_data or None,
-                     avoid=reads) as staged:
+                     avoid=reads, source=model) as staged:
         staged.commit()
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)

@@ -173,8 +173,8 @@ def _conv_class():
             kh, kw = W.shape[2], W.shape[3]
             dh, dw = dilations or (1, 1)
             sh, sw = strides or (1, 1)
-            t, l, b, r = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
-            xp = np.pad(X, ((0, 0), (0, 0), (t, b), (l, r)))
+            top, left, bottom, right = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
+            xp = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right)))
             win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
             win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
             n, c, oh, ow = win.shape[:4]
@@ -203,8 +203,9 @@ def _max_pool_class():
 
         op_domain = ""
 
-        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
-                 storage_order=None, strides=None):
+        # the signature of onnx's own MaxPool._run, which already narrows CommonPool._run's
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None,  # type: ignore[override]
+                 kernel_shape=None, pads=None, storage_order=None, strides=None):
             simple = (x.ndim == 4 and len(self.output) == 1 and not ceil_mode and not storage_order
                       and auto_pad in (None, "NOTSET", b"NOTSET", "VALID", b"VALID")
                       and (dilations is None or all(d == 1 for d in dilations))
@@ -217,8 +218,8 @@ def _max_pool_class():
 
             kh, kw = kernel_shape
             sh, sw = strides or (1, 1)
-            t, l, b, r = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
-            xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=-np.inf)
+            top, left, bottom, right = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
+            xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=-np.inf)
             win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
             return (np.ascontiguousarray(win.max(axis=(4, 5))).astype(x.dtype, copy=False),)
 
@@ -288,7 +289,7 @@ class CostEstimate:
 
 
 def estimate_seconds(model: onnx.ModelProto, shapes: Mapping[str, Tuple[int, ...]]) -> CostEstimate:
-    """Predicted seconds for one float64 evaluation at these input shapes (Conv/Gemm/MatMul MACs + per-node cost).
+    """Predicted seconds for one float64 evaluation at these input shapes (MACs + per-node cost).
 
     Shapes come from ONNX shape inference with the inputs fixed; a node whose shapes
     cannot be inferred counts only its per-node cost.
@@ -320,25 +321,39 @@ def estimate_seconds(model: onnx.ModelProto, shapes: Mapping[str, Tuple[int, ...
             known[v.name] = tuple(d.dim_value for d in tt.shape.dim)
     for t in model.graph.initializer:
         known[t.name] = tuple(t.dims)
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer if len(t.dims) >= 2}
     macs = 0.0
     for n in model.graph.node:
-        out = known.get(n.output[0]) if n.output else None
-        if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1:
-            w = known.get(n.input[1])
-            x = known.get(n.input[0])
-            if w is None:
-                continue
-            if n.op_type == "Conv" and out is not None:
-                macs += float(np.prod(out)) * float(np.prod(w[1:]))
-            elif x is not None:
-                macs += float(np.prod(x)) * float(np.prod(w[1:]))
-        elif n.op_type in ("Gemm", "MatMul") and out is not None and len(n.input) > 1:
-            a = known.get(n.input[0])
-            if a:
-                k = a[0] if n.op_type == "Gemm" and any(at.name == "transA" and at.i for at in n.attribute) else a[-1]
-                macs += float(np.prod(out)) * float(k)
+        macs += _node_macs(n, weights, known)
     nodes = len(model.graph.node)
     return CostEstimate(macs, nodes, macs / MACS_PER_SECOND + nodes * SECONDS_PER_NODE)
+
+
+def _node_macs(node: onnx.NodeProto, weights: Mapping[str, Tuple[int, ...]],
+               known: Mapping[str, Tuple[int, ...]]) -> float:
+    """Multiply-adds of a node that reads a weight (an initializer of rank >= 2), whatever its op.
+
+    A weight is applied once at each position of its input (a Conv's or ConvTranspose's
+    pixels, a Gemm's or MatMul's rows), and each position costs one MAC per weight element
+    (a grouped Conv's weight already holds only its groups' products). Positions are the
+    tensor's elements over its feature count; the feature axis is axis 1 or the last one,
+    whichever matches a weight dimension. The fewer positions of input and output count:
+    a strided Conv writes fewer than it reads, a strided ConvTranspose reads fewer than it writes.
+    """
+    ws = [weights[i] for i in node.input if i in weights]
+    if not ws:
+        return 0.0
+    w = max(ws, key=lambda d: float(np.prod(d)))
+    data = [known[i] for i in node.input if i and i not in weights and i in known]
+    tensors = [t for t in data[:1] + [known.get(o) for o in node.output[:1]] if t]
+
+    def positions(t: Tuple[int, ...]) -> float:
+        features = next((t[a] for a in (1, -1) if len(t) > 1 and t[a] in w), t[-1] if t else 1)
+        return float(np.prod(t)) / max(1, features)
+
+    if not tensors:
+        return 0.0
+    return float(np.prod(w)) * min(positions(t) for t in tensors)
 
 
 def timed_run(ev: Float64Evaluator, names: Sequence[str], feeds: Mapping[str, np.ndarray]

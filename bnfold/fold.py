@@ -22,13 +22,19 @@ Weights and parameters computed from constants only are evaluated by
 Every BN left in place gets a :class:`BNRecord` with a :class:`Reason` and a
 sentence naming the node. Weights are computed in float64 and rounded once to the
 host's dtype; a fold whose result would overflow that dtype is refused.
+
+Naming: *fuse* is what a user asks of a model (``bnfold fuse``, :func:`fuse`, :class:`FuseResult`);
+*fold* is what happens to each BN (this module, :class:`BNRecord` ``folded``, the reasons a BN is
+not folded). The module is not called ``fuse``: a submodule ``bnfold.fuse`` would shadow the
+function ``bnfold.fuse`` once imported.
 """
 from __future__ import annotations
 
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import ModelProto, NodeProto
@@ -38,7 +44,13 @@ from .errors import MalformedModelError
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
+from .modelio.pending import PendingValue, as_array
+from .modelio.tensors import external_files, iter_tensors, set_tensor_data, tensor_nbytes
 from .reasons import Reason, Refusal
+
+if TYPE_CHECKING:
+    from .modelio.write import StagedModel
+    from .reparam import Merge
 
 PROVENANCE_KEY = "bnfold"
 
@@ -89,12 +101,13 @@ class ModelStats:
 class FuseResult:
     """The folded model and a record for every BatchNormalization it had."""
 
-    def __init__(self, model: ModelProto, replacements: Dict[str, np.ndarray], records: List[BNRecord],
+    def __init__(self, model: ModelProto, replacements: Dict[str, PendingValue], records: List[BNRecord],
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
                  base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None,
                  decomposed: Optional[List[BNRecord]] = None) -> None:
         self._model = model
+        self._released = False
         self._replacements = replacements
         self.records = records
         self.before = before
@@ -112,15 +125,17 @@ class FuseResult:
         one record each, ``node`` naming the Mul (not counted in ``records``)."""
         """With ``reparameterize``: why each candidate block was not merged; None when not asked."""
 
-    @property
-    def model(self) -> ModelProto:
-        """The folded model. Folded initializers are written into it on first access;
-        :meth:`save` writes them straight to disk instead, sparing that memory."""
-        if self._model is None:
+    def to_model(self) -> ModelProto:
+        """The folded model as one in-memory ``ModelProto``.
+
+        The first call writes the folded initializers into it and, when the source kept
+        its weights in external data, reads the untouched ones from disk, so the result is
+        self-contained (and as large as the model). :meth:`save` and :meth:`stage` stream
+        the weights to disk instead, sparing that memory. Later calls return the same object.
+        """
+        if self._released:
             raise ValueError("the model was released (release_model) after saving")
         if self._replacements:
-            from .modelio import as_array, set_tensor_data
-
             for t in self._model.graph.initializer:
                 value = self._replacements.pop(t.name, None)
                 if value is not None:
@@ -129,20 +144,22 @@ class FuseResult:
         if self._external_unloaded:  # bring the untouched external tensors in too
             from onnx.external_data_helper import load_external_data_for_model
 
-            load_external_data_for_model(self._model, self.base_dir)
+            load_external_data_for_model(self._model, self.base_dir or "")
             self._external_unloaded = False
         return self._model
 
-    def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None):
-        """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`)."""
-        from pathlib import Path
+    def stage(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> StagedModel:
+        """Write the model for ``path`` into a private folder beside it (see :class:`StagedModel`).
 
-        from .modelio import external_files, stage_model
+        New files take the source model's mode (a replaced file keeps its own)."""
+        from .modelio.write import stage_model
 
+        if self._released:
+            raise ValueError("the model was released (release_model) after saving")
         overwriting_source = self.source is not None and Path(path).resolve() == Path(self.source).resolve()
         avoid = () if overwriting_source else external_files(self._model, self.base_dir)
         return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
-                           base_dir=self.base_dir, avoid=avoid)
+                           base_dir=self.base_dir, avoid=avoid, source=self.source)
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
@@ -150,7 +167,8 @@ class FuseResult:
 
     def release_model(self) -> None:
         """Free the model's memory once it is saved; records and statistics stay."""
-        self._model = None
+        self._model = ModelProto()
+        self._released = True
         self._replacements = {}
 
     @property
@@ -182,8 +200,6 @@ def count(model: ModelProto) -> ModelStats:
 
     (``ModelProto.ByteSize`` would cost as much as serializing the model.)
     """
-    from .modelio import iter_tensors, tensor_nbytes
-
     bn = nodes = 0
 
     def walk(graph_nodes):
@@ -220,7 +236,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     if isinstance(model_or_path, ModelProto):
         model = model_or_path if inplace else copy.deepcopy(model_or_path)
     else:
-        from .modelio import load_model_info
+        from .modelio.load import load_model_info
+
         source = os.fspath(model_or_path)
         # external data stays on disk: only the tensors a fold touches are read
         model, external = load_model_info(source, load_external=False)
@@ -228,7 +245,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
     folds, decomposed = _fold_all(index)
-    merges = []
+    merges: List[Merge] = []
     unmerged = None
     if reparameterize:
         from .reparam import reparameterize as merge_branches
@@ -237,7 +254,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         absorbed = {id(bn): m for m in merges for bn in m.absorbed_bns}
         folds = [(bn, _absorbed(rec, absorbed[id(bn)]) if id(bn) in absorbed else rec) for bn, rec in folds]
     records = [rec for _, rec in folds]
-    replacements: Dict[str, np.ndarray] = {}
+    replacements: Dict[str, PendingValue] = {}
     if any(r.folded for r in records + decomposed) or merges:
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
@@ -319,13 +336,14 @@ def _try_fold(scope: Scope, bn: NodeProto) -> BNRecord:
     producer = scope.producer.get(bn.input[0])
     if back.reason == Reason.NO_HOST and producer is not None and producer.op_type == "Concat" \
             and is_default_domain(producer):
-        back = _fold_into_concat(scope, bn, s, t)
-        if not isinstance(back, Refusal):
-            concat, hosts = back
+        sliced = _fold_into_concat(scope, bn, s, t)
+        if not isinstance(sliced, Refusal):
+            concat, hosts = sliced
             names = ", ".join(f"{h.op_type} '{scope.label_of(h)}'" for h in hosts)
             return BNRecord(label, scope.label, True, INTO_PRECEDING, scope.label_of(concat), concat.op_type,
                             detail=f"folded, slice by slice, into the ops feeding Concat "
                                    f"'{scope.label_of(concat)}': {names}")
+        back = sliced  # why the Concat's inputs do not fold
     fwd = _fold_forward(scope, bn, s, t)
     if isinstance(fwd, NodeProto):
         return BNRecord(label, scope.label, True, INTO_FOLLOWING, scope.label_of(fwd), fwd.op_type,
@@ -481,10 +499,10 @@ def _find_host(scope: Scope, x: str, consumer: NodeProto) -> Union[_Path, Refusa
         between.append(node)
         node = scope.producer.get(node.input[1 - k])
     rule = backward_rule(node)
-    if rule is None:  # name the node the search stopped at
+    if node is None or rule is None:  # name the node the search stopped at
         shown = node if node is not None else (between[-1] if between else scope.producer[x])
         return _no_host(scope, shown, consumer)
-    chain = [node] + between[::-1]
+    chain: List[NodeProto] = [node] + between[::-1]
     for a, b in zip(chain, chain[1:] + [consumer]):
         refusal = _feeds_only(scope, a.output[0], a, b)
         if refusal:
@@ -495,12 +513,13 @@ def _find_host(scope: Scope, x: str, consumer: NodeProto) -> Union[_Path, Refusa
 def _no_host(scope: Scope, node: NodeProto, consumer: NodeProto) -> Refusal:
     label = f"{node.op_type} '{scope.label_of(node)}'"
     upstream = scope.producer.get(node.input[0]) if node.input else None
-    behind = backward_rule(upstream) is not None
-    if node.op_type in ACTIVATIONS and behind:
+    if upstream is None or backward_rule(upstream) is None:
+        pass
+    elif node.op_type in ACTIVATIONS:
         return Refusal(Reason.ACTIVATION_BETWEEN,
                        f"the non-linearity {label} sits between {upstream.op_type} "
                        f"'{scope.label_of(upstream)}' and the {consumer.op_type}")
-    if node.op_type in LAYOUT_OPS and behind:
+    elif node.op_type in LAYOUT_OPS:
         return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
                        f"{label} between {upstream.op_type} '{scope.label_of(upstream)}' and the "
                        f"{consumer.op_type} may move the feature axis off BN's axis 1")
@@ -508,9 +527,10 @@ def _no_host(scope: Scope, node: NodeProto, consumer: NodeProto) -> Refusal:
 
 
 def _prod(dims: List[Optional[int]]) -> Optional[int]:
-    if any(d is None for d in dims):
+    known = [d for d in dims if d is not None]
+    if len(known) != len(dims):
         return None
-    return int(np.prod(dims, dtype=np.int64)) if dims else 1
+    return int(np.prod(known, dtype=np.int64)) if known else 1
 
 
 def _int_list(scope: Scope, node: NodeProto, attr_name: str, input_index: int) -> Optional[List[int]]:
@@ -677,11 +697,12 @@ def _host_weight(scope: Scope, path: _Path) -> Union[np.ndarray, Refusal]:
     if isinstance(w, Refusal):
         return w
     if w.value.ndim < 2:
-        return Refusal(Reason.UNSUPPORTED_HOST, f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
+        return Refusal(Reason.UNSUPPORTED_HOST,
+                       f"the weight of {host.op_type} '{scope.label_of(host)}' is not a matrix")
     return w.value
 
 
-def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype) -> Union[np.ndarray, Callable[[], np.ndarray]]:
+def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> PendingValue:
     """``w * factor`` rounded once, or raise FoldOverflow. A weight mapped from external data
     is only checked here (without computing the product); its values come later, computed
     block by block as the output is written, unless something needs them as an array."""
@@ -719,9 +740,10 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray, wan
     if isinstance(add_bias, Refusal):
         return add_bias
     host_bias = None
-    has_bias_slot = rule.bias_slot is not None
-    if has_bias_slot and len(host.input) > rule.bias_slot and host.input[rule.bias_slot]:
-        c = _weight(scope, host, rule.bias_slot, "bias")
+    bias_slot = rule.bias_slot
+    has_bias_slot = bias_slot is not None
+    if bias_slot is not None and len(host.input) > bias_slot and host.input[bias_slot]:
+        c = _weight(scope, host, bias_slot, "bias")
         if isinstance(c, Refusal):
             return c
         host_bias = rule.effective_bias(host, c.value)
@@ -746,6 +768,8 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray, wan
         scope.write_constant(host, rule.weight_slot, new_w, f"{name_base(host)}_weight_bnfold", factor=factor)
         if new_host_bias is not None:
             rule.write_bias(scope, host, new_host_bias, path.chain)
+        if new_add is None:  # the host's bias slot carries the shift
+            return
         if path.add is not None:
             scope.write_constant(path.add, path.add_const, new_add, f"{name_base(host)}_bias_bnfold")
         elif not has_bias_slot and np.any(new_add):  # a zero shift (a bare Mul) needs no bias node
@@ -764,11 +788,14 @@ def _fold_into_concat(scope: Scope, bn: NodeProto, s: np.ndarray,
         return refusal
     if len(set(concat.input)) != len(concat.input):
         return Refusal(Reason.NO_HOST, f"{label} concatenates one tensor more than once")
-    paths, sizes = [], []
+    paths: List[_Path] = []
+    sizes: List[int] = []
     rank = None
     for k, x in enumerate(concat.input):
         path = _find_host(scope, x, concat)
-        found = path if isinstance(path, Refusal) else _host_weight(scope, path)
+        if isinstance(path, Refusal):
+            return Refusal(path.reason, f"input {k} of {label}: {path.detail}")
+        found = _host_weight(scope, path)
         if isinstance(found, Refusal):
             return Refusal(found.reason, f"input {k} of {label}: {found.detail}")
         paths.append(path)
@@ -816,7 +843,7 @@ def _fold_decomposed(scope: Scope, mul: NodeProto) -> Optional[BNRecord]:
     if k is None or has_attribute_refs(mul):
         return None
     cm = scope.index.resolve(scope, mul.input[k])
-    if cm.data_type not in FLOAT_TENSOR_TYPES:
+    if not isinstance(cm, Constant) or cm.data_type not in FLOAT_TENSOR_TYPES:
         return None
     pm = _per_channel(cm.value)
     if pm is None or pm[1] == 0:
@@ -829,26 +856,28 @@ def _fold_decomposed(scope: Scope, mul: NodeProto) -> Optional[BNRecord]:
     if add is not None and add.op_type == "Add" and is_default_domain(add) and not has_attribute_refs(add):
         ka = _constant_operand(scope, add)
         ca = scope.index.resolve(scope, add.input[ka]) if ka is not None else None
-        pa = _per_channel(ca.value) if isinstance(ca, Constant) and ca.data_type in FLOAT_TENSOR_TYPES else None
-        if pa is not None and (pa[1] in (0, axis)) and (pa[0].size in (1, s.size)):
-            t = np.broadcast_to(pa[0], s.shape).copy()
-            ndim = max(ndim, ca.value.ndim)
-            nodes.append(add)
+        if isinstance(ca, Constant) and ca.data_type in FLOAT_TENSOR_TYPES:
+            pa = _per_channel(ca.value)
+            if pa is not None and (pa[1] in (0, axis)) and (pa[0].size in (1, s.size)):
+                t = np.broadcast_to(pa[0], s.shape).copy()
+                ndim = max(ndim, ca.value.ndim)
+                nodes.append(add)
     label = scope.label_of(mul)
     what = f"Mul '{label}'" + (f" and Add '{scope.label_of(nodes[1])}'" if len(nodes) > 1 else "")
-    path = _find_host(scope, mul.input[1 - k], mul)
-    if isinstance(path, Refusal):
-        if path.reason in (Reason.NO_HOST, Reason.ACTIVATION_BETWEEN):
-            return None
-        refusal: Union[Refusal, Callable[[], None]] = path
-    else:
-        if s.size == 1:  # one value for every channel: as many as the host has
-            return None
-        refusal = _plan_into_host(scope, path, s, t, want_axis=axis, min_rank=ndim)
-    if isinstance(refusal, Refusal):
+
+    def kept(refusal: Refusal) -> BNRecord:
         return BNRecord(label, scope.label, False, reason=refusal.reason,
                         detail=f"the per-channel {what} (a decomposed BN) kept: {refusal.detail}")
-    refusal()
+
+    path = _find_host(scope, mul.input[1 - k], mul)
+    if isinstance(path, Refusal):
+        return None if path.reason in (Reason.NO_HOST, Reason.ACTIVATION_BETWEEN) else kept(path)
+    if s.size == 1:  # one value for every channel: as many as the host has
+        return None
+    plan = _plan_into_host(scope, path, s, t, want_axis=axis, min_rank=ndim)
+    if isinstance(plan, Refusal):
+        return kept(plan)
+    plan()
     last = path.chain[-1]
     out = nodes[-1].output[0]
     scope.redirect_shape_readers(last.output[0], out)
@@ -878,7 +907,7 @@ def _flattened(scope: Scope, bn: NodeProto, layout: NodeProto, k: int, c: int) -
     rest = None if dims is None or len(dims) < 2 else dims[1:]
     if len(target) == 2 and target[0] == 0 and target[1] == -1 and not attr(layout, "allowzero", 0):
         return None if k % c == 0 else f"{k} features are not a multiple of the BN's {c} channels"
-    if len(target) == 2 and target[1] == k and rest is not None and None not in rest and int(np.prod(rest)) == k:
+    if len(target) == 2 and target[1] == k and rest is not None and _prod(rest) == k:
         return None
     return f"Reshape '{scope.label_of(layout)}' to {target} is not proven to flatten the BN's output from axis 1"
 
@@ -902,8 +931,8 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     layout = None
     if nxt.op_type in ("Flatten", "Reshape") and is_default_domain(nxt) and nxt.input[0] == y:
         after = scope.only_consumer(nxt.output[0])
-        rule = forward_rule(after)
-        if rule is not None and rule.flat_input:
+        after_rule = forward_rule(after)
+        if after is not None and after_rule is not None and after_rule.flat_input:
             layout, nxt = nxt, after
     rule = forward_rule(nxt)
     x = layout.output[0] if layout is not None else y

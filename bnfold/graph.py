@@ -13,14 +13,15 @@ from __future__ import annotations
 import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Set, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union, cast
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
 from .errors import MalformedModelError
-from .modelio import ScaledTensor, as_array, read_tensor, set_tensor_data
+from .modelio.pending import PendingValue, ScaledTensor, as_array
+from .modelio.tensors import read_tensor, set_tensor_data
 from .reasons import Reason, Refusal
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -112,6 +113,8 @@ class Constant:
                 return as_array(pending[1])
             return read_tensor(self.tensor, self.scope.index.base_dir)
         # Constant node with value_float / value_floats / value_int(s)
+        if self.node is None:
+            raise MalformedModelError(f"constant '{self.name}' has neither a tensor nor a Constant node")
         for key in ("value_float", "value_floats", "value_int", "value_ints"):
             v = attr(self.node, key)
             if v is not None:
@@ -125,6 +128,8 @@ class Constant:
             return onnx.helper.np_dtype_to_tensor_dtype(self.derived.dtype)
         if self.tensor is not None:
             return self.tensor.data_type
+        if self.node is None:
+            raise MalformedModelError(f"constant '{self.name}' has neither a tensor nor a Constant node")
         return TensorProto.FLOAT if attr(self.node, "value_float") is not None or attr(
             self.node, "value_floats") is not None else TensorProto.INT64
 
@@ -288,7 +293,7 @@ class Scope:
                 self.consumers[name].append(node)
                 self.index.refs[name] += 1
 
-    def write_constant(self, node: NodeProto, i: int, value: np.ndarray, base: str,
+    def write_constant(self, node: NodeProto, i: int, value: PendingValue, base: str,
                        factor: Optional[np.ndarray] = None) -> str:
         """Make input ``i`` of ``node`` read the constant ``value``.
 
@@ -306,7 +311,7 @@ class Scope:
                     and self.index.refs[old] == 1
                     and old not in current.scope.outputs
                     and current.tensor is not None
-                    and (factor is not None or tuple(current.tensor.dims) == tuple(value.shape))):
+                    and (factor is not None or tuple(current.tensor.dims) == as_array(value).shape)):
                 # Recorded, not written: replacing a field's bytes inside a loaded protobuf keeps the
                 # old bytes alive in its arena. Main-graph initializers are written straight to disk.
                 if factor is not None and current.tensor.data_location == TensorProto.EXTERNAL:
@@ -315,14 +320,13 @@ class Scope:
                         factor = prev[1].factor * factor
                     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(current.tensor.data_type))
                     value = ScaledTensor(current.tensor, self.index.base_dir, factor, dtype)
-                elif callable(value):
-                    value = value()
+                elif not isinstance(value, ScaledTensor):
+                    value = as_array(value)
                 self.index.pending[id(current.tensor)] = (current.tensor, value)
                 return old
-        if callable(value):
-            value = value()
+        array = as_array(value)
         name = self.index.fresh_name(base)
-        tensor = numpy_helper.from_array(value, name)
+        tensor = numpy_helper.from_array(array, name)
         if self.is_function or (self.parent is not None and self.index.model.ir_version < 4):
             # Functions have no initializers; IR<4 subgraphs may not list inputs freely.
             const = onnx.helper.make_node("Constant", [], [name], name=self.index.fresh_name(name + "_const"))
@@ -333,7 +337,7 @@ class Scope:
             self.initializers[name] = self.container.initializer[-1]
             if self.index.model.ir_version < 4:
                 # IR < 4: every initializer must also be a graph input.
-                self.container.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, value.shape))
+                self.container.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, array.shape))
                 self.inputs.add(name)
         self.set_input(node, i, name)
         return name
@@ -365,7 +369,7 @@ class ModelIndex:
         self.maybe_orphaned: Set[str] = set()
         self.vanished: Set[str] = set()
         self._fresh_counter = itertools.count()
-        self.pending: Dict[int, tuple] = {}  # id(tensor) -> (tensor, new value), see write_constant
+        self.pending: Dict[int, Tuple[TensorProto, PendingValue]] = {}  # id(tensor) -> (tensor, new value)
         self.scopes: List[Scope] = []
         self.main = self._add_graph(model.graph, "main graph", None)
         for f in model.functions:
@@ -483,7 +487,7 @@ class ModelIndex:
                 return None if overridable else _COMPUTED
             if name in scope.inputs or scope.parent is None:
                 return None
-            p = scope.parent
+            p: Optional[Scope] = scope.parent
             while p is not None:  # an outer initializer or constant
                 if name in p.producer or name in p.inputs or name in p.initializers:
                     break
@@ -530,13 +534,13 @@ class ModelIndex:
                 self._evaluated[key] = result
                 return result
             feeds[like] = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(elem))
-        for i in node.input:
-            if i and i not in feeds:
-                c = self.resolve(scope, i)
+        for inp in node.input:
+            if inp and inp not in feeds:
+                c = self.resolve(scope, inp)
                 if isinstance(c, Refusal):
                     self._evaluated[key] = c
                     return c
-                feeds[i] = np.asarray(c.value)
+                feeds[inp] = np.asarray(c.value)
         size = _output_size_bound(node, [feeds[i] for i in node.input if i])
         if size > MAX_EVAL_ELEMENTS:
             result = Refusal(
@@ -552,7 +556,8 @@ class ModelIndex:
             m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", scope.opset)],
                                        ir_version=max(self.model.ir_version, 3))
             try:
-                value = np.asarray(ReferenceEvaluator(m).run(None, feeds)[0])
+                # run() is typed list-or-dict: it returns a dict only with intermediate=True
+                value = np.asarray(cast(List[Any], ReferenceEvaluator(m).run(None, feeds))[0])
             except (ValueError, TypeError, IndexError, KeyError, RuntimeError, NotImplementedError) as e:
                 # a malformed constant subgraph is reported, like any other non-constant weight
                 result = Refusal(Reason.NOT_CONSTANT, f"'{name}' is computed from constants by {label}, which "
@@ -620,11 +625,11 @@ class ModelIndex:
         return shapes, types
 
     # -- finishing -------------------------------------------------------------------
-    def take_replacements(self) -> Dict[str, object]:
-        """New values of main-graph initializers by name (arrays or :class:`ScaledTensor`), left
-        for the writer to stream; every other pending edit is applied to its tensor."""
+    def take_replacements(self) -> Dict[str, PendingValue]:
+        """New values of main-graph initializers by name, left for the writer to stream; every
+        other pending edit is applied to its tensor."""
         main = self.main.initializers
-        out: Dict[str, object] = {}
+        out: Dict[str, PendingValue] = {}
         for key, (tensor, value) in list(self.pending.items()):
             if main.get(tensor.name) is tensor:
                 out[tensor.name] = value
@@ -653,10 +658,11 @@ class ModelIndex:
         for scope in reversed(self.scopes):  # children before parents: rebuild copies nodes
             if not scope.is_function:
                 g = scope.container
-                dead = [i for i, t in enumerate(g.initializer) if t.name in orphans]
-                for i in reversed(dead):
+                dead_inits = [i for i, t in enumerate(g.initializer) if t.name in orphans]
+                for i in reversed(dead_inits):
                     del g.initializer[i]
-                inputs_to_drop = [i for i, v in enumerate(g.input) if v.name in orphans and v.name in scope.initializers]
+                inputs_to_drop = [i for i, v in enumerate(g.input)
+                                  if v.name in orphans and v.name in scope.initializers]
                 for i in reversed(inputs_to_drop):
                     del g.input[i]
                 stale = [i for i, v in enumerate(g.value_info) if v.name in gone]

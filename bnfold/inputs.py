@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], 
         if dt.kind == "f" or dt.name == "bfloat16":
             arr = rng.standard_normal(shape).astype(dt)
         elif dt.kind == "b":
-            arr = (sample % 2 == 0) if shape == () else rng.random(shape) < 0.5
+            arr = np.asarray(sample % 2 == 0) if shape == () else rng.random(shape) < 0.5
         elif dt == np.uint8:
             arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
         elif dt.kind in "iu":

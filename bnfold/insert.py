@@ -183,7 +183,7 @@ def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str,
     rule = backward_rule(node)
     slot = rule.weight_slot if rule is not None else 1
     w = scope.index.resolve(scope, node.input[slot]) if rule is not None and len(node.input) > slot else None
-    if not isinstance(w, Constant) or w.value.dtype.kind != "f" or w.value.ndim < 2:
+    if rule is None or not isinstance(w, Constant) or w.value.dtype.kind != "f" or w.value.ndim < 2:
         return InsertRecord(label, node.op_type, False, reason=InsertReason.UNSUPPORTED_WEIGHT,
                             detail=f"the weight of {node.op_type} '{label}' is not a float constant matrix")
     wv = w.value
@@ -308,10 +308,11 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
         if n.op_type != "BatchNormalization" or not is_default_domain(n):
             continue
         label = scope.label_of(n)
-        consts = [index.resolve(scope, i) for i in n.input[1:5]]
-        if attr(n, "training_mode", 0) or any(o for o in n.output[1:]) or len(consts) < 4:
+        resolved = [index.resolve(scope, i) for i in n.input[1:5]]
+        consts = [c for c in resolved if isinstance(c, Constant) and c.tensor is not None]
+        if attr(n, "training_mode", 0) or any(o for o in n.output[1:]) or len(resolved) < 4:
             skipped.append((label, "training mode"))
-        elif not all(isinstance(c, Constant) and c.tensor is not None for c in consts):
+        elif len(consts) != len(resolved):
             skipped.append((label, "its statistics are not initializers"))
         elif consts[2].value.ndim != 1:
             skipped.append((label, "per-activation statistics (spatial=0)"))
@@ -327,7 +328,9 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
     # every BN gets statistics tensors of its own, so a shared one is never half-updated
     for n in bns:
         for i in (3, 4):
-            scope.write_constant(n, i, np.array(index.resolve(scope, n.input[i]).value), f"{n.name}.recal")
+            stat = index.resolve(scope, n.input[i])
+            assert isinstance(stat, Constant)  # checked when the BN was chosen
+            scope.write_constant(n, i, np.array(stat.value), f"{n.name}.recal")
     index.finish()
     index.apply_pending()  # calibration reads the model back
 
@@ -472,8 +475,9 @@ def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto
         probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
         stats = {n: ChannelStats(estimator, momentum) for n in names}
 
+        # called only during this wave's pass, so the loop variables it reads are this wave's
         def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
-            for n, st in stats.items():
+            for n, st in stats.items():  # noqa: B023
                 x = outs[n]
                 _update(st, *moments(x), n, i, batch, where)
 
@@ -549,12 +553,13 @@ def batch_stats_probe(model: ModelProto, bn_names: Sequence[str], normalize: boo
             nodes.append(n)
             continue
         p = fresh(f"{n.name}.calib")
-        t = lambda *names: [fresh(f"{p}.{s}") for s in names]  # noqa: E731
-        c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731
+        # these helpers are called only within this iteration (B023: the late binding is intended)
+        t = lambda *names: [fresh(f"{p}.{s}") for s in names]  # noqa: E731, B023
+        c = lambda suffix, value: _probe_const(graph, fresh(f"{p}.{suffix}"), value)  # noqa: E731, B023
 
         def reduce(op: str, x: str, out: str, axes: List[int]) -> NodeProto:
             if opset >= (13 if op == "ReduceSum" else 18):  # when axes became an input
-                return helper.make_node(op, [x, c("axes", np.array(axes, np.int64))], [out], keepdims=1)
+                return helper.make_node(op, [x, c("axes", np.array(axes, np.int64))], [out], keepdims=1)  # noqa: B023
             return helper.make_node(op, [x], [out], axes=axes, keepdims=1)
 
         x = n.input[0]

@@ -23,7 +23,7 @@ Runs inside :func:`bnfold.fold.fuse` (``reparameterize=True``) after the BN fold
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import NodeProto, helper
@@ -45,15 +45,27 @@ class Merge:
 
 
 @dataclass
-class _Branch:
-    node: Optional[NodeProto]  # Conv, BatchNormalization, or None for a plain identity
-    weight: Optional[np.ndarray] = None
+class _ConvBranch:
+    node: NodeProto
+    weight: np.ndarray
     bias: Optional[np.ndarray] = None
+
+
+@dataclass
+class _IdentityBranch:
+    """The input itself (``node`` None), or scaled per channel by a BN (``node``, ``s``, ``t``)."""
+
+    node: Optional[NodeProto] = None
     s: Optional[np.ndarray] = None
     t: Optional[np.ndarray] = None
 
 
-def reparameterize(index: ModelIndex, bn_affine) -> Tuple[List[Merge], List[Refusal]]:
+_Branch = Union[_ConvBranch, _IdentityBranch]
+BNAffine = Callable[[Scope, NodeProto], Union[Tuple[np.ndarray, np.ndarray], Refusal]]
+"""The fold driver's ``(s, t)`` of a BN, or why it cannot fold."""
+
+
+def reparameterize(index: ModelIndex, bn_affine: BNAffine) -> Tuple[List[Merge], List[Refusal]]:
     """Collapse every exact multi-branch block of every scope.
 
     Returns what was merged, and why each candidate block (two or more branches reading
@@ -80,12 +92,12 @@ def _is_add(node: NodeProto) -> bool:
     return node.op_type == "Add" and is_default_domain(node) and len(node.input) == 2
 
 
-def _is_conv(node: Optional[NodeProto]) -> bool:
-    return node is not None and node.op_type == CONV.op_type and is_default_domain(node)
+def _is_conv(node: NodeProto) -> bool:
+    return node.op_type == CONV.op_type and is_default_domain(node)
 
 
-def _is_bn(node: Optional[NodeProto]) -> bool:
-    return node is not None and node.op_type == "BatchNormalization" and is_default_domain(node)
+def _is_bn(node: NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and is_default_domain(node)
 
 
 def _parent_add(scope: Scope, node: NodeProto) -> Optional[NodeProto]:
@@ -95,7 +107,9 @@ def _parent_add(scope: Scope, node: NodeProto) -> Optional[NodeProto]:
 
 def _leaves(scope: Scope, root: NodeProto) -> Tuple[List[str], List[NodeProto]]:
     """Tensors summed by the Add tree under ``root``, and the tree's Add nodes."""
-    leaves, adds, todo = [], [], [root]
+    leaves: List[str] = []
+    adds: List[NodeProto] = []
+    todo = [root]
     while todo:
         add = todo.pop()
         adds.append(add)
@@ -108,7 +122,7 @@ def _leaves(scope: Scope, root: NodeProto) -> Tuple[List[str], List[NodeProto]]:
     return leaves, adds
 
 
-def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Union[Merge, Refusal, None]:
+def _try_merge(scope: Scope, root: NodeProto, bn_affine: BNAffine) -> Union[Merge, Refusal, None]:
     """The merge, why a candidate block cannot merge, or None when it is no candidate."""
     leaves, adds = _leaves(scope, root)
     if len(set(leaves)) != len(leaves):
@@ -121,8 +135,8 @@ def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Union[Merge, Refusal
             consts.append(c.value.astype(np.float64))
         else:
             found.append((leaf, scope.producer.get(leaf)))
-    sources = {p.input[0] if (_is_conv(p) or _is_bn(p)) else leaf for leaf, p in found}
-    if len(found) < 2 or len(sources) != 1 or not any(_is_conv(p) for _, p in found):
+    sources = {p.input[0] if p is not None and (_is_conv(p) or _is_bn(p)) else leaf for leaf, p in found}
+    if len(found) < 2 or len(sources) != 1 or not any(p is not None and _is_conv(p) for _, p in found):
         return None  # not a block of parallel branches on one input
     x = sources.pop()
     branches: List[_Branch] = []
@@ -130,33 +144,34 @@ def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Union[Merge, Refusal
         label = f"{p.op_type} '{scope.label_of(p)}'" if p is not None else f"'{leaf}'"
         if p is not None and scope.only_consumer(leaf) is None:
             return Refusal(Reason.BRANCH_SHARED, f"the output of {label} also feeds other nodes")
-        if _is_conv(p):
+        b: Union[_Branch, Refusal]
+        if p is not None and _is_conv(p):
             b = _conv_branch(scope, p)
             if isinstance(b, Refusal):
                 return b
-        elif _is_bn(p):
+        elif p is not None and _is_bn(p):
             affine = bn_affine(scope, p)
-            if not isinstance(affine, tuple):
+            if isinstance(affine, Refusal):
                 return Refusal(Reason.BRANCH_NOT_LINEAR, f"{label} cannot be folded ({affine.reason}: "
                                                          f"{affine.detail})")
-            b = _Branch(p, s=affine[0], t=affine[1])
+            b = _IdentityBranch(p, s=affine[0], t=affine[1])
         else:
-            b = _Branch(None)  # the input itself: an identity branch
+            b = _IdentityBranch()  # the input itself: an identity branch
         branches.append(b)
-    convs = [b for b in branches if _is_conv(b.node)]
+    convs = [b for b in branches if isinstance(b, _ConvBranch)]
     plan = _plan(scope, convs, branches)
     if isinstance(plan, Refusal):
         return plan
     weight, bias, attrs = plan
     rank = weight.ndim - 2
-    for c in consts:  # a constant added to the sum is a bias if it is per channel or scalar
-        core = c.shape
+    for const in consts:  # a constant added to the sum is a bias if it is per channel or scalar
+        core = const.shape
         while core and core[0] == 1:
             core = core[1:]
-        if core not in ((), (bias.shape[0],) + (1,) * rank) or c.ndim > rank + 2:
+        if core not in ((), (bias.shape[0],) + (1,) * rank) or const.ndim > rank + 2:
             return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
-                           f"a constant of shape {list(c.shape)} in the sum is not a per-channel bias")
-        bias = bias + c.reshape(-1) if core else bias + float(c.reshape(-1)[0])
+                           f"a constant of shape {list(const.shape)} in the sum is not a per-channel bias")
+        bias = bias + const.reshape(-1) if core else bias + float(const.reshape(-1)[0])
     try:
         dtype = convs[0].weight.dtype
         w_new = numerics.round_to(weight, dtype, "the merged weight")
@@ -166,7 +181,7 @@ def _try_merge(scope: Scope, root: NodeProto, bn_affine) -> Union[Merge, Refusal
     return _apply(scope, root, adds, branches, x, w_new, b_new, attrs)
 
 
-def _conv_branch(scope: Scope, conv: NodeProto) -> Union[_Branch, Refusal]:
+def _conv_branch(scope: Scope, conv: NodeProto) -> Union[_ConvBranch, Refusal]:
     label = f"Conv '{scope.label_of(conv)}'"
     if has_attribute_refs(conv):
         return Refusal(Reason.BRANCH_NOT_LINEAR, f"{label} takes attributes from the calling function")
@@ -181,10 +196,11 @@ def _conv_branch(scope: Scope, conv: NodeProto) -> Union[_Branch, Refusal]:
         if not isinstance(c, Constant):
             return Refusal(Reason.BRANCH_NOT_LINEAR, f"the bias of {label} is not constant")
         bias = c.value.astype(np.float64)
-    return _Branch(conv, weight=w.value, bias=bias)
+    return _ConvBranch(conv, weight=w.value, bias=bias)
 
 
-def _plan(scope: Scope, convs: List[_Branch], branches: List[_Branch]):
+def _plan(scope: Scope, convs: List[_ConvBranch], branches: List[_Branch]
+          ) -> Union[Tuple[np.ndarray, np.ndarray, Dict[str, Any]], Refusal]:
     """The merged weight, bias (float64) and Conv attributes, or why the merge is inexact."""
     first = convs[0].node
     rank = convs[0].weight.ndim - 2
@@ -218,7 +234,7 @@ def _plan(scope: Scope, convs: List[_Branch], branches: List[_Branch]):
         weight[region] += b.weight.astype(np.float64)
         if b.bias is not None:
             bias += b.bias
-    identities = [b for b in branches if b.node is None or _is_bn(b.node)]
+    identities = [b for b in branches if isinstance(b, _IdentityBranch)]
     if identities:
         same_size = all(pads[i] == pads[rank + i] == (kernel[i] - 1) // 2 and kernel[i] % 2 for i in range(rank))
         if any(s != 1 for s in strides) or c_out != c_in_g * group or not same_size:
@@ -226,13 +242,12 @@ def _plan(scope: Scope, convs: List[_Branch], branches: List[_Branch]):
                            "an identity branch needs stride 1, as many output as input channels and a "
                            f"size-keeping kernel (Conv '{scope.label_of(big.node)}')")
         centre = tuple(k // 2 for k in kernel)
-        for b in identities:
-            s = np.ones(c_out) if b.node is None else b.s
-            t = np.zeros(c_out) if b.node is None else b.t
+        for ib in identities:
+            s = np.ones(c_out) if ib.s is None else ib.s
+            t = np.zeros(c_out) if ib.t is None else ib.t
             if s.shape[0] != c_out:
-                return Refusal(Reason.IDENTITY_BRANCH_INEXACT,
-                               f"BatchNormalization '{scope.label_of(b.node)}' has {s.shape[0]} channels, "
-                               f"the Convs {c_out}")
+                bn = f"BatchNormalization '{scope.label_of(ib.node)}'" if ib.node is not None else "the BN"
+                return Refusal(Reason.IDENTITY_BRANCH_INEXACT, f"{bn} has {s.shape[0]} channels, the Convs {c_out}")
             for o in range(c_out):
                 weight[(o, o % c_in_g) + centre] += s[o]
             bias += t
@@ -241,7 +256,7 @@ def _plan(scope: Scope, convs: List[_Branch], branches: List[_Branch]):
 
 
 def _apply(scope: Scope, root: NodeProto, adds: List[NodeProto], branches: List[_Branch], x: str,
-           weight: np.ndarray, bias: np.ndarray, attrs: Dict) -> Merge:
+           weight: np.ndarray, bias: np.ndarray, attrs: Dict[str, Any]) -> Merge:
     out = root.output[0]
     base = root.name or out
     conv = helper.make_node(CONV.op_type, [x, "", ""], [out], name=scope.index.fresh_name(f"{base}_reparam"), **attrs)

@@ -31,7 +31,8 @@ bnfold starts one worker per process). So the worker is forked when that is safe
 Linux, with onnxruntime not imported in this process (no ORT thread pools or CUDA context
 to inherit) and no other Python thread alive (no lock held by another thread can be copied
 locked). Otherwise it is a fresh interpreter (``subprocess``, not ``multiprocessing``: no
-re-import of ``__main__``, and it works inside daemonic pool processes). ``BNFOLD_WORKER_START=fork|spawn`` overrides it.
+re-import of ``__main__``, and it works inside daemonic pool processes).
+``BNFOLD_WORKER_START=fork|spawn`` overrides it.
 
 Signals. The worker ignores SIGINT: Ctrl-C reaches the whole foreground process
 group, and the parent, on KeyboardInterrupt, kills its worker (SIGKILL: it holds
@@ -72,11 +73,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import BnfoldError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from .inputs import InputSpec
 
 CPU = "cpu"
 CUDA = "cuda"
@@ -173,7 +177,8 @@ def _probe_cuda() -> Tuple[bool, str]:
     except Exception as e:  # the provider library failed to load or initialise
         return False, f"the CUDA provider failed to start ({ort_message(str(e))})"
     if sess.get_providers()[0] != "CUDAExecutionProvider":
-        return False, "the CUDA provider is installed but a session fell back to the CPU (no GPU or CUDA/cuDNN libraries)"
+        return False, ("the CUDA provider is installed but a session fell back to the CPU "
+                       "(no GPU or CUDA/cuDNN libraries)")
     return True, ""
 
 
@@ -240,10 +245,10 @@ class Runner:
 
     path: str
     provider: str
-    session: object = None
+    session: Any = None  # an onnxruntime.InferenceSession (untyped) or an onnx.reference evaluator
     reference_fallback: bool = False
     output_names: Sequence[str] = ()
-    inputs: Sequence[object] = ()  # InputSpec: what a caller must feed
+    inputs: Sequence[InputSpec] = ()  # what a caller must feed
     name: Optional[str] = None  # how messages name the model (default: path)
     optimized: bool = False
     _remote: Optional["_RemoteSession"] = field(default=None, repr=False, compare=False)
@@ -484,10 +489,10 @@ class _Worker:
         else:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             path = [here] + [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-            code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
-                    f"sys.path[:0] = {path!r}; from bnfold.runner import _serve_fd; "
-                    f"_serve_fd({theirs.fileno()}, {parent})")
-            self.popen = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+            script = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
+                      f"sys.path[:0] = {path!r}; from bnfold.runner import _serve_fd; "
+                      f"_serve_fd({theirs.fileno()}, {parent})")
+            self.popen = subprocess.Popen([sys.executable, "-c", script], pass_fds=[theirs.fileno()],
                                           stdin=subprocess.DEVNULL)
             self.pid = self.popen.pid
         theirs.close()  # so that the worker's death reads as end of file here
@@ -667,7 +672,7 @@ def _recv(sock: socket.socket) -> Any:
     buffers = []
     for size in sizes:
         buf = np.empty(size, dtype=np.uint8)  # numpy's allocator: aligned, and arrays unpickle onto it
-        _read_into(sock, memoryview(buf))
+        _read_into(sock, buf.data)
         buffers.append(buf)
     return pickle.loads(head, buffers=buffers)
 

@@ -39,13 +39,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from . import inputs as inputs_mod
 from . import runner
 from .errors import BnfoldError
+
+if TYPE_CHECKING:
+    import onnx
 
 # dtype -> (rtol, atol as a fraction of max|reference|): the fixed check (explicit tolerances, fallback)
 DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {
@@ -63,7 +66,7 @@ PERTURBATIONS = 2
 FLOAT64_FLOOR = 1e-9  # relative to max|output|: float64 evaluation-order noise (BN cancellation)
 DTYPE_FLOOR_ULPS = 16
 EXACT_BUDGET_S = 60.0
-ModelLike = Union[str, "os.PathLike[str]", "object"]  # a path or an onnx.ModelProto
+ModelLike = Union[str, "os.PathLike[str]", "onnx.ModelProto"]
 
 
 @dataclass
@@ -76,6 +79,10 @@ class Tolerance:
         rtol = self.rtol if self.rtol is not None else d_rtol * factor
         atol = self.atol if self.atol is not None else d_atol * factor * scale
         return rtol, atol
+
+
+ToleranceLike = Union[Tolerance, Tuple[Optional[float], Optional[float]]]
+"""A :class:`Tolerance` or its ``(rtol, atol)``."""
 
 
 @dataclass
@@ -181,7 +188,8 @@ def _compare(name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray],
     for ref, cand in zip(refs, cands):
         if np.shape(ref) != np.shape(cand) or ref.dtype != cand.dtype:
             r.equivalent = False
-            r.problem = f"reference is {ref.dtype}{list(np.shape(ref))}, candidate is {cand.dtype}{list(np.shape(cand))}"
+            r.problem = (f"reference is {ref.dtype}{list(np.shape(ref))}, "
+                         f"candidate is {cand.dtype}{list(np.shape(cand))}")
             r.cosine_similarity = None
             return r
     is_float = ref0.dtype.kind in "fc" or ref0.dtype.name == "bfloat16"
@@ -303,7 +311,7 @@ def _as_paths(models: Sequence[ModelLike], external_data_dir: Optional[os.PathLi
     try:
         for k, m in enumerate(models):
             if not isinstance(m, onnx.ModelProto):
-                paths.append(os.fspath(m))  # type: ignore[arg-type]
+                paths.append(os.fspath(m))
                 continue
             if tmp is None:
                 tmp = tempfile.mkdtemp(prefix="bnfold-verify-")
@@ -368,7 +376,7 @@ def _check_interfaces(ref_specs, cand_specs, cand_path: str) -> None:
 
 
 def _check_options(specs, output_names: Sequence[str], dims: Mapping[str, int],
-                   shapes: Mapping[str, Tuple[int, ...]], output_tolerances: Mapping[str, object]) -> None:
+                   shapes: Mapping[str, Tuple[int, ...]], output_tolerances: Mapping[str, ToleranceLike]) -> None:
     """Every name given must exist in the model; values must be usable; --dim and --shape must not collide."""
     symbols = sorted({d for s in specs for d in s.dims if isinstance(d, str)})
     for name, value in dims.items():
@@ -415,7 +423,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
            seed: int = 0, dims: Optional[Mapping[str, int]] = None,
            shapes: Optional[Mapping[str, Tuple[int, ...]]] = None, inputs: Optional[os.PathLike] = None,
            rtol: Optional[float] = None, atol: Optional[float] = None,
-           output_tolerances: Optional[Mapping[str, object]] = None, localize: bool = False,
+           output_tolerances: Optional[Mapping[str, ToleranceLike]] = None, localize: bool = False,
            validated: bool = False, exact_budget_s: float = EXACT_BUDGET_S,
            external_data_dir: Optional[os.PathLike] = None) -> VerifyReport:
     """Run ``reference`` and ``candidate`` on the same inputs and judge every output (see the module docstring).
@@ -445,7 +453,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
 
 def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed: int, dims: Dict[str, int],
             shapes: Dict[str, Tuple[int, ...]], inputs: Optional[os.PathLike], rtol: Optional[float],
-            atol: Optional[float], output_tolerances: Dict[str, object], localize: bool, validated: bool,
+            atol: Optional[float], output_tolerances: Dict[str, ToleranceLike], localize: bool, validated: bool,
             exact_budget_s: float) -> VerifyReport:
     t0 = time.perf_counter()
     if not validated:
@@ -520,7 +528,7 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
         got = results[(ref_path, provider)][0][o]
         return _rel_dev(got, ref64, scale)
 
-    if calibrated:
+    if calibrated and exact_check is not None:
         for eo in exact_check.outputs:
             if eo.name in exact_out and runner.CPU in use and not eo.problem:
                 ref64, _, scale = exact_out[eo.name]
@@ -549,7 +557,7 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
                 d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
                 res = _compare(o, r_list, c_list, tol.rtol if tol.rtol is not None else d_rtol * factor,
                                None if tol.atol is not None else d_atol * factor, tol.atol, "fixed")
-            elif calibrated and o in exact_out and dtype.kind == "f":
+            elif calibrated and exact_check is not None and o in exact_out and dtype.kind == "f":
                 allowance = next(e.allowance for e in exact_check.outputs if e.name == o)
                 rel = (RUNTIME_NOISE_MULTIPLE * max(noise(ref_p, o), noise(cand_p, o))
                        + ALLOWANCE_MULTIPLE * allowance + FLOAT64_FLOOR + DTYPE_FLOOR_ULPS * float(np.finfo(dtype).eps))
@@ -575,7 +583,7 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
         "calibrated" if calibrated else "fallback")
     localized = None
     if localize and not equivalent:
-        if calibrated and exact_check.equivalent is False:
+        if calibrated and exact_check is not None and exact_check.equivalent is False:
             localized = localize_exact(ref_path, cand_path, feeds_list[0])
         elif first_failure is not None:
             ref_p, cand_p, bad = first_failure
@@ -628,7 +636,8 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], feeds: 
         check.why = "turned off"
         return check, {}
     if estimated > budget_s:
-        check.why = f"estimated {estimated:.0f} s for {2 + PERTURBATIONS} float64 runs, over the {budget_s:.0f} s budget"
+        check.why = (f"estimated {estimated:.0f} s for {2 + PERTURBATIONS} float64 runs, "
+                     f"over the {budget_s:.0f} s budget")
         return check, {}
     t = time.perf_counter()
     try:
@@ -679,8 +688,8 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
                 feeds: Mapping[str, np.ndarray]) -> None:
     """For comparisons that run on CUDA: how many nodes ONNX Runtime placed on each provider.
 
-    With ``--providers`` naming cuda explicitly, compute nodes (Conv, Gemm, MatMul, BN) left on the
-    CPU make the comparison not what it says: a clear error.
+    With ``--providers`` naming cuda explicitly, compute nodes (those reading float weights) left on
+    the CPU make the comparison not what it says: a clear error.
     """
     if runner.CUDA not in use:
         return
@@ -689,8 +698,9 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
         placed[label] = runner.node_placement(path, runner.CUDA, dict(feeds))
     explicit = "cuda" in [p.strip().lower() for p in spec.split(",")]
     for label, nodes in placed.items():
+        names, ops = _weight_readers(ref_path if label == "reference" else cand_path)
         fell_back = sorted(n for n, (op, prov) in nodes.items()
-                           if prov != runner.PROVIDER_NAMES[runner.CUDA] and op in COMPUTE_OPS)
+                           if prov != runner.PROVIDER_NAMES[runner.CUDA] and (n in names or op in ops))
         if fell_back and explicit:
             path = ref_path if label == "reference" else cand_path
             raise BnfoldError(f"--providers {spec}: ONNX Runtime placed {len(fell_back)} compute node(s) of the "
@@ -702,13 +712,25 @@ def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, re
         info = {}
         for label, nodes in placed.items():
             counts: Dict[str, int] = {}
-            for op, prov in nodes.values():
+            for _op, prov in nodes.values():
                 counts[prov] = counts.get(prov, 0) + 1
             info[label] = {"nodes": len(nodes), "by_provider": counts}
         c.placement = info
 
 
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+def _weight_readers(path: str) -> Tuple[Set[str], Set[str]]:
+    """The compute nodes of a model: those reading a float weight (an initializer with at least one
+    axis). Returns their names, and the op types of the unnamed ones (ORT names those itself).
+    Which ops they are follows from the model, not from a list of op names."""
+    from onnx import TensorProto
+
+    from .modelio import load_model
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    model = load_model(path, load_external=False)
+    weights = {t.name for t in model.graph.initializer if t.dims and t.data_type in floats}
+    readers = [n for n in model.graph.node if any(i in weights for i in n.input)]
+    return {n.name for n in readers if n.name}, {n.op_type for n in readers if not n.name}
 
 
 # -- localization --------------------------------------------------------------------------------

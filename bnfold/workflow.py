@@ -205,7 +205,9 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     try:
         if target is None:  # check: the candidate lives in a private folder and goes away
             scratch = Path(tempfile.mkdtemp(prefix="bnfold-check-"))
-        staging = target if target is not None else scratch / model.name
+            staging = scratch / model.name
+        else:
+            staging = target
         with result.stage(staging, external_data=result.source_external_data or None) as staged:
             result.release_model()  # written: free it before ONNX Runtime loads both models
             report = None

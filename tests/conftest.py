@@ -8,7 +8,6 @@ is the reference, with tolerances that scale with the output's magnitude.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -127,7 +126,7 @@ def fold():
 
     def _fold(model, **kw):
         result = fuse(model, **kw)
-        check(result.model)
-        return result, result.model
+        check(result.to_model())
+        return result, result.to_model()
 
     return _fold

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnfold import Reason, fuse
-from conftest import assert_equivalent, bn_count, bn_params, build, check, feeds_for, ort_run, rand
+from conftest import assert_equivalent, bn_count, bn_params, build, check, feeds_for, rand
 
 HEAD = '<ir_version: 8, opset_import: ["" : 15]>'
 
@@ -38,7 +38,8 @@ CONV_CASES = {
     "depthwise_x3": ("N,4,5,5", "N,12,5,5", (12, 1, 3, 3), "<group = 4, pads = [1, 1, 1, 1]>", True),
     "same_strided": ("N,3,9,9", "N,5,5,5", (5, 3, 3, 3),
                      '<auto_pad = "SAME_UPPER", strides = [2, 2]>', None),
-    "asym_pads_dilated": ("N,3,9,7", "N,5,6,2", (5, 3, 3, 3), "<pads = [0, 1, 1, 0], strides = [1, 2], dilations = [2, 2]>", None),
+    "asym_pads_dilated": ("N,3,9,7", "N,5,6,2", (5, 3, 3, 3),
+                          "<pads = [0, 1, 1, 0], strides = [1, 2], dilations = [2, 2]>", None),
     "valid": ("N,3,9,7", "N,5,7,5", (5, 3, 3, 3), "<auto_pad = \"VALID\">", True),
 }
 
@@ -406,8 +407,9 @@ def test_bn_after_channel_concat_of_convs_folds_slice_by_slice(axis, fold):
         d = Conv (x, Wd)
         cat = Concat <axis = {axis}> (a, b2, d)
         y = BatchNormalization (cat, s, b, m, v)
-    }}""".replace("        c = MatMul (x, Wc)\n", ""), Wa=rand(3, 4, 3, 3), Wb=rand(4, 2, 5, 5, seed=2), Bb=rand(4, seed=3),
-                  Wd=rand(3, 4, 1, 1, seed=4), **bn_params(10))
+    }}""".replace("        c = MatMul (x, Wc)\n", ""),
+        Wa=rand(3, 4, 3, 3), Wb=rand(4, 2, 5, 5, seed=2), Bb=rand(4, seed=3),
+        Wd=rand(3, 4, 1, 1, seed=4), **bn_params(10))
     result, folded = fold(model)
     assert bn_count(folded) == 0
     assert "Conv 'Conv#0', Conv 'Conv#1', Conv 'Conv#2'" in result.records[0].detail
@@ -436,10 +438,10 @@ def test_bn1d_then_matmul_folds_forward():
     }}""", W=rand(5, 6), **bn_params(5))
     check(model)
     result = fuse(model)
-    check(result.model)
-    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+    check(result.to_model())
+    assert [n.op_type for n in result.to_model().graph.node] == ["MatMul", "Add"]
     assert result.records[0].direction == "into_following"
-    assert_equivalent(model, result.model)
+    assert_equivalent(model, result.to_model())
 
 
 def test_bn_then_matmul_over_another_axis_is_kept():

@@ -14,9 +14,9 @@ HEAD = '<ir_version: 8, opset_import: ["" : 15]>'
 def folds(model):
     check(model)
     result = fuse(model)
-    check(result.model)
-    assert bn_count(result.model) == 0 and not result.kept, [r.detail for r in result.records]
-    assert_equivalent(model, result.model)
+    check(result.to_model())
+    assert bn_count(result.to_model()) == 0 and not result.kept, [r.detail for r in result.records]
+    assert_equivalent(model, result.to_model())
     return result
 
 

@@ -6,13 +6,12 @@ import os
 import random
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
-from bnfold import modelio
+from bnfold.modelio import load, write
 from bnfold.cli import main
 from conftest import MODELS
 
@@ -74,7 +73,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(modelio, "open", denied, raising=False)  # root reads anything: simulate it
+    monkeypatch.setattr(load, "open", denied, raising=False)  # root reads anything: simulate it
     assert_refused(run("fuse", path), path, "Permission denied")
 
 
@@ -109,7 +108,7 @@ def test_output_folder_not_writable(tmp_path, monkeypatch):
     path = tmp_path / "m.onnx"
     shutil.copy(MODELS / "mlp_bn1d.onnx", path)
     real = os.access
-    monkeypatch.setattr(modelio.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    monkeypatch.setattr(write.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
     assert_refused(run("fuse", path), tmp_path / "m.fused.onnx", "not writable")
 
 

@@ -29,7 +29,7 @@ def calib(shape, n_batches=4, seed=0):
 
 
 def folded(name):
-    return fuse(MODELS / name).model
+    return fuse(MODELS / name).to_model()
 
 
 def activations(model, names, feeds):
@@ -122,7 +122,7 @@ def test_preserve_mode_with_data_passes_verify(tmp_path):
 
 def test_round_trip_fuse_insert_gives_back_the_weights():
     model = folded("resnet_mini.onnx")
-    again = fuse(insert(model, calibration=calib((3, 32, 32)), batch_size=BATCH).model).model
+    again = fuse(insert(model, calibration=calib((3, 32, 32)), batch_size=BATCH).model).to_model()
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in again.graph.initializer}
     for conv in (n for n in model.graph.node if n.op_type == "Conv"):

@@ -34,9 +34,9 @@ def test_models_are_small_and_realistic():
 def test_shipped_model_folds_completely(name):
     model = onnx.load(str(MODELS / name))
     result = fuse(model)
-    check(result.model)
-    assert bn_count(result.model) == 0 and not result.kept
-    assert_equivalent(model, result.model)
+    check(result.to_model())
+    assert bn_count(result.to_model()) == 0 and not result.kept
+    assert_equivalent(model, result.to_model())
 
 
 def _readme_block(title: str) -> list:
@@ -86,7 +86,7 @@ def test_insert_default_ops_after_fuse_reaches_every_2d_matmul():
     from bnfold.insert import insert
     from conftest import feeds_for, ort_run
 
-    folded = fuse(onnx.load(str(MODELS / "mlp_bn1d.onnx"))).model
+    folded = fuse(onnx.load(str(MODELS / "mlp_bn1d.onnx"))).to_model()
     result = insert(folded)
     assert [(r.host_op, r.inserted) for r in result.records] == [
         ("Gemm", True), ("MatMul", True), ("MatMul", True), ("Gemm", True)]

@@ -15,7 +15,7 @@ def p(c, seed, prefix):
 
 
 def repvgg(stride=1, identity=True, c=4):
-    ident = f"""
+    ident = """
         i = BatchNormalization (x, is, ib, im, iv)
         y = Add (s2, i)""" if identity else "\n        y = Identity (s2)"
     out_hw = 6 // stride
@@ -33,11 +33,11 @@ def repvgg(stride=1, identity=True, c=4):
 def test_repvgg_block_becomes_one_conv(stride, identity):
     model = repvgg(stride, identity)
     result = fuse(model, reparameterize=True)
-    check(result.model)
-    ops = [n.op_type for n in result.model.graph.node]
-    assert ops.count("Conv") == 1 and "Add" not in ops and bn_count(result.model) == 0
+    check(result.to_model())
+    ops = [n.op_type for n in result.to_model().graph.node]
+    assert ops.count("Conv") == 1 and "Add" not in ops and bn_count(result.to_model()) == 0
     assert len(result.merges) == 1
-    assert_equivalent(model, result.model)
+    assert_equivalent(model, result.to_model())
     if identity:
         assert [r.direction for r in result.records][-1] == "reparameterized"
 
@@ -60,9 +60,9 @@ def test_mobileone_depthwise_block_with_constant_start():
     }}""", W0=rand(c, 1, 3, 3), W1=rand(c, 1, 3, 3, seed=2), W2=rand(c, 1, 1, 1, seed=3),
                   zero=np.array(0.25, np.float32), **p(c, 1, "a"), **p(c, 2, "b"), **p(c, 3, "c"), **p(c, 4, "i"))
     result = fuse(model, reparameterize=True)
-    check(result.model)
-    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
-    assert_equivalent(model, result.model)
+    check(result.to_model())
+    assert [n.op_type for n in result.to_model().graph.node] == ["Conv"]
+    assert_equivalent(model, result.to_model())
 
 
 def test_acnet_asymmetric_kernels():
@@ -75,8 +75,8 @@ def test_acnet_asymmetric_kernels():
         y = Add (s, v)
     }}""", Wa=rand(5, 3, 3, 3), Ba=rand(5, seed=7), Wh=rand(5, 3, 1, 3, seed=2), Wv=rand(5, 3, 3, 1, seed=3))
     result = fuse(model, reparameterize=True)
-    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
-    assert_equivalent(model, result.model)
+    assert [n.op_type for n in result.to_model().graph.node] == ["Conv"]
+    assert_equivalent(model, result.to_model())
 
 
 @pytest.mark.parametrize("b_line,wb,extra,reason", [
@@ -99,7 +99,7 @@ def test_inexact_blocks_are_left_alone(b_line, wb, extra, reason):
     assert not result.merges
     assert [r.reason for r in result.unmerged] == ([reason] if reason else [])
     assert all("Add 'Add#" in r.detail for r in result.unmerged)
-    assert_equivalent(model, result.model)
+    assert_equivalent(model, result.to_model())
 
 
 def test_identity_branch_with_stride_2_is_not_merged_and_keeps_its_reason():
@@ -115,7 +115,7 @@ def test_identity_branch_with_stride_2_is_not_merged_and_keeps_its_reason():
 
 def test_reparameterize_is_off_by_default():
     result = fuse(repvgg())
-    assert not result.merges and bn_count(result.model) == 1
+    assert not result.merges and bn_count(result.to_model()) == 1
     assert result.unmerged is None and "not_reparameterized" not in result.to_dict()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from bnfold import BnfoldError, runner
 from bnfold.cli import main
@@ -250,7 +250,7 @@ def test_node_placement_reads_the_profile(tmp_path):
 def test_float64_max_pool_matches_onnx_runtime(kernel, strides, pads):
     """The float64 evaluator's numpy MaxPool against ONNX Runtime (max is exact in any dtype),
     with all-negative inputs so that padding can never win."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     from bnfold import exact, runner
 

@@ -12,11 +12,11 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold import BnfoldError, fuse, runner
 from bnfold.verification import CROSS_PROVIDER_FACTOR, Tolerance, parse_providers, verify
-from conftest import MODELS, bn_params, build, rand
+from conftest import MODELS, build, rand
 
 SHIPPED = sorted(p.name for p in MODELS.glob("*.onnx"))
 
@@ -35,7 +35,7 @@ def pair(tmp_path):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_correct_fold_of_each_shipped_model_passes(name, pair):
     ref = MODELS / name
-    cand = pair(fuse(ref).model, "fused.onnx")
+    cand = pair(fuse(ref).to_model(), "fused.onnx")
     report = verify(ref, cand, providers="cpu", samples=3)
     assert report.equivalent, [(o.name, o.max_abs_error, o.atol) for c in report.comparisons for o in c.outputs]
     out = report.comparisons[0].outputs[0]
@@ -58,7 +58,7 @@ def _first_bn(model):
 
 
 def perturbed_weight(m):
-    w = fuse(m).model
+    w = fuse(m).to_model()
     conv = next(n for n in w.graph.node if n.op_type == "Conv")
 
     def bump(a):
@@ -86,7 +86,7 @@ def wrong_channels(m):
 
 
 def nan_bias(m):
-    w = fuse(m).model
+    w = fuse(m).to_model()
     conv = next(n for n in w.graph.node if n.op_type == "Conv")
 
     def poison(a):
@@ -115,7 +115,8 @@ g (float[N,4] x) => (float[N,4] a, float[N,4] b) {
 
 def test_swapped_outputs_fail(pair):
     ref = pair(build(TWO_OUT), "ref.onnx")
-    swapped = build(TWO_OUT.replace("a = Relu", "tmp = Relu").replace("b = Sigmoid (x)", "a = Sigmoid (x)\n b = Identity (tmp)"))
+    swapped = build(TWO_OUT.replace("a = Relu", "tmp = Relu")
+                    .replace("b = Sigmoid (x)", "a = Sigmoid (x)\n b = Identity (tmp)"))
     report = verify(ref, pair(swapped, "cand.onnx"), providers="cpu")
     assert not report.equivalent
     assert [o.equivalent for o in report.comparisons[0].outputs] == [False, False]
@@ -172,7 +173,7 @@ def test_dynamic_dims_and_shapes(pair):
 
 def test_npz_and_npy_inputs(pair, tmp_path):
     ref = MODELS / "mlp_bn1d.onnx"
-    cand = pair(fuse(ref).model, "fused.onnx")
+    cand = pair(fuse(ref).to_model(), "fused.onnx")
     x = np.random.default_rng(3).normal(size=(5, 64)).astype(np.float32)
     np.savez(tmp_path / "in.npz", input=x)
     np.save(tmp_path / "in.npy", x)
@@ -259,7 +260,7 @@ def fake_cuda(monkeypatch):
 
 def test_auto_uses_cuda_when_it_works(fake_cuda, pair):
     ref = MODELS / "mlp_bn1d.onnx"
-    report = verify(ref, pair(fuse(ref).model, "f.onnx"))
+    report = verify(ref, pair(fuse(ref).to_model(), "f.onnx"))
     assert [c.name for c in report.comparisons] == ["cpu", "cuda", "cpu-vs-cuda"]
     assert report.comparisons[2].reference_provider == "CPUExecutionProvider"
     assert report.comparisons[2].candidate_provider == "CUDAExecutionProvider"
@@ -310,7 +311,7 @@ def test_real_cuda_provider(pair):
     if not ok:
         pytest.skip(f"no working CUDA execution provider: {why}")
     ref = MODELS / "resnet_mini.onnx"
-    report = verify(ref, pair(fuse(ref).model, "f.onnx"), providers="cuda")
+    report = verify(ref, pair(fuse(ref).to_model(), "f.onnx"), providers="cuda")
     assert report.equivalent
     assert [c.name for c in report.comparisons] == ["cuda", "cpu-vs-cuda"]
     bug = verify(ref, pair(dropped_mean(onnx.load(str(ref))), "bug.onnx"), providers="cuda")

@@ -86,12 +86,12 @@ def test_check_fails_on_an_internal_error_and_a_batch_goes_on(model, boom, tmp_p
 
 
 def test_a_bug_while_writing_is_an_internal_error_not_an_unwritable_output(model, monkeypatch):
-    from bnfold import modelio
+    from bnfold.modelio import stream
 
     def bug(*args, **kwargs):
         raise ValueError("planted bug in the writer")
 
-    monkeypatch.setattr(modelio, "write_model", bug)
+    monkeypatch.setattr(stream, "write_model", bug)
     res = run("fuse", model, "--no-verify")
     assert res.exit_code == 3 and "could not be written" not in res.output and "planted bug" in res.output
     assert sorted(p.name for p in model.parent.iterdir()) == ["net.onnx"]  # no output, no temporary

@@ -7,7 +7,7 @@ layer, then jittered, so activations stay O(1) through the depth as in a trained
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx

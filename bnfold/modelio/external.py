@@ -1,0 +1,160 @@
+"""External data: checking a model's ``.data`` references at load, and writing a ``.data`` file.
+
+Loading never follows a location outside the model's folder and refuses files that are
+missing or shorter than the tensors they should hold. Writing copies or computes each large
+tensor piece by piece into the new file (page-aligned, so runtimes can map it), so nothing
+is held whole in memory.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterator, Mapping, Optional, Union
+
+import numpy as np
+from onnx import ModelProto, TensorProto
+
+from ..errors import BnfoldError, MalformedModelError, PathLike
+from .pending import PendingValue, ScaledTensor, as_array, resolved
+from .tensors import (VALUE_FIELDS, external_info, external_offset, external_path, inline_nbytes, iter_tensors,
+                      read_tensor, set_tensor_data, tensor_nbytes)
+
+ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
+INLINE_BYTES = 1024  # smaller tensors stay in the model (runtimes read shapes from them)
+
+
+def check_external_data(model: ModelProto, path: PathLike) -> None:
+    """Refuse external data that is missing, short, or outside the model's folder."""
+    base = Path(path).parent.resolve()
+    sizes: Dict[Path, int] = {}
+    for t in iter_tensors(model):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = external_info(t)
+        loc = info.get("location", "")
+        where = f"tensor '{t.name}' external data location '{loc}'"
+        if not loc:
+            raise BnfoldError(f"tensor '{t.name}' has external data without a location", path)
+        if os.path.isabs(loc) or ".." in Path(loc).parts or "\\" in loc:
+            raise BnfoldError(f"{where} is absolute or contains '..': refused", path)
+        full = (base / loc).resolve()
+        if base != full and base not in full.parents:
+            raise BnfoldError(f"{where} resolves outside the model's folder: refused", path)
+        if not full.is_file():
+            raise BnfoldError(f"{where}: file is missing", path)
+        if full not in sizes:
+            sizes[full] = full.stat().st_size
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        need = tensor_nbytes(t)
+        if length is not None and need is not None and int(length) != need:
+            raise BnfoldError(f"{where}: length {length} differs from the {need} bytes its dims need", path)
+        end = offset + (int(length) if length is not None else (need or 0))
+        if end > sizes[full]:
+            raise BnfoldError(f"{where}: file is {sizes[full]} bytes, shorter than the {end} bytes it should hold",
+                              path)
+
+
+def write_external_data(model: ModelProto, data_file: BinaryIO, data_name: str,
+                        replacements: Mapping[str, PendingValue], base_dir: Optional[PathLike]) -> None:
+    """Write every large or external tensor of ``model`` into ``data_file`` and point the
+    tensors at it. Replaced initializers take their new data; external tensors are
+    copied piece by piece from their source; nothing is held whole in memory."""
+    main = list(model.graph.initializer)
+    main_ids = {id(t) for t in main}
+    others = [t for t in iter_tensors(model) if id(t) not in main_ids]
+    offset = 0
+    for t in main + others:
+        pending = replacements.get(t.name) if id(t) in main_ids else None
+        rep = resolved(pending) if pending is not None else None
+        external = t.data_location == TensorProto.EXTERNAL
+        size = rep.nbytes if rep is not None else (tensor_nbytes(t) or 0) if external else inline_nbytes(t)
+        if size <= INLINE_BYTES:
+            if rep is not None or external:
+                set_tensor_data(t, as_array(rep) if rep is not None else read_tensor(t, base_dir))
+            continue
+        pad = (-offset) % ALIGN
+        data_file.write(b"\0" * pad)
+        offset += pad
+        start = offset
+        if isinstance(rep, ScaledTensor):
+            for block in _prefetched(rep.blocks()):  # compute the next block while this one is written
+                offset += write_array(data_file, block)
+        elif rep is not None:
+            offset += write_array(data_file, rep)
+        elif external:
+            offset += _copy_external(t, base_dir, data_file)
+        else:
+            raw = t.raw_data
+            data_file.write(raw)
+            offset += len(raw)
+        for f in ("raw_data", "external_data") + VALUE_FIELDS:
+            t.ClearField(f)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(offset - start))):
+            t.external_data.add(key=key, value=value)
+
+
+def _prefetched(blocks: Iterator[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+    """Iterate ``blocks`` computed in a worker thread, at most ``depth`` ahead (numpy and
+    file writes release the GIL, so computing and writing overlap)."""
+    q: queue.Queue[Union[np.ndarray, BaseException, object]] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for b in blocks:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, np.ndarray)
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def write_array(f: BinaryIO, value: np.ndarray) -> int:
+    """Write ``value``'s bytes (little-endian, C order) to ``f``; return how many."""
+    arr = np.ascontiguousarray(value)
+    if sys.byteorder != "little":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    f.write(arr.data.cast("B"))
+    return int(arr.nbytes)
+
+
+def _copy_external(t: TensorProto, base_dir: Optional[PathLike], out: BinaryIO) -> int:
+    info = external_info(t)
+    length = int(info["length"]) if info.get("length") else (tensor_nbytes(t) or 0)
+    with open(external_path(t, base_dir), "rb") as src:
+        src.seek(external_offset(t))
+        left = length
+        while left:
+            chunk = src.read(min(left, 1 << 24))
+            if not chunk:
+                raise MalformedModelError(f"external data of tensor '{t.name}' ends early")
+            out.write(chunk)
+            left -= len(chunk)
+    return length

@@ -1,0 +1,90 @@
+"""Loading a model safely: anything that is not a usable ONNX model is refused with a
+:class:`~bnfold.errors.BnfoldError` that names the file and the problem."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import onnx
+from onnx import ModelProto, TensorProto
+from onnx.external_data_helper import load_external_data_for_model
+
+from ..errors import BnfoldError, PathLike
+from .external import check_external_data
+from .stream import copy_except
+from .tensors import tensor_nbytes, uses_external_data
+
+
+def load_model(path: PathLike, *, load_external: bool = True) -> ModelProto:
+    """Load an ONNX model from ``path``, validating it enough to work on safely."""
+    return load_model_info(path, load_external=load_external)[0]
+
+
+def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[ModelProto, bool]:
+    """Like :func:`load_model`, also saying whether the file used external data."""
+    p = Path(path)
+    if not p.exists():
+        raise BnfoldError("no such file", p)
+    if p.is_dir():
+        raise BnfoldError("is a directory, not an ONNX file", p)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BnfoldError(f"cannot be read ({e.strerror or e})", p) from None
+    if not data:
+        raise BnfoldError("is empty, not an ONNX model", p)
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError and friends: any parse failure means "not ONNX"
+        raise BnfoldError("is not an ONNX model (it does not parse as ONNX protobuf: truncated or another format?)",
+                          p) from None
+    del data
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise BnfoldError("is not an ONNX model (no IR version or no graph)", p)
+    check_versions(model, p)
+    check_structure(model, p)
+    external = uses_external_data(model)
+    if external:
+        check_external_data(model, p)
+    if load_external and external:
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as e:  # onnx raises several types for unreadable data; all are the input's fault
+            raise BnfoldError(f"cannot read its external data ({e})", p) from None
+    return model, external
+
+
+def check_structure(model: ModelProto, path: PathLike) -> None:
+    """Run the ONNX checker on the model's structure (main-graph weights left out, so the
+    cost does not grow with their size); refuse what it rejects, naming the check."""
+    skeleton = copy_except(model, "graph")
+    graph = skeleton.graph
+    graph.CopyFrom(copy_except(model.graph, "initializer"))
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.STRING:
+            graph.initializer.append(t)
+            continue
+        # A one-element stand-in of the same rank and type: shapes are not inferred here.
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend([1] * len(t.dims))
+        stub.raw_data = b"\0" * max(1, (tensor_nbytes(stub) or 1))
+    try:
+        onnx.checker.check_model(skeleton)
+    except Exception as e:  # ValidationError, and C++ errors surfacing as other types
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise BnfoldError(f"the ONNX checker rejects it: {lines[0] if lines else type(e).__name__}", path) from None
+
+
+def check_versions(model: ModelProto, path: PathLike) -> None:
+    """Refuse IR and opset versions newer than the installed onnx understands."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise BnfoldError(f"IR version {model.ir_version} is newer than onnx {onnx.__version__} supports "
+                          f"(up to {onnx.IR_VERSION}); upgrade onnx", path)
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise BnfoldError(f"opset {op.version} is newer than onnx {onnx.__version__} supports "
+                              f"(up to {newest}); upgrade onnx", path)

@@ -1,0 +1,80 @@
+"""Tensor values waiting to be written: the one type the fold, the graph index and the writer share.
+
+A :data:`PendingValue` is one of
+
+- an ``np.ndarray``: the new values, already computed;
+- a :class:`ScaledTensor`: ``round(source * factor)`` for a weight in external data, computed
+  block by block while the output is written, so a model of many gigabytes is folded with
+  a few tensors in memory at a time;
+- a function returning the array: computed only if something needs the values.
+
+:func:`as_array` turns any of them into an array; the writer (:mod:`bnfold.modelio.external`,
+:mod:`bnfold.modelio.stream`) streams arrays whole and :meth:`ScaledTensor.blocks` block by block.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..errors import MalformedModelError, PathLike
+from .tensors import external_offset, external_path, read_tensor
+
+
+class ScaledTensor:
+    """A folded weight not yet computed: ``round(source * factor)`` in ``dtype``."""
+
+    def __init__(self, source: TensorProto, base_dir: Optional[PathLike], factor: np.ndarray,
+                 dtype: np.dtype) -> None:
+        self.source, self.base_dir, self.factor, self.dtype = source, base_dir, factor, np.dtype(dtype)
+        self.shape = tuple(source.dims)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def materialize(self) -> np.ndarray:
+        from ..numerics import scale_round
+
+        return scale_round(read_tensor(self.source, self.base_dir), self.factor, self.dtype, "the folded weight")
+
+    def blocks(self, block_bytes: int = 1 << 24) -> Iterator[np.ndarray]:
+        """The folded values, a block of leading-axis rows at a time (read into one reused buffer)."""
+        from ..numerics import scale_round
+
+        shape = self.shape
+        if len(shape) == 0 or 0 in shape:
+            yield self.materialize()
+            return
+        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
+        row = int(np.prod(shape[1:]))
+        rows = max(1, block_bytes // max(1, row * src_dtype.itemsize))
+        per_row = self.factor.ndim == len(shape) and self.factor.shape[0] != 1
+        buf = np.empty(min(rows, shape[0]) * row, src_dtype)
+        with open(external_path(self.source, self.base_dir), "rb") as f:
+            f.seek(external_offset(self.source))
+            for i in range(0, shape[0], rows):
+                n = min(rows, shape[0] - i)
+                view = buf[:n * row]
+                if f.readinto(view.data.cast("B")) != view.nbytes:
+                    raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early")
+                f_block = self.factor[i:i + n] if per_row else self.factor
+                yield scale_round(view.reshape((n,) + tuple(shape[1:])), f_block, self.dtype, "the folded weight")
+
+
+PendingValue = Union[np.ndarray, ScaledTensor, Callable[[], np.ndarray]]
+"""A tensor value waiting to be written (see the module docstring)."""
+
+
+def as_array(value: PendingValue) -> np.ndarray:
+    """The values of a pending tensor, computed now if they were not yet."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, ScaledTensor):
+        return value.materialize()
+    return value()
+
+
+def resolved(value: PendingValue) -> Union[np.ndarray, ScaledTensor]:
+    """``value`` with a deferred function called: what the writer streams (arrays whole,
+    :class:`ScaledTensor` block by block)."""
+    return value if isinstance(value, (np.ndarray, ScaledTensor)) else value()
