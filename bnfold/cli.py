@@ -340,9 +340,16 @@ def _progress(jobs: int, quiet: bool):
         return (lambda o, done, total: bar.update(1)), (lambda: bar.__exit__(None, None, None))
 
     def line(o, done: int, total: int) -> None:
-        click.echo(f"[{done}/{total}] {o.model}: {'ok' if o.exit_code == 0 else o.error}", err=True)
+        click.echo(f"[{done}/{total}] {o.model}: {'ok' if o.exit_code == 0 else _problem(o)}", err=True)
 
     return line, lambda: None
+
+
+def _problem(o) -> str:
+    """An outcome's error without the model's name in front (the line names the model already)."""
+    error = o.error or ""
+    prefix = f"{o.model}: "
+    return error[len(prefix):] if error.startswith(prefix) else error
 
 
 def _run(pairs: list, opts, jobs: int, quiet: bool, single: bool):
@@ -372,7 +379,7 @@ def render_summary(report) -> str:
         status = _STATUS_TEXT.get(o.status.value, o.status.value)
         if status == "ok" and o.verified:
             status = "ok, verified"
-        text = o.output or o.error or ""
+        text = o.output or _problem(o)
         if o.status is Status.FORCED:
             text = f"{o.output} (written with --force; not equivalent)"
         if o.hint:
