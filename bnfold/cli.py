@@ -126,7 +126,47 @@ def _default_output(model: Path, tag: str = "fused") -> Path:
     return default_output(model, tag)
 
 
-@click.group(context_settings=CONTEXT)
+class _Bnfold(click.Group):
+    """The command group, with usage errors as one line: ``bnfold: error: <problem> (see
+    'bnfold CMD --help')`` on stderr and exit 2, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `bnfold`: the help is the answer
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            click.echo(f"bnfold: error: {usage_problem(e)} (see '{_command_path(e.ctx)} --help')", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"bnfold: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C before a command ran (handle_errors takes it inside one)
+            click.echo("bnfold: interrupted; nothing was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _command_path(ctx: Optional[click.Context]) -> str:
+    """``bnfold CMD`` whatever the program was called (``python -m bnfold``, a test runner)."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["bnfold"] + names[::-1])
+
+
+def usage_problem(e: click.UsageError) -> str:
+    """Click's message as a clause: lower-case start, no full stop, suggestions in brackets."""
+    text = " ".join(e.format_message().split())
+    text = text.replace(". (Did you mean", " (did you mean").rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+@click.group(cls=_Bnfold, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="bnfold")
 def main() -> None:
     """Fold, insert and verify BatchNormalization layers in ONNX models.
@@ -159,10 +199,26 @@ def fold_options(fn):
     return fn
 
 
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _check_providers(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A typo in --providers is a usage error, before any work, naming the valid values."""
+    import difflib
+
+    parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PROVIDER_CHOICES]
+    if not parts or bad or ("auto" in parts and len(parts) > 1):
+        close = difflib.get_close_matches(bad[0], PROVIDER_CHOICES, 1) if bad else []
+        raise click.BadParameter(f"'{value}' is not one of auto, cpu, cuda, cpu,cuda"
+                                 + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return value
+
+
 def verify_options(fn):
     """Options shared by ``verify`` and ``fuse`` (which verifies by default)."""
     opts = [
-        click.option("--providers", default="auto", show_default=True,
+        click.option("--providers", default="auto", show_default=True, callback=_check_providers,
                      help="auto (CPU, plus CUDA when it really works), cpu, cuda, or cpu,cuda."),
         click.option("--samples", type=click.IntRange(1), default=None,
                      help="Random input sets to compare on [default: 2]; not with --inputs (its arrays are the "

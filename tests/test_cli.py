@@ -176,3 +176,49 @@ def test_help_does_not_import_onnx_or_onnxruntime():
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+COMMANDS = ["fuse", "inspect", "verify", "check", "insert", "recalibrate"]
+CHOICES = {"insert": ["--position", "pre-activaton"], "recalibrate": ["--estimator", "momentun"],
+           "fuse": ["--providers", "cdua"], "check": ["--providers", "cdua"], "verify": ["--providers", "cdua"]}
+
+
+def usage_cases():
+    for cmd in COMMANDS:
+        args = {"verify": ["a.onnx", "b.onnx"], "recalibrate": ["a.onnx", "--calibration", "d.npz"]}.get(cmd, ["a.onnx"])
+        yield cmd, [cmd, *args, "--no-such-option"], "no such option '--no-such-option'"
+        yield cmd, [cmd], "missing argument"
+        if cmd in CHOICES:
+            yield cmd, [cmd, *args, *CHOICES[cmd]], "invalid value for '" + CHOICES[cmd][0] + "'"
+        if cmd != "verify":
+            yield cmd, [cmd, *args, "-q", "-v"], "use -q or -v, not both"
+    yield None, ["no-such-command"], "no such command 'no-such-command'"
+    yield None, ["--no-such-option"], "no such option"
+    yield "fuse", ["fuse", "a.onnx", "--jobs", "0"], "invalid value for '-j' / '--jobs'"
+
+
+@pytest.mark.parametrize("cmd,argv,problem", list(usage_cases()))
+def test_every_usage_error_is_one_line_naming_the_help(cmd, argv, problem, tmp_path):
+    res = CliRunner().invoke(main, argv)  # a.onnx etc. need not exist: usage is checked first
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    help_cmd = f"bnfold {cmd} --help" if cmd else "bnfold --help"
+    assert res.stderr.count("\n") == 1 and "Usage:" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"bnfold: error: {problem}") and res.stderr.endswith(f" (see '{help_cmd}')\n"), \
+        res.stderr
+
+
+def test_an_option_value_typo_names_the_valid_values():
+    res = CliRunner().invoke(main, ["verify", "a.onnx", "b.onnx", "--providers", "cdua"])
+    assert res.exit_code == 2 and "auto, cpu, cuda, cpu,cuda (did you mean 'cuda'?)" in res.stderr
+    res = CliRunner().invoke(main, ["insert", "a.onnx", "--position", "pre"])
+    assert res.exit_code == 2 and "'pre-activation', 'post-activation'" in res.stderr
+    res = CliRunner().invoke(main, ["fuse", "a.onnx", "--providers", "CPU,cuda", "--help"])
+    assert res.exit_code == 0  # case-insensitive, and lists are valid
+
+
+def test_usage_errors_are_one_line_from_the_installed_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "fuse", "--no-such-option"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr == \
+        "bnfold: error: no such option '--no-such-option' (see 'bnfold fuse --help')\n"
