@@ -222,3 +222,23 @@ def test_usage_errors_are_one_line_from_the_installed_entry_point():
                           cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr == \
         "bnfold: error: no such option '--no-such-option' (see 'bnfold fuse --help')\n"
+
+
+@pytest.mark.parametrize("array,problem", [
+    (np.zeros((2, 3, 16, 16), np.float32), "array 'input' has shape [2, 3, 16, 16], but the model's input 'input' "
+                                           "is [N, 3, 32, 32] (axis 2 must be 32)"),
+    (np.zeros((3, 32, 32), np.float32), "(rank 3), but the model's input 'input' is [N, 3, 32, 32] (rank 4)"),
+    (np.full((2, 3, 32, 32), np.nan, np.float32), "array 'input' holds NaN or inf (first at index (0, 0, 0, 0)"),
+    (np.zeros((2, 3, 32, 32), np.complex64), "array 'input' is complex64, but the model's input 'input' is float32"),
+])
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_verify_inputs_that_do_not_fit_name_the_file_and_the_input(model, tmp_path, array, problem, suffix):
+    data = tmp_path / f"x{suffix}"
+    if suffix == ".npz":
+        np.savez(data, input=array)
+    else:
+        np.save(data, array)
+    res = run("verify", model, model, "--inputs", data)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith(f"bnfold: error: {data}: array 'input' ") and problem in res.stderr
+    assert res.stderr.count("\n") == 1 and str(model) not in res.stderr
