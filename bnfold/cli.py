@@ -22,7 +22,8 @@ import click
 from . import __version__
 from .errors import BnfoldError
 from .hosts import RULES
-from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE  # no onnx import: --help stays fast
+from .paths import SKIPPED_FOLDER_NAMES
+from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE, EXPORT_REASONS  # no onnx import: --help stays fast
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -356,11 +357,13 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
 
 def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
     """``(model, root)`` pairs: files as given (root None), folders searched for ``*.onnx``
-    (hidden folders, virtualenvs, site-packages, node_modules and ``--exclude`` globs
-    skipped); a file named twice is kept once."""
-    from .paths import find_models, models_reading, unique_models
+    (hidden folders, virtualenvs, site-packages, node_modules skipped); ``--exclude`` globs
+    apply to both; a file named twice is kept once. When every model named is excluded,
+    a note says so and the list is empty (nothing to do: a pre-commit run on excluded files)."""
+    from .paths import find_models, is_excluded, models_reading, unique_models
 
     models = []
+    excluded = 0
     for p in paths:
         if p.is_dir():
             found = find_models(p, exclude)
@@ -371,18 +374,41 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
             owners = models_reading(p)
             if not owners:
                 raise BnfoldError("no *.onnx model in its folder keeps its external data in it", p)
-            models.extend((q, None) for q in owners)
+            kept = [q for q in owners if not is_excluded(q, exclude)]
+            excluded += len(owners) - len(kept)
+            models.extend((q, None) for q in kept)
+        elif is_excluded(p, exclude):
+            excluded += 1
         else:
             models.append((p, None))
+    if not models and excluded:
+        click.echo(f"bnfold: note: all {excluded} model(s) named match --exclude; nothing to do", err=True)
     return unique_models(models)
 
 
 def exclude_option(fn):
+    skipped = ", ".join(sorted(SKIPPED_FOLDER_NAMES))
     return click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
-                        help="Skip files and folders matching GLOB when searching folders (repeatable; "
-                             "matched against the path below the folder and each of its parts). Hidden "
-                             "folders, virtualenvs, site-packages, dist-packages and node_modules are "
-                             "always skipped.")(fn)
+                        help="Skip models matching GLOB (repeatable), named MODELS and files found in folders "
+                             "alike: matched against the path (below the searched folder, or as given) and "
+                             "against each of its parts. Folder searches always skip hidden folders (.git, "
+                             f".venv, ...), virtual environments (a folder holding pyvenv.cfg), {skipped}.")(fn)
+
+
+def _help(**texts: str):
+    """Set the help of options shared with other commands (by parameter name) for one command."""
+    def deco(fn):
+        params = {p.name: p for p in getattr(fn, "__click_params__", [])}
+        for name, text in texts.items():
+            params[name].help = text
+        return fn
+
+    return deco
+
+
+JUNIT_BATCH_HELP = ("Write JUnit XML for CI to this file, whatever the outcome: one test case per model "
+                    "(failure: not equivalent or policy failed; error: unusable input or internal error; "
+                    "skipped: interrupted), plus one per verified output and provider.")
 
 
 def _progress(jobs: int, quiet: bool):
@@ -436,6 +462,12 @@ def render_summary(report) -> str:
         if status == "ok" and o.verified:
             status = "ok, verified"
         text = o.output or _problem(o)
+        if not text and rep and o.status is Status.PASSED:
+            kept = [r["reason"] for r in rep["records"] if not r["folded"]]
+            if kept:
+                from .workflow import reason_counts
+
+                text = f"kept: {reason_counts(kept)}"
         if o.status is Status.FORCED:
             text = f"{o.output} (written with --force; not equivalent)"
         if o.hint:
@@ -577,6 +609,10 @@ def _options(allow_overridable: bool, reparameterize: bool, verify_opts: dict, *
 
 
 @main.command(context_settings=CONTEXT)
+@_help(report_path="Write the JSON report to this file: one model's per-BN report and verification, or, with "
+                   "several models, {\"models\": [...]} with each one's outcome (schema in the README).",
+       verbose="List every BN, folded ones included (one model); show internal errors' tracebacks.",
+       junit_path=JUNIT_BATCH_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the folded model (one MODEL only) [default: <stem>.fused.onnx beside it].")
@@ -653,11 +689,19 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
 
 
 @main.command(context_settings=CONTEXT)
+@_help(report_path="Write the JSON report to this file, whatever the outcome: {\"models\": [...]}, each model's "
+                   "outcome with its per-BN report and verification (schema in the README).",
+       as_json="Print the JSON report (as --report writes it) on stdout instead of the summary table.",
+       verbose="Show internal errors' tracebacks.",
+       junit_path=JUNIT_BATCH_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--require-folded", is_flag=True,
-              help="Fail a model that still has BatchNormalization fuse would fold (a deployment artifact "
-                   "that was not preprocessed), or BNs kept only because their parameters are overridable "
-                   "graph inputs (fuse --allow-overridable folds those).")
+              help="Fail (exit 1) a model in which fuse would still fold a BatchNormalization (a deployment "
+                   "artifact nobody preprocessed), or that keeps one only because of how it was exported: "
+                   f"{', '.join(EXPORT_REASONS)} (overridable or run-time computed parameters; the message "
+                   "says what to do, and --exclude leaves out a model that really computes them at run time). "
+                   "BNs kept for other reasons cannot be folded exactly and pass. A failure lists each "
+                   "model's kept BNs by reason code.")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
               help="Models checked in parallel processes.")
 @exclude_option
@@ -684,6 +728,8 @@ def check(models, require_folded: bool, jobs: int, exclude, allow_overridable: b
 
 
 @main.command(context_settings=CONTEXT)
+@_help(junit_path="Write JUnit XML to this file, whatever the outcome: one test case per output and provider "
+                  "(failure: not equivalent), or one error case when the models could not be compared.")
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in the README).")
@@ -726,6 +772,7 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
 
 
 @main.command(context_settings=CONTEXT)
+@_help(report_path="Write the per-BN report as JSON to this file.")
 @click.argument("model", type=click.Path(path_type=Path))
 @fold_options
 @handle_errors
@@ -818,11 +865,21 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
 
 def _only_with_calibration(ctx: click.Context, names: tuple) -> None:
     """Options that mean something only with data: refuse them, given explicitly, without it."""
-    given = [n for n in names if ctx.get_parameter_source(n) not in
-             (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)]
+    given = [n for n in names if _given(ctx, n)]
     if given:
-        opts = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise BnfoldError(f"{opts} only apply with --calibration (without data the BNs are the identity)")
+        raise click.UsageError(f"{_options_text(given)} {'applies' if len(given) == 1 else 'apply'} only with "
+                               "--calibration (without data the BNs are the identity)")
+
+
+def _options_text(names: Sequence[str]) -> str:
+    """``["a", "b_c", "d"]`` as ``--a, --b-c and --d``."""
+    opts = ["--" + n.replace("_", "-") for n in names]
+    return opts[0] if len(opts) == 1 else ", ".join(opts[:-1]) + " and " + opts[-1]
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT,
+                                                  click.core.ParameterSource.DEFAULT_MAP, None)
 
 
 def _warn(data: dict, quiet: bool) -> None:
@@ -840,6 +897,7 @@ def _calibration_line(cal: dict) -> str:
 
 
 @main.command(context_settings=CONTEXT)
+@_help(verbose="Also list each BN inserted (ops skipped are always listed).")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.bn.onnx beside MODEL].")
@@ -901,15 +959,18 @@ def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, e
 
 
 @main.command(context_settings=CONTEXT)
+@_help(momentum="Momentum of the running averages with --estimator momentum (Keras' default 0.99).",
+       verbose="Also list each BN recalibrated (BNs left as they were are always listed).")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calibration", type=click.Path(path_type=Path), required=True,
               help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.recalibrated.onnx beside MODEL].")
 @calibration_options
+@click.pass_context
 @handle_errors
-def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_size, estimator, momentum, exact,
-                as_json, quiet, verbose) -> None:
+def recalibrate(ctx: click.Context, model: Path, calibration: Path, output: Optional[Path], batch_size, estimator,
+                momentum, exact, as_json, quiet, verbose) -> None:
     """Re-estimate the running mean and variance of every inference BN from new data.
 
     Scale and bias stay. Each BN is measured on its input in the model as calibrated
@@ -917,6 +978,8 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     """
     from .insert import recalibrate as recalibrate_bn
 
+    if estimator != "momentum" and _given(ctx, "momentum"):  # recalibrate writes no momentum attribute
+        raise click.UsageError("--momentum applies only with --estimator momentum")
     data = _calibrated(model, output, "recalibrated", quiet, lambda progress: recalibrate_bn(
         model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, exact=exact,
         progress=progress),
@@ -927,6 +990,9 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     elif not quiet:
         click.echo(f"{model} -> {data['output']}: {len(data['recalibrated'])} BatchNormalization recalibrated, "
                    f"{_calibration_line(data['calibration'])}")
+        if verbose:
+            for name in data["recalibrated"]:
+                click.echo(f"  recalibrated '{name}'")
         for s in data["skipped"]:
             click.echo(f"  skipped '{s['node']}': {s['why']}")
 

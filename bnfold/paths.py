@@ -177,6 +177,12 @@ def find_models(root: Path, exclude: Sequence[str] = ()) -> List[Path]:
     return sorted(found)
 
 
+def is_excluded(path: PathLike, globs: Sequence[str]) -> bool:
+    """Whether a model named explicitly matches an ``--exclude`` glob: the path as given
+    (``/``-separated), or any of its parts, as :func:`find_models` matches found files."""
+    return _excluded(Path(path), globs)
+
+
 def _excluded(rel: Path, globs: Sequence[str]) -> bool:
     text = rel.as_posix()
     return any(fnmatch.fnmatchcase(text, g) or any(fnmatch.fnmatchcase(part, g) for part in rel.parts)

@@ -158,8 +158,8 @@ def check_file(model: PathLike, *, require_folded: bool = False, verify: Optiona
                verify_kwargs: Optional[Mapping[str, Any]] = None) -> FuseOutcome:
     """The CI gate on one model: fold in memory, verify the fold in a scratch folder, apply the
     policy; never writes a model. ``require_folded`` fails a model that still holds BNs
-    ``fuse`` would fold, or BNs kept only because their parameters are overridable graph
-    inputs (``fuse --allow-overridable`` folds those)."""
+    ``fuse`` would fold, or BNs kept only because of how it was exported (:data:`EXPORT_REASONS`:
+    overridable parameters, weights or parameters computed at run time)."""
     opts = FuseOptions(verify=verify, allow_overridable=allow_overridable, reparameterize=reparameterize,
                        require_folded=require_folded, verify_kwargs=dict(verify_kwargs or {}))
     return run_one(Path(model), None, opts)
@@ -289,19 +289,50 @@ def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[
         raise err from None
 
 
+# ``check --require-folded``: BNs kept for these reasons fail it too. They are not in the
+# architecture but in how the model was exported, and the export (or an option) can fix them;
+# a model that really feeds those values at run time is left out of the gate with --exclude.
+# BNs kept for any other reason (nothing linear to fold into, an activation in between, ...)
+# cannot be folded exactly and pass.
+EXPORT_REASONS: Dict[str, str] = {
+    "OVERRIDABLE_PARAMETER": "fuse --allow-overridable folds BNs whose parameters are initializers listed as "
+                             "graph inputs, if nobody feeds those inputs",
+    "HOST_WEIGHT_NOT_CONSTANT": "weights computed at run time: export with constant folding (torch.onnx.export "
+                                "do_constant_folding=True; dynamo: optimize=True) and fuse again",
+    "NOT_CONSTANT": "BN parameters computed at run time: export with constant folding and fuse again",
+    "CONSTANT_TOO_LARGE": "weights computed from constants too large to evaluate: export with constant folding "
+                          "and fuse again",
+}
+
+
+def reason_counts(codes: Sequence[str]) -> str:
+    """``["A", "B", "A"]`` as ``"A x2, B x1"`` (first-seen order)."""
+    order: Dict[str, int] = {}
+    for c in codes:
+        order[c] = order.get(c, 0) + 1
+    return ", ".join(f"{c} x{n}" for c, n in order.items())
+
+
 def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
-    """``check``'s policy on a fold that verified (or was not verified)."""
+    """``check``'s policy on a fold that verified (or was not verified). ``require_folded``
+    fails a model in which ``fuse`` would still fold a BN, or which keeps a BN only for a
+    reason of :data:`EXPORT_REASONS`; the error lists the kept BNs' reason codes."""
     if opts.require_folded:
-        overridable = [r for r in data["records"] if not r["folded"] and r["reason"] == "OVERRIDABLE_PARAMETER"]
-        if data["folded"]:
+        kept = [r["reason"] for r in data["records"] if not r["folded"]]
+        export = [c for c in kept if c in EXPORT_REASONS]
+        other = [c for c in kept if c not in EXPORT_REASONS]
+        if data["folded"] or export:
+            parts = []
+            if data["folded"]:
+                parts.append(f"{data['folded']} BatchNormalization can still be folded")
+            if export:
+                parts.append(f"{len(export)} kept only because of how it was exported ({reason_counts(export)})")
+            if other:
+                parts.append(f"{len(other)} kept that cannot be folded ({reason_counts(other)})")
+            hints = ["run bnfold fuse on it"] if data["folded"] else []
+            hints += [EXPORT_REASONS[c] for c in dict.fromkeys(export)]
             return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
-                            error=f"{model}: {data['folded']} BatchNormalization can still be folded",
-                            hint="run bnfold fuse on it")
-        if overridable:
-            return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
-                            error=f"{model}: {len(overridable)} BatchNormalization kept only because their "
-                                  "parameters are overridable graph inputs (OVERRIDABLE_PARAMETER)",
-                            hint="run bnfold fuse --allow-overridable on it if nobody feeds those inputs")
+                            error=f"{model}: " + "; ".join(parts), hint="; ".join(hints))
     return _outcome(model, Status.PASSED, report=data, warnings=warnings)
 
 

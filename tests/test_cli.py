@@ -242,3 +242,51 @@ def test_verify_inputs_that_do_not_fit_name_the_file_and_the_input(model, tmp_pa
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith(f"bnfold: error: {data}: array 'input' ") and problem in res.stderr
     assert res.stderr.count("\n") == 1 and str(model) not in res.stderr
+
+
+def help_text(*cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0
+    return " ".join(res.output.split()).replace("- ", "-")  # undo wrapping at hyphens (site-packages)
+
+
+def test_help_says_what_each_report_writes_and_what_applies():
+    from bnfold.paths import SKIPPED_FOLDER_NAMES
+
+    for cmd in ("fuse", "check"):
+        text = help_text(cmd)
+        assert "one test case per model" in text and "whatever the outcome" in text  # --junit
+        assert '{"models": [...]}' in text  # --report's batch form
+        for name in SKIPPED_FOLDER_NAMES | {".git", "virtual environments"}:
+            assert name in text, (cmd, name)  # --exclude: what folder searches always skip
+        assert "named MODELS and files found in folders alike" in text
+    assert "one test case per output and provider" in help_text("verify")
+    text = help_text("recalibrate")
+    assert "new BN" not in text and "skipped ops" not in text
+    assert "with --estimator momentum" in text and "each BN recalibrated" in text
+
+
+def test_option_without_the_option_it_needs_is_one_grammatical_usage_line(model, tmp_path):
+    res = run("insert", model, "--estimator", "momentum")
+    assert res.exit_code == 2 and res.stderr.startswith(
+        "bnfold: error: --estimator applies only with --calibration") and res.stderr.count("\n") == 1
+    res = run("insert", model, "--estimator", "momentum", "--exact")
+    assert "--estimator and --exact apply only with --calibration" in res.stderr
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.zeros((4, 3, 32, 32), np.float32))
+    res = run("recalibrate", model, "--calibration", data, "--momentum", "0.9")
+    assert res.exit_code == 2 and "--momentum applies only with --estimator momentum" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "net.onnx"]  # nothing written
+
+
+def test_exclude_applies_to_models_named_explicitly(tmp_path):
+    keep, skip = tmp_path / "keep.onnx", tmp_path / "legacy" / "old.onnx"
+    skip.parent.mkdir()
+    shutil.copy(MODELS / "mlp_bn1d.onnx", keep)
+    shutil.copy(MODELS / "mlp_bn1d.onnx", skip)
+    res = run("fuse", keep, skip, "--exclude", "legacy", "--no-verify", "--json")
+    assert res.exit_code == 0, res.output
+    assert [m["model"] for m in json.loads(res.stdout)["models"]] == [str(keep)]
+    assert not skip.with_name("old.fused.onnx").exists()
+    res = run("check", skip, "--exclude", "*.onnx")  # pre-commit handing over only excluded files
+    assert res.exit_code == 0 and "all 1 model(s) named match --exclude; nothing to do" in res.stderr
