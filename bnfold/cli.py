@@ -28,6 +28,33 @@ from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE, EXPORT_REA
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class _Path(click.Path):
+    """A path that may not be empty: ``bnfold fuse "$MODEL"`` with the variable unset would
+    otherwise mean the current folder (``Path("") == Path(".")``)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path (an unset shell variable?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _Finite(click.FloatRange):
+    """A float that must be finite (a NaN tolerance would pass everything, a NaN momentum would
+    write NaN statistics), within the range given. ``inf_ok`` admits +inf (a time budget)."""
+
+    def __init__(self, min=None, max=None, *, inf_ok: bool = False, **kw) -> None:
+        super().__init__(min, max, **kw)
+        self.inf_ok = inf_ok
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = click.types.FloatParamType.convert(self, value, param, ctx)
+        if math.isnan(rv) or (math.isinf(rv) and not (self.inf_ok and rv > 0)):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
 
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"bnfold: error: {message}", err=True)
@@ -192,7 +219,7 @@ def fold_options(fn):
     fn = click.option("--allow-overridable", is_flag=True,
                       help="Treat initializers that are also graph inputs (IR >= 4) as constants, as most "
                            "exporters intend; by default such BNs are kept (reason OVERRIDABLE_PARAMETER).")(fn)
-    fn = click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+    fn = click.option("--report", "report_path", type=_Path(dir_okay=False, path_type=Path),
                       help="Write the per-BN report as JSON to this file.")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of a table.")(fn)
     fn = click.option("-v", "--verbose", count=True, help="List every BN, folded ones included.")(fn)
@@ -230,23 +257,23 @@ def verify_options(fn):
                           "2 for axis 0 and 32 elsewhere."),
         click.option("--shape", "shapes", multiple=True, metavar="INPUT=1x3x224x224",
                      help="Whole shape of one input (repeatable)."),
-        click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
+        click.option("--inputs", "inputs_path", type=_Path(path_type=Path),
                      help="Real inputs: .npz with one array per input name, or .npy for a single-input model."),
-        click.option("--rtol", type=float,
+        click.option("--rtol", type=_Finite(0),
                      help="Relative tolerance: switches to the fixed element-wise check [default: calibrated "
                           "on measured noise, see 'How verify decides' in the README]."),
-        click.option("--atol", type=float,
+        click.option("--atol", type=_Finite(0),
                      help="Absolute tolerance: switches to the fixed element-wise check (the other part "
                           "then by dtype, float32 rtol 1e-3, atol 1e-4 x max|reference output|)."),
         click.option("--output-tol", "output_tols", multiple=True, metavar="OUTPUT=RTOL:ATOL",
                      help="Fixed tolerances for one output (either part may be empty; repeatable)."),
-        click.option("--exact-budget", "exact_budget", type=click.FloatRange(0), default=60.0, show_default=True,
+        click.option("--exact-budget", "exact_budget", type=_Finite(0, inf_ok=True), default=60.0, show_default=True,
                      metavar="SECONDS",
                      help="Skip the float64 pass (fixed-tolerance fallback, said in the report) when its "
                           "estimated cost exceeds this; 0 never runs it."),
         click.option("--localize", is_flag=True,
                      help="On a difference, name the first intermediate tensor (same name in both) that diverges."),
-        click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
+        click.option("--junit", "junit_path", type=_Path(dir_okay=False, path_type=Path),
                      help="Write the verification as JUnit XML (one test case per output and provider)."),
     ]
     for opt in reversed(opts):
@@ -259,8 +286,13 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
     from .inputs import parse_assignments, parse_shape
 
     def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
+        import math
+
         r, _, a = text.partition(":")
-        return float(r) if r else None, float(a) if a else None
+        tol = float(r) if r else None, float(a) if a else None
+        if any(t is not None and not (math.isfinite(t) and t >= 0) for t in tol):
+            raise ValueError(text)  # parse_assignments names the option and the item
+        return tol
 
     return dict(providers=providers, samples=samples, seed=seed,
                 dims=parse_assignments(dims, "--dim", int), shapes=parse_assignments(shapes, "--shape", parse_shape),
@@ -506,20 +538,31 @@ def _interrupt_line(report, command: str, limit: int = 10) -> str:
 def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
     """Before any work: refuse a --report/--junit path that is a model of the run, a file one
     reads (external data), or (for fuse) an output, so a report can never destroy one."""
-    from .paths import check_output, files_read
+    from .paths import check_output, files_read, probe_writable
 
     if any(p is not None for p in paths):
         reads = files_read(models)
         for p in paths:
             if p is not None:
                 check_output(p, reads, what="report")
+                probe_writable(p)  # a report that cannot be written fails now, not after the outputs
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A report file, written atomically; any OS refusal (a folder where nothing can be created,
+    e.g. under /proc) is one line naming the file."""
+    from .modelio import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as e:
+        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", path) from None
 
 
 def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
             verbose: int, quiet: bool, single: bool, t0: float) -> None:
     """Reports (JSON, JUnit, GitHub step summary), rendering, annotations and the exit code
     (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
-    from .modelio import write_bytes_atomic
     from .reports import github_summary, junit_for_outcomes
     from .workflow import Status
 
@@ -531,9 +574,9 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     else:
         doc = report.to_dict()
     if report_path is not None and doc is not None:
-        write_bytes_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
+        _write_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
     if junit_path is not None:
-        write_bytes_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
+        _write_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary and command != "inspect":  # the CI commands
         _append_step_summary(Path(summary), github_summary(command, dicts))
@@ -557,7 +600,7 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
             line = o.error + (f" ({o.hint})" if o.hint else "")
             if o.status is Status.FORCED:
                 click.echo(f"bnfold: warning: {line}", err=True)
-            elif single or quiet or as_json or o.status is Status.INTERNAL_ERROR:
+            elif single or quiet or as_json or len(outcomes) == 1 or o.status is Status.INTERNAL_ERROR:
                 click.echo(f"bnfold: error: {line}", err=True)
             if o.traceback and verbose:
                 click.echo(o.traceback.rstrip(), err=True)
@@ -581,12 +624,11 @@ def _junit_on_refusal(command: str, junit_path: Optional[Path]):
         refused_itself = isinstance(e, BnfoldError) and e.path is not None and junit_path is not None \
             and same_file(e.path, junit_path)
         if junit_path is not None and not refused_itself:
-            from .modelio import write_bytes_atomic
             from .reports import junit_for_outcomes
 
             case = {"model": str(getattr(e, "path", None) or "bnfold"), "status": "unusable", "error": str(e)}
             try:
-                write_bytes_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
+                _write_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
             except BnfoldError:
                 pass  # an unwritable report must not hide the refusal, which is what the user must see
         raise
@@ -613,10 +655,10 @@ def _options(allow_overridable: bool, reparameterize: bool, verify_opts: dict, *
                    "several models, {\"models\": [...]} with each one's outcome (schema in the README).",
        verbose="List every BN, folded ones included (one model); show internal errors' tracebacks.",
        junit_path=JUNIT_BATCH_HELP)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("models", nargs=-1, required=True, type=_Path(path_type=Path))
+@click.option("-o", "--output", type=_Path(dir_okay=False, path_type=Path),
               help="Where to write the folded model (one MODEL only) [default: <stem>.fused.onnx beside it].")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=_Path(file_okay=False, path_type=Path),
               help="Write each folded model here under its own name (a folder's layout is kept; created "
                    "if missing). Two models that would get the same name are refused before anything is "
                    "written.")
@@ -694,7 +736,7 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
        as_json="Print the JSON report (as --report writes it) on stdout instead of the summary table.",
        verbose="Show internal errors' tracebacks.",
        junit_path=JUNIT_BATCH_HELP)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=_Path(path_type=Path))
 @click.option("--require-folded", is_flag=True,
               help="Fail (exit 1) a model in which fuse would still fold a BatchNormalization (a deployment "
                    "artifact nobody preprocessed), or that keeps one only because of how it was exported: "
@@ -730,8 +772,8 @@ def check(models, require_folded: bool, jobs: int, exclude, allow_overridable: b
 @main.command(context_settings=CONTEXT)
 @_help(junit_path="Write JUnit XML to this file, whatever the outcome: one test case per output and provider "
                   "(failure: not equivalent), or one error case when the models could not be compared.")
-@click.argument("reference", type=click.Path(path_type=Path))
-@click.argument("candidate", type=click.Path(path_type=Path))
+@click.argument("reference", type=_Path(path_type=Path))
+@click.argument("candidate", type=_Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in the README).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors; the exit code tells the verdict.")
 @click.option("-v", "--verbose", count=True, help="Also show the values at each output's worst element.")
@@ -746,7 +788,6 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
     exceeds both --atol and --rtol x |reference|. Exit 0 equivalent, 1 not
     equivalent, 2 could not run, 3 internal error. --junit is written in every case.
     """
-    from .modelio import write_bytes_atomic
     from .reports import junit_for_verify
     from .verification import verify as verify_models
     from .workflow import exit_code_for, internal_error_message, verify_exit_code
@@ -759,11 +800,11 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
             kind = {EXIT_UNUSABLE: "UnusableInput", EXIT_INTERRUPTED: "Interrupted"}.get(exit_code_for(e),
                                                                                           "InternalError")
             message = str(e) if isinstance(e, (BnfoldError, KeyboardInterrupt)) else internal_error_message(e)
-            write_bytes_atomic(junit_path, junit_for_verify(None, candidate=str(candidate),
-                                                            error=(kind, message or "interrupted")).encode())
+            _write_atomic(junit_path, junit_for_verify(None, candidate=str(candidate),
+                                                       error=(kind, message or "interrupted")).encode())
         raise
     if junit_path is not None:
-        write_bytes_atomic(junit_path, junit_for_verify(report.to_dict(), candidate=str(candidate)).encode())
+        _write_atomic(junit_path, junit_for_verify(report.to_dict(), candidate=str(candidate)).encode())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
@@ -773,7 +814,7 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
 
 @main.command(context_settings=CONTEXT)
 @_help(report_path="Write the per-BN report as JSON to this file.")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=_Path(path_type=Path))
 @fold_options
 @handle_errors
 def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool,
@@ -799,7 +840,7 @@ def calibration_options(fn):
                                              "running averages frameworks keep in training, starting from mean 0 and "
                                              "variance 1 as PyTorch and Keras do (after b batches the data weighs "
                                              "1 - momentum^b; below 99% a warning says so)."),
-        click.option("--momentum", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+        click.option("--momentum", type=_Finite(0, 1), default=0.99, show_default=True,
                      help="Momentum of the running averages (Keras' default 0.99); also written into new BNs."),
         click.option("--exact", is_flag=True,
                      help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
@@ -855,8 +896,11 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
             result = run(progress)
         finally:
             click.echo("\r\033[K", nl=False, err=True)
-    with stage_model(result.model, target, external_data=result.source_external_data or None,
-                     avoid=reads) as staged:
+    try:
+        staging = stage_model(result.model, target, external_data=result.source_external_data or None, avoid=reads)
+    except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
+        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", target) from None
+    with staging as staged:
         staged.commit()
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)
@@ -898,8 +942,8 @@ def _calibration_line(cal: dict) -> str:
 
 @main.command(context_settings=CONTEXT)
 @_help(verbose="Also list each BN inserted (ops skipped are always listed).")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("model", type=_Path(path_type=Path))
+@click.option("-o", "--output", type=_Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.bn.onnx beside MODEL].")
 @click.option("--op", "ops", multiple=True,
               help=f"Op types to follow with a BN (repeatable) [default: {', '.join(RULES)}].")
@@ -907,12 +951,12 @@ def _calibration_line(cal: dict) -> str:
 @click.option("--exclude", help="Skip ops whose name (or output) matches this regular expression.")
 @click.option("--position", type=click.Choice(["pre-activation", "post-activation"]), default="pre-activation",
               show_default=True, help="Directly after the op (the BN paper), or after its activation.")
-@click.option("--calibration", type=click.Path(path_type=Path),
+@click.option("--calibration", type=_Path(path_type=Path),
               help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
 @click.option("--mode", type=click.Choice(["preserve", "normalize"]), default="preserve", show_default=True,
               help="With data: preserve keeps the function (scale=sqrt(var+eps), bias=mean); normalize "
                    "standardises activations (scale=1, bias=0), changing outputs on purpose.")
-@click.option("--epsilon", type=float, default=1e-5, show_default=True, help="BN epsilon attribute (> 0).")
+@click.option("--epsilon", type=_Finite(0, min_open=True), default=1e-5, show_default=True, help="BN epsilon attribute (> 0).")
 @calibration_options
 @click.pass_context
 @handle_errors
@@ -961,10 +1005,10 @@ def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, e
 @main.command(context_settings=CONTEXT)
 @_help(momentum="Momentum of the running averages with --estimator momentum (Keras' default 0.99).",
        verbose="Also list each BN recalibrated (BNs left as they were are always listed).")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--calibration", type=click.Path(path_type=Path), required=True,
+@click.argument("model", type=_Path(path_type=Path))
+@click.option("--calibration", type=_Path(path_type=Path), required=True,
               help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=_Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.recalibrated.onnx beside MODEL].")
 @calibration_options
 @click.pass_context

@@ -109,8 +109,20 @@ def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], 
 def load_feeds(path: os.PathLike, specs: List[InputSpec]) -> Dict[str, np.ndarray]:
     """Feeds from a ``.npz`` (keys = input names) or a ``.npy`` (single-input models)."""
     p = Path(path)
+    if p.is_dir():
+        raise BnfoldError("is a directory: --inputs takes a .npz (one array per input) or a .npy file", p)
     if not p.is_file():
         raise BnfoldError("no such file", p)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise BnfoldError(f"cannot be read ({e.strerror or e})", p) from None
+    if not magic:
+        raise BnfoldError("is empty: --inputs takes a .npz (one array per input) or a .npy file", p)
+    if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # zip (npz) or npy magic
+        raise BnfoldError("is neither a .npz nor a .npy file: --inputs takes a .npz (one array per input) or a "
+                          ".npy file", p)
     try:
         if p.suffix == ".npy":
             if len(specs) != 1:

@@ -206,7 +206,11 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         if target is None:  # check: the candidate lives in a private folder and goes away
             scratch = Path(tempfile.mkdtemp(prefix="bnfold-check-"))
         staging = target if target is not None else scratch / model.name
-        with result.stage(staging, external_data=result.source_external_data or None) as staged:
+        try:
+            staging_cm = result.stage(staging, external_data=result.source_external_data or None)
+        except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
+            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
+        with staging_cm as staged:
             result.release_model()  # written: free it before ONNX Runtime loads both models
             report = None
             if opts.verify is not False and result.folded:
