@@ -75,7 +75,7 @@ def handle_errors(fn):
         except BnfoldError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+            _fail("interrupted; no model was written", EXIT_INTERRUPTED)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors: click prints them and exits 2
         except Exception as e:  # a bug in bnfold: never a traceback by default, never exit 1
@@ -173,7 +173,7 @@ class _Bnfold(click.Group):
             click.echo(f"bnfold: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:  # Ctrl-C before a command ran (handle_errors takes it inside one)
-            click.echo("bnfold: interrupted; nothing was written", err=True)
+            click.echo("bnfold: interrupted; no model was written", err=True)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -900,8 +900,13 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
         staging = stage_model(result.model, target, external_data=result.source_external_data or None, avoid=reads)
     except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
         raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", target) from None
+    from .workflow import sigint_held
+
     with staging as staged:
-        staged.commit()
+        with sigint_held() as interrupted:  # the model and its data file are replaced together or not at all
+            staged.commit()
+    if interrupted:
+        _fail(f"interrupted; {target} was written, complete, before it stopped", EXIT_INTERRUPTED)
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)
     return data

@@ -226,7 +226,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                 return _outcome(model, Status.NOT_EQUIVALENT, error=error, warnings=warnings, report=data)
             if target is None:
                 return _policy(model, data, opts, warnings)
-            with _sigint_held() as interrupted:
+            with sigint_held() as interrupted:
                 staged.commit()
                 data["output"] = str(target)
                 if failed:
@@ -254,7 +254,7 @@ class InterruptedAfterWrite(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigint_held() -> Iterator[List[int]]:
+def sigint_held() -> Iterator[List[int]]:
     """Hold Ctrl-C while files are renamed into place, so that an output (model and data file)
     is never half replaced. Yields a list that is non-empty if an interrupt arrived. Only the
     main thread can handle signals; elsewhere, and where Ctrl-C is ignored, nothing changes."""

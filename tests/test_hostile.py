@@ -240,3 +240,24 @@ def test_a_folder_that_looks_writable_but_is_not(workdir, monkeypatch, args, tar
 def test_check_names_a_missing_model_on_stderr(workdir):
     res = run("check", "nope.onnx")
     assert res.exit_code == 2 and res.stderr == "bnfold: error: nope.onnx: no such file\n"
+
+
+@pytest.mark.parametrize("command", ["insert", "recalibrate"])
+def test_ctrl_c_while_insert_or_recalibrate_renames_its_output_is_held(workdir, monkeypatch, command):
+    import signal
+
+    real = modelio.StagedModel.commit
+
+    def interrupted_commit(self):
+        if self.target.name == "out.onnx":  # not a temporary model calibration may write
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between staging and the renames
+        real(self)
+
+    monkeypatch.setattr(modelio.StagedModel, "commit", interrupted_commit)
+    out = workdir / "out.onnx"
+    args = [command, "m.onnx", "-o", out] + (["--calibration", "cal.npz"] if command == "recalibrate" else [])
+    res = run(*args)
+    assert res.exit_code == 130, res.output
+    assert res.output == f"bnfold: error: interrupted; {out} was written, complete, before it stopped\n"
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert sorted(p.name for p in workdir.iterdir()) == ["cal.npz", "m.onnx", "out.onnx"]  # no staged folder
