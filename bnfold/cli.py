@@ -961,7 +961,7 @@ def _calibration_line(cal: dict) -> str:
 @click.option("--mode", type=click.Choice(["preserve", "normalize"]), default="preserve", show_default=True,
               help="With data: preserve keeps the function (scale=sqrt(var+eps), bias=mean); normalize "
                    "standardises activations (scale=1, bias=0), changing outputs on purpose.")
-@click.option("--epsilon", type=_Finite(0, min_open=True), default=1e-5, show_default=True, help="BN epsilon attribute (> 0).")
+@click.option("--epsilon", type=float, default=1e-5, show_default=True, help="BN epsilon attribute (> 0).")
 @calibration_options
 @click.pass_context
 @handle_errors
