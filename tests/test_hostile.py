@@ -261,3 +261,32 @@ def test_ctrl_c_while_insert_or_recalibrate_renames_its_output_is_held(workdir, 
     assert res.output == f"bnfold: error: interrupted; {out} was written, complete, before it stopped\n"
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     assert sorted(p.name for p in workdir.iterdir()) == ["cal.npz", "m.onnx", "out.onnx"]  # no staged folder
+
+
+@pytest.mark.parametrize("args", [
+    ("fuse", "m.onnx"), ("inspect", "m.onnx"), ("check", "m.onnx"), ("verify", "m.onnx", "m.onnx"),
+    ("insert", "m.onnx"), ("recalibrate", "m.onnx", "--calibration", "cal.npz"),
+])
+def test_an_unreadable_model_is_one_line_for_every_command(workdir, monkeypatch, args):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(modelio, "open", denied, raising=False)  # root reads anything: simulate it
+    before = files_under(workdir)
+    res = run(*args)
+    assert res.exit_code == 2 and res.stderr == "bnfold: error: m.onnx: cannot be read (Permission denied)\n"
+    assert args[0] == "check" or res.stdout == ""  # check also shows its summary table
+    assert files_under(workdir) == before
+
+
+def test_unreadable_verify_inputs_are_one_line(workdir, monkeypatch):
+    from bnfold import inputs
+
+    np.savez(workdir / "in.npz", input=np.zeros((2, 3, 32, 32), np.float32))
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inputs, "open", denied, raising=False)
+    line = usage_refused(run("verify", "m.onnx", "m.onnx", "--inputs", "in.npz"))
+    assert line == "bnfold: error: in.npz: cannot be read (Permission denied)"
