@@ -418,6 +418,14 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
     return unique_models(models)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def exclude_option(fn):
     skipped = ", ".join(sorted(SKIPPED_FOLDER_NAMES))
     return click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
@@ -698,7 +706,12 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
     with _junit_on_refusal("fuse", junit_path):
         if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
             raise click.UsageError("use only one of --output, --out-dir and --in-place")
+        if in_place and force:  # the only copy of MODEL would be replaced by a model that differs from it
+            raise click.UsageError("--force with --in-place would replace MODEL by a model that is not "
+                                   "equivalent to it; write it elsewhere with -o or --out-dir")
         found = _collect(models, exclude)
+        if out_dir is not None:  # outputs of an earlier run into a folder inside a searched one are not inputs
+            found = [(m, r) for m, r in found if r is None or not _inside(m, out_dir)]
         if output is not None and len(found) > 1:
             raise click.UsageError("--output takes one MODEL; use --out-dir for several")
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():

@@ -152,3 +152,23 @@ def test_batch_lines_name_each_model_once(tmp_path):
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if "empty.onnx" in ln and "interrupted" not in ln]
     assert lines and all(ln.count("empty.onnx") == 1 for ln in lines), lines
+
+
+def test_an_out_dir_inside_the_searched_folder_is_not_searched_again(tmp_path):
+    src = corpus(tmp_path)
+    out = src / "deploy"
+    assert run("fuse", src, "--out-dir", out, "--no-verify", "-q").exit_code == 0
+    res = run("fuse", src, "--out-dir", out, "--no-verify", "--json")  # the same command, run again
+    assert res.exit_code == 0, res.output
+    assert sorted(m["model"] for m in json.loads(res.stdout)["models"]) == [str(src / "a.onnx"),
+                                                                           str(src / "sub" / "b.onnx")]
+    assert not (out / "deploy").exists()
+
+
+def test_force_in_place_is_refused_before_anything_is_read(tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "mlp_bn1d.onnx", model)
+    before = model.read_bytes()
+    res = run("fuse", model, "--in-place", "--force")
+    assert res.exit_code == 2 and res.stderr.startswith("bnfold: error: --force with --in-place would replace")
+    assert model.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
