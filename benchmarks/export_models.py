@@ -266,9 +266,10 @@ def main() -> None:
         part.unlink(missing_ok=True)
         t = time.perf_counter()
         try:
-            p = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", name, "--exporters",
-                                args.exporters, "--dtypes", args.dtypes] + (["--side", str(args.side)] if args.side
-                                                                            else []) + (["--flat"] if args.flat else []),
+            cmd = [sys.executable, __file__, "--out", str(out), "--one", name, "--exporters", args.exporters,
+                   "--dtypes", args.dtypes]
+            cmd += (["--side", str(args.side)] if args.side else []) + (["--flat"] if args.flat else [])
+            p = subprocess.run(cmd,
                                timeout=args.timeout, capture_output=True, text=True)
             sys.stdout.write("".join(line for line in p.stdout.splitlines(True)
                                        if not line.startswith("[torch.onnx]")))
@@ -284,7 +285,8 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         entries = [e for part in pool.map(one, archs) for e in part]
     for e in list(entries):
-        if e["ok"] and not args.flat and e["arch"] in EXTERNAL and e["exporter"] == "torchscript" and e["dtype"] == "float32":
+        if (e["ok"] and not args.flat and e["arch"] in EXTERNAL and e["exporter"] == "torchscript"
+                and e["dtype"] == "float32"):
             entries.append(external_copy(e, out))
     manifest_path = out / "manifest.json"
     old = json.loads(manifest_path.read_text())["models"] if manifest_path.exists() and args.names else []

@@ -22,9 +22,38 @@ import click
 from . import __version__
 from .errors import BnfoldError
 from .hosts import RULES
-from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE  # no onnx import: --help stays fast
+from .paths import SKIPPED_FOLDER_NAMES
+# no onnx import: --help stays fast
+from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE, EXPORT_REASONS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Path(click.Path):
+    """A path that may not be empty: ``bnfold fuse "$MODEL"`` with the variable unset would
+    otherwise mean the current folder (``Path("") == Path(".")``)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path (an unset shell variable?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _Finite(click.FloatRange):
+    """A float that must be finite (a NaN tolerance would pass everything, a NaN momentum would
+    write NaN statistics), within the range given. ``inf_ok`` admits +inf (a time budget)."""
+
+    def __init__(self, min=None, max=None, *, inf_ok: bool = False, **kw) -> None:
+        super().__init__(min, max, **kw)
+        self.inf_ok = inf_ok
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = click.FLOAT.convert(value, param, ctx)  # the number first, the range after
+        if math.isnan(rv) or (math.isinf(rv) and not (self.inf_ok and rv > 0)):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(rv, param, ctx)
 
 
 
@@ -47,7 +76,7 @@ def handle_errors(fn):
         except BnfoldError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+            _fail("interrupted; no model was written", EXIT_INTERRUPTED)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors: click prints them and exits 2
         except Exception as e:  # a bug in bnfold: never a traceback by default, never exit 1
@@ -126,7 +155,47 @@ def _default_output(model: Path, tag: str = "fused") -> Path:
     return default_output(model, tag)
 
 
-@click.group(context_settings=CONTEXT)
+class _Bnfold(click.Group):
+    """The command group, with usage errors as one line: ``bnfold: error: <problem> (see
+    'bnfold CMD --help')`` on stderr and exit 2, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `bnfold`: the help is the answer
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            click.echo(f"bnfold: error: {usage_problem(e)} (see '{_command_path(e.ctx)} --help')", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"bnfold: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C before a command ran (handle_errors takes it inside one)
+            click.echo("bnfold: interrupted; no model was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _command_path(ctx: Optional[click.Context]) -> str:
+    """``bnfold CMD`` whatever the program was called (``python -m bnfold``, a test runner)."""
+    names: List[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["bnfold"] + names[::-1])
+
+
+def usage_problem(e: click.UsageError) -> str:
+    """Click's message as a clause: lower-case start, no full stop, suggestions in brackets."""
+    text = " ".join(e.format_message().split())
+    text = text.replace(". (Did you mean", " (did you mean").rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+@click.group(cls=_Bnfold, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="bnfold")
 def main() -> None:
     """Fold, insert and verify BatchNormalization layers in ONNX models.
@@ -151,7 +220,7 @@ def fold_options(fn):
     fn = click.option("--allow-overridable", is_flag=True,
                       help="Treat initializers that are also graph inputs (IR >= 4) as constants, as most "
                            "exporters intend; by default such BNs are kept (reason OVERRIDABLE_PARAMETER).")(fn)
-    fn = click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+    fn = click.option("--report", "report_path", type=_Path(dir_okay=False, path_type=Path),
                       help="Write the per-BN report as JSON to this file.")(fn)
     fn = click.option("--json", "as_json", is_flag=True,
                       help="Print the report as JSON on stdout instead of a table.")(fn)
@@ -160,10 +229,26 @@ def fold_options(fn):
     return fn
 
 
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _check_providers(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A typo in --providers is a usage error, before any work, naming the valid values."""
+    import difflib
+
+    parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PROVIDER_CHOICES]
+    if not parts or bad or ("auto" in parts and len(parts) > 1):
+        close = difflib.get_close_matches(bad[0], PROVIDER_CHOICES, 1) if bad else []
+        raise click.BadParameter(f"'{value}' is not one of auto, cpu, cuda, cpu,cuda"
+                                 + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return value
+
+
 def verify_options(fn):
     """Options shared by ``verify`` and ``fuse`` (which verifies by default)."""
     opts = [
-        click.option("--providers", default="auto", show_default=True,
+        click.option("--providers", default="auto", show_default=True, callback=_check_providers,
                      help="auto (CPU, plus CUDA when it really works), cpu, cuda, or cpu,cuda."),
         click.option("--samples", type=click.IntRange(1), default=None,
                      help="Random input sets to compare on [default: 2]; not with --inputs (its arrays are the "
@@ -174,23 +259,23 @@ def verify_options(fn):
                           "2 for axis 0 and 32 elsewhere."),
         click.option("--shape", "shapes", multiple=True, metavar="INPUT=1x3x224x224",
                      help="Whole shape of one input (repeatable)."),
-        click.option("--inputs", "inputs_path", type=click.Path(path_type=Path),
+        click.option("--inputs", "inputs_path", type=_Path(path_type=Path),
                      help="Real inputs: .npz with one array per input name, or .npy for a single-input model."),
-        click.option("--rtol", type=float,
+        click.option("--rtol", type=_Finite(0),
                      help="Relative tolerance: switches to the fixed element-wise check [default: calibrated "
                           "on measured noise, see 'How verify decides' in the README]."),
-        click.option("--atol", type=float,
+        click.option("--atol", type=_Finite(0),
                      help="Absolute tolerance: switches to the fixed element-wise check (the other part "
                           "then by dtype, float32 rtol 1e-3, atol 1e-4 x max|reference output|)."),
         click.option("--output-tol", "output_tols", multiple=True, metavar="OUTPUT=RTOL:ATOL",
                      help="Fixed tolerances for one output (either part may be empty; repeatable)."),
-        click.option("--exact-budget", "exact_budget", type=click.FloatRange(0), default=60.0, show_default=True,
+        click.option("--exact-budget", "exact_budget", type=_Finite(0, inf_ok=True), default=60.0, show_default=True,
                      metavar="SECONDS",
                      help="Skip the float64 pass (fixed-tolerance fallback, said in the report) when its "
                           "estimated cost exceeds this; 0 never runs it."),
         click.option("--localize", is_flag=True,
                      help="On a difference, name the first intermediate tensor (same name in both) that diverges."),
-        click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path),
+        click.option("--junit", "junit_path", type=_Path(dir_okay=False, path_type=Path),
                      help="Write the verification as JUnit XML (one test case per output and provider)."),
     ]
     for opt in reversed(opts):
@@ -203,8 +288,13 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
     from .inputs import parse_assignments, parse_shape
 
     def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
+        import math
+
         r, _, a = text.partition(":")
-        return float(r) if r else None, float(a) if a else None
+        tol = float(r) if r else None, float(a) if a else None
+        if any(t is not None and not (math.isfinite(t) and t >= 0) for t in tol):
+            raise ValueError(text)  # parse_assignments names the option and the item
+        return tol
 
     return dict(providers=providers, samples=samples, seed=seed,
                 dims=parse_assignments(dims, "--dim", int), shapes=parse_assignments(shapes, "--shape", parse_shape),
@@ -301,11 +391,13 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
 
 def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
     """``(model, root)`` pairs: files as given (root None), folders searched for ``*.onnx``
-    (hidden folders, virtualenvs, site-packages, node_modules and ``--exclude`` globs
-    skipped); a file named twice is kept once."""
-    from .paths import find_models, models_reading, unique_models
+    (hidden folders, virtualenvs, site-packages, node_modules skipped); ``--exclude`` globs
+    apply to both; a file named twice is kept once. When every model named is excluded,
+    a note says so and the list is empty (nothing to do: a pre-commit run on excluded files)."""
+    from .paths import find_models, is_excluded, models_reading, unique_models
 
     models: List[Tuple[Path, Optional[Path]]] = []
+    excluded = 0
     for p in paths:
         if p.is_dir():
             found = find_models(p, exclude)
@@ -316,18 +408,49 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
             owners = models_reading(p)
             if not owners:
                 raise BnfoldError("no *.onnx model in its folder keeps its external data in it", p)
-            models.extend((q, None) for q in owners)
+            kept = [q for q in owners if not is_excluded(q, exclude)]
+            excluded += len(owners) - len(kept)
+            models.extend((q, None) for q in kept)
+        elif is_excluded(p, exclude):
+            excluded += 1
         else:
             models.append((p, None))
+    if not models and excluded:
+        click.echo(f"bnfold: note: all {excluded} model(s) named match --exclude; nothing to do", err=True)
     return unique_models(models)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def exclude_option(fn):
+    skipped = ", ".join(sorted(SKIPPED_FOLDER_NAMES))
     return click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
-                        help="Skip files and folders matching GLOB when searching folders (repeatable; "
-                             "matched against the path below the folder and each of its parts). Hidden "
-                             "folders, virtualenvs, site-packages, dist-packages and node_modules are "
-                             "always skipped.")(fn)
+                        help="Skip models matching GLOB (repeatable), named MODELS and files found in folders "
+                             "alike: matched against the path (below the searched folder, or as given) and "
+                             "against each of its parts. Folder searches always skip hidden folders (.git, "
+                             f".venv, ...), virtual environments (a folder holding pyvenv.cfg), {skipped}.")(fn)
+
+
+def _help(**texts: str):
+    """Set the help of options shared with other commands (by parameter name) for one command."""
+    def deco(fn):
+        params = {p.name: p for p in getattr(fn, "__click_params__", [])}
+        for name, text in texts.items():
+            params[name].help = text
+        return fn
+
+    return deco
+
+
+JUNIT_BATCH_HELP = ("Write JUnit XML for CI to this file, whatever the outcome: one test case per model "
+                    "(failure: not equivalent or policy failed; error: unusable input or internal error; "
+                    "skipped: interrupted), plus one per verified output and provider.")
 
 
 def _progress(jobs: int, quiet: bool):
@@ -341,9 +464,16 @@ def _progress(jobs: int, quiet: bool):
         return (lambda o, done, total: bar.update(1)), (lambda: bar.__exit__(None, None, None))
 
     def line(o, done: int, total: int) -> None:
-        click.echo(f"[{done}/{total}] {o.model}: {'ok' if o.exit_code == 0 else o.error}", err=True)
+        click.echo(f"[{done}/{total}] {o.model}: {'ok' if o.exit_code == 0 else _problem(o)}", err=True)
 
     return line, lambda: None
+
+
+def _problem(o) -> str:
+    """An outcome's error without the model's name in front (the line names the model already)."""
+    error = o.error or ""
+    prefix = f"{o.model}: "
+    return error[len(prefix):] if error.startswith(prefix) else error
 
 
 def _run(pairs: list, opts, jobs: int, quiet: bool, single: bool):
@@ -373,7 +503,13 @@ def render_summary(report) -> str:
         status = _STATUS_TEXT.get(o.status.value, o.status.value)
         if status == "ok" and o.verified:
             status = "ok, verified"
-        text = o.output or o.error or ""
+        text = o.output or _problem(o)
+        if not text and rep and o.status is Status.PASSED:
+            kept = [r["reason"] for r in rep["records"] if not r["folded"]]
+            if kept:
+                from .workflow import reason_counts
+
+                text = f"kept: {reason_counts(kept)}"
         if o.status is Status.FORCED:
             text = f"{o.output} (written with --force; not equivalent)"
         if o.hint:
@@ -412,20 +548,31 @@ def _interrupt_line(report, command: str, limit: int = 10) -> str:
 def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
     """Before any work: refuse a --report/--junit path that is a model of the run, a file one
     reads (external data), or (for fuse) an output, so a report can never destroy one."""
-    from .paths import check_output, files_read
+    from .paths import check_output, files_read, probe_writable
 
     if any(p is not None for p in paths):
         reads = files_read(models)
         for p in paths:
             if p is not None:
                 check_output(p, reads, what="report")
+                probe_writable(p)  # a report that cannot be written fails now, not after the outputs
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A report file, written atomically; any OS refusal (a folder where nothing can be created,
+    e.g. under /proc) is one line naming the file."""
+    from .modelio import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as e:
+        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", path) from None
 
 
 def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
             verbose: int, quiet: bool, single: bool, t0: float) -> None:
     """Reports (JSON, JUnit, GitHub step summary), rendering, annotations and the exit code
     (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
-    from .modelio import write_bytes_atomic
     from .reports import github_summary, junit_for_outcomes
     from .workflow import Status
 
@@ -437,9 +584,9 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     else:
         doc = report.to_dict()
     if report_path is not None and doc is not None:
-        write_bytes_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
+        _write_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
     if junit_path is not None:
-        write_bytes_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
+        _write_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary and command != "inspect":  # the CI commands
         _append_step_summary(Path(summary), github_summary(command, dicts))
@@ -463,7 +610,7 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
             line = o.error + (f" ({o.hint})" if o.hint else "")
             if o.status is Status.FORCED:
                 click.echo(f"bnfold: warning: {line}", err=True)
-            elif single or quiet or as_json or o.status is Status.INTERNAL_ERROR:
+            elif single or quiet or as_json or len(outcomes) == 1 or o.status is Status.INTERNAL_ERROR:
                 click.echo(f"bnfold: error: {line}", err=True)
             if o.traceback and verbose:
                 click.echo(o.traceback.rstrip(), err=True)
@@ -487,12 +634,11 @@ def _junit_on_refusal(command: str, junit_path: Optional[Path]):
         refused_itself = isinstance(e, BnfoldError) and e.path is not None and junit_path is not None \
             and same_file(e.path, junit_path)
         if junit_path is not None and not refused_itself:
-            from .modelio import write_bytes_atomic
             from .reports import junit_for_outcomes
 
             case = {"model": str(getattr(e, "path", None) or "bnfold"), "status": "unusable", "error": str(e)}
             try:
-                write_bytes_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
+                _write_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
             except BnfoldError:
                 pass  # an unwritable report must not hide the refusal, which is what the user must see
         raise
@@ -515,10 +661,14 @@ def _options(allow_overridable: bool, reparameterize: bool, verify_opts: dict, *
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@_help(report_path="Write the JSON report to this file: one model's per-BN report and verification, or, with "
+                   "several models, {\"models\": [...]} with each one's outcome (schema in the README).",
+       verbose="List every BN, folded ones included (one model); show internal errors' tracebacks.",
+       junit_path=JUNIT_BATCH_HELP)
+@click.argument("models", nargs=-1, required=True, type=_Path(path_type=Path))
+@click.option("-o", "--output", type=_Path(dir_okay=False, path_type=Path),
               help="Where to write the folded model (one MODEL only) [default: <stem>.fused.onnx beside it].")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=_Path(file_okay=False, path_type=Path),
               help="Write each folded model here under its own name (a folder's layout is kept; created "
                    "if missing). Two models that would get the same name are refused before anything is "
                    "written.")
@@ -558,7 +708,12 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
     with _junit_on_refusal("fuse", junit_path):
         if sum(bool(x) for x in (output, out_dir, in_place)) > 1:
             raise click.UsageError("use only one of --output, --out-dir and --in-place")
+        if in_place and force:  # the only copy of MODEL would be replaced by a model that differs from it
+            raise click.UsageError("--force with --in-place would replace MODEL by a model that is not "
+                                   "equivalent to it; write it elsewhere with -o or --out-dir")
         found = _collect(models, exclude)
+        if out_dir is not None:  # outputs of an earlier run into a folder inside a searched one are not inputs
+            found = [(m, r) for m, r in found if r is None or not _inside(m, out_dir)]
         if output is not None and len(found) > 1:
             raise click.UsageError("--output takes one MODEL; use --out-dir for several")
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
@@ -591,11 +746,19 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_help(report_path="Write the JSON report to this file, whatever the outcome: {\"models\": [...]}, each model's "
+                   "outcome with its per-BN report and verification (schema in the README).",
+       as_json="Print the JSON report (as --report writes it) on stdout instead of the summary table.",
+       verbose="Show internal errors' tracebacks.",
+       junit_path=JUNIT_BATCH_HELP)
+@click.argument("models", nargs=-1, required=True, type=_Path(path_type=Path))
 @click.option("--require-folded", is_flag=True,
-              help="Fail a model that still has BatchNormalization fuse would fold (a deployment artifact "
-                   "that was not preprocessed), or BNs kept only because their parameters are overridable "
-                   "graph inputs (fuse --allow-overridable folds those).")
+              help="Fail (exit 1) a model in which fuse would still fold a BatchNormalization (a deployment "
+                   "artifact nobody preprocessed), or that keeps one only because of how it was exported: "
+                   f"{', '.join(EXPORT_REASONS)} (overridable or run-time computed parameters; the message "
+                   "says what to do, and --exclude leaves out a model that really computes them at run time). "
+                   "BNs kept for other reasons cannot be folded exactly and pass. A failure lists each "
+                   "model's kept BNs by reason code.")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=1, show_default=True,
               help="Models checked in parallel processes.")
 @exclude_option
@@ -622,8 +785,10 @@ def check(models, require_folded: bool, jobs: int, exclude, allow_overridable: b
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("reference", type=click.Path(path_type=Path))
-@click.argument("candidate", type=click.Path(path_type=Path))
+@_help(junit_path="Write JUnit XML to this file, whatever the outcome: one test case per output and provider "
+                  "(failure: not equivalent), or one error case when the models could not be compared.")
+@click.argument("reference", type=_Path(path_type=Path))
+@click.argument("candidate", type=_Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in the README).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors; the exit code tells the verdict.")
 @click.option("-v", "--verbose", count=True, help="Also show the values at each output's worst element.")
@@ -638,7 +803,6 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
     exceeds both --atol and --rtol x |reference|. Exit 0 equivalent, 1 not
     equivalent, 2 could not run, 3 internal error. --junit is written in every case.
     """
-    from .modelio import write_bytes_atomic
     from .reports import junit_for_verify
     from .verification import verify as verify_models
     from .workflow import exit_code_for, internal_error_message, verify_exit_code
@@ -651,11 +815,11 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
             kind = {EXIT_UNUSABLE: "UnusableInput", EXIT_INTERRUPTED: "Interrupted"}.get(exit_code_for(e),
                                                                                           "InternalError")
             message = str(e) if isinstance(e, (BnfoldError, KeyboardInterrupt)) else internal_error_message(e)
-            write_bytes_atomic(junit_path, junit_for_verify(None, candidate=str(candidate),
-                                                            error=(kind, message or "interrupted")).encode())
+            _write_atomic(junit_path, junit_for_verify(None, candidate=str(candidate),
+                                                       error=(kind, message or "interrupted")).encode())
         raise
     if junit_path is not None:
-        write_bytes_atomic(junit_path, junit_for_verify(report.to_dict(), candidate=str(candidate)).encode())
+        _write_atomic(junit_path, junit_for_verify(report.to_dict(), candidate=str(candidate)).encode())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif not quiet:
@@ -664,7 +828,8 @@ def verify(reference: Path, candidate: Path, as_json: bool, quiet: bool, verbose
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
+@_help(report_path="Write the per-BN report as JSON to this file.")
+@click.argument("model", type=_Path(path_type=Path))
 @fold_options
 @handle_errors
 def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_path: Optional[Path], as_json: bool,
@@ -690,7 +855,7 @@ def calibration_options(fn):
                                              "running averages frameworks keep in training, starting from mean 0 and "
                                              "variance 1 as PyTorch and Keras do (after b batches the data weighs "
                                              "1 - momentum^b; below 99% a warning says so)."),
-        click.option("--momentum", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+        click.option("--momentum", type=_Finite(0, 1), default=0.99, show_default=True,
                      help="Momentum of the running averages (Keras' default 0.99); also written into new BNs."),
         click.option("--exact", is_flag=True,
                      help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
@@ -746,9 +911,18 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
             result = run(progress)
         finally:
             click.echo("\r\033[K", nl=False, err=True)
-    with stage_model(result.model, target, external_data=result.source_external_data or None,
-                     avoid=reads, source=model) as staged:
-        staged.commit()
+    try:
+        staging = stage_model(result.model, target, external_data=result.source_external_data or None, avoid=reads,
+                               source=model)
+    except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
+        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", target) from None
+    from .workflow import sigint_held
+
+    with staging as staged:
+        with sigint_held() as interrupted:  # the model and its data file are replaced together or not at all
+            staged.commit()
+    if interrupted:
+        _fail(f"interrupted; {target} was written, complete, before it stopped", EXIT_INTERRUPTED)
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)
     return data
@@ -756,11 +930,21 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
 
 def _only_with_calibration(ctx: click.Context, names: tuple) -> None:
     """Options that mean something only with data: refuse them, given explicitly, without it."""
-    given = [n for n in names if ctx.get_parameter_source(n) not in
-             (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)]
+    given = [n for n in names if _given(ctx, n)]
     if given:
-        opts = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise BnfoldError(f"{opts} only apply with --calibration (without data the BNs are the identity)")
+        raise click.UsageError(f"{_options_text(given)} {'applies' if len(given) == 1 else 'apply'} only with "
+                               "--calibration (without data the BNs are the identity)")
+
+
+def _options_text(names: Sequence[str]) -> str:
+    """``["a", "b_c", "d"]`` as ``--a, --b-c and --d``."""
+    opts = ["--" + n.replace("_", "-") for n in names]
+    return opts[0] if len(opts) == 1 else ", ".join(opts[:-1]) + " and " + opts[-1]
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT,
+                                                  click.core.ParameterSource.DEFAULT_MAP, None)
 
 
 def _warn(data: dict, quiet: bool) -> None:
@@ -778,8 +962,9 @@ def _calibration_line(cal: dict) -> str:
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@_help(verbose="Also list each BN inserted (ops skipped are always listed).")
+@click.argument("model", type=_Path(path_type=Path))
+@click.option("-o", "--output", type=_Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.bn.onnx beside MODEL].")
 @click.option("--op", "ops", multiple=True,
               help=f"Op types to follow with a BN (repeatable) [default: {', '.join(RULES)}].")
@@ -787,7 +972,7 @@ def _calibration_line(cal: dict) -> str:
 @click.option("--exclude", help="Skip ops whose name (or output) matches this regular expression.")
 @click.option("--position", type=click.Choice(["pre-activation", "post-activation"]), default="pre-activation",
               show_default=True, help="Directly after the op (the BN paper), or after its activation.")
-@click.option("--calibration", type=click.Path(path_type=Path),
+@click.option("--calibration", type=_Path(path_type=Path),
               help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
 @click.option("--mode", type=click.Choice(["preserve", "normalize"]), default="preserve", show_default=True,
               help="With data: preserve keeps the function (scale=sqrt(var+eps), bias=mean); normalize "
@@ -839,15 +1024,18 @@ def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, e
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--calibration", type=click.Path(path_type=Path), required=True,
+@_help(momentum="Momentum of the running averages with --estimator momentum (Keras' default 0.99).",
+       verbose="Also list each BN recalibrated (BNs left as they were are always listed).")
+@click.argument("model", type=_Path(path_type=Path))
+@click.option("--calibration", type=_Path(path_type=Path), required=True,
               help="Calibration data: .npz (one array per input, samples on axis 0) or a folder of .npz/.npy.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=_Path(dir_okay=False, path_type=Path),
               help="Where to write the model [default: <stem>.recalibrated.onnx beside MODEL].")
 @calibration_options
+@click.pass_context
 @handle_errors
-def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_size, estimator, momentum, exact,
-                as_json, quiet, verbose) -> None:
+def recalibrate(ctx: click.Context, model: Path, calibration: Path, output: Optional[Path], batch_size, estimator,
+                momentum, exact, as_json, quiet, verbose) -> None:
     """Re-estimate the running mean and variance of every inference BN from new data.
 
     Scale and bias stay. Each BN is measured on its input in the model as calibrated
@@ -855,6 +1043,8 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     """
     from .insert import recalibrate as recalibrate_bn
 
+    if estimator != "momentum" and _given(ctx, "momentum"):  # recalibrate writes no momentum attribute
+        raise click.UsageError("--momentum applies only with --estimator momentum")
     data = _calibrated(model, output, "recalibrated", quiet, lambda progress: recalibrate_bn(
         model, calibration, batch_size=batch_size, estimator=estimator, momentum=momentum, exact=exact,
         progress=progress),
@@ -865,6 +1055,9 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
     elif not quiet:
         click.echo(f"{model} -> {data['output']}: {len(data['recalibrated'])} BatchNormalization recalibrated, "
                    f"{_calibration_line(data['calibration'])}")
+        if verbose:
+            for name in data["recalibrated"]:
+                click.echo(f"  recalibrated '{name}'")
         for s in data["skipped"]:
             click.echo(f"  skipped '{s['node']}': {s['why']}")
 

@@ -109,8 +109,20 @@ def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], 
 def load_feeds(path: os.PathLike, specs: List[InputSpec]) -> Dict[str, np.ndarray]:
     """Feeds from a ``.npz`` (keys = input names) or a ``.npy`` (single-input models)."""
     p = Path(path)
+    if p.is_dir():
+        raise BnfoldError("is a directory: --inputs takes a .npz (one array per input) or a .npy file", p)
     if not p.is_file():
         raise BnfoldError("no such file", p)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise BnfoldError(f"cannot be read ({e.strerror or e})", p) from None
+    if not magic:
+        raise BnfoldError("is empty: --inputs takes a .npz (one array per input) or a .npy file", p)
+    if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # zip (npz) or npy magic
+        raise BnfoldError("is neither a .npz nor a .npy file: --inputs takes a .npz (one array per input) or a "
+                          ".npy file", p)
     try:
         if p.suffix == ".npy":
             if len(specs) != 1:
@@ -126,9 +138,44 @@ def load_feeds(path: os.PathLike, specs: List[InputSpec]) -> Dict[str, np.ndarra
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise BnfoldError(f"has no array for input(s) {', '.join(missing)}", p)
+    symbols: Dict[str, Tuple[str, int]] = {}
     for s in specs:
-        feeds[s.name] = np.asarray(feeds[s.name]).astype(s.dtype, copy=False)
+        feeds[s.name] = _fitted(p, s, np.asarray(feeds[s.name]), symbols)
     return {s.name: feeds[s.name] for s in specs}
+
+
+def _dims_text(dims: Tuple[object, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _fitted(path: Path, spec: InputSpec, arr: np.ndarray, symbols: Dict[str, Tuple[str, int]]) -> np.ndarray:
+    """``arr`` checked against what the model declares for ``spec`` (rank, fixed and shared
+    symbolic dims, a dtype it converts to without changing kind, finite values), so that a
+    wrong file is named with the input, not reported as the model failing to run."""
+    where = f"array '{spec.name}'"
+    if spec.dims and arr.ndim != len(spec.dims):
+        raise BnfoldError(f"{where} has shape {list(arr.shape)} (rank {arr.ndim}), but the model's input "
+                          f"'{spec.name}' is {_dims_text(spec.dims)} (rank {len(spec.dims)})", path)
+    for axis, d in enumerate(spec.dims if spec.dims else ()):
+        got = arr.shape[axis]
+        if isinstance(d, int) and d > 0 and got != d:
+            raise BnfoldError(f"{where} has shape {list(arr.shape)}, but the model's input '{spec.name}' is "
+                              f"{_dims_text(spec.dims)} (axis {axis} must be {d})", path)
+        if isinstance(d, str) and d:
+            seen = symbols.setdefault(d, (spec.name, got))
+            if seen[1] != got:
+                raise BnfoldError(f"{where} has {d} = {got} on axis {axis}, but array '{seen[0]}' has {d} = "
+                                  f"{seen[1]}; the model's inputs share that dimension", path)
+    if arr.dtype != spec.dtype:
+        if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+            raise BnfoldError(f"{where} is {arr.dtype}, but the model's input '{spec.name}' is {spec.dtype}; "
+                              "converting would change its values", path)
+        arr = arr.astype(spec.dtype)
+    if arr.dtype.kind in "fc" and arr.size and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise BnfoldError(f"{where} holds NaN or inf (first at index {tuple(int(i) for i in bad)}, sample "
+                          f"{int(bad[0]) if arr.ndim else 0}); verification needs finite inputs", path)
+    return arr
 
 
 def parse_assignments(values, what: str, parse) -> Dict[str, object]:

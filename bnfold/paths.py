@@ -68,6 +68,23 @@ def check_output(target: PathLike, reads: Iterable[PathLike], *, what: str = "ou
             raise BnfoldError(f"{what} path is {r}, a file the input reads; refusing to replace it", target)
 
 
+def probe_writable(target: PathLike, what: str = "report") -> None:
+    """Before any work: refuse (exit 2) a file that cannot be created where it is asked for,
+    by creating and removing a temporary file beside it (``os.access`` says yes under /proc,
+    and on read-only mounts for root)."""
+    import tempfile
+
+    p = Path(target)
+    if not p.parent.is_dir():
+        raise BnfoldError(f"{what} folder '{p.parent}' does not exist", p)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".probe")
+    except OSError as e:
+        raise BnfoldError(f"{what} cannot be written there ({e.strerror or e})", p) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def check_model_output(target: PathLike, reads: Sequence[PathLike], *, in_place: bool = False,
                        external_data: bool = True, hint: str = "") -> None:
     """Refuse a model output that would replace a file ``reads`` (model file first, then its
@@ -175,6 +192,12 @@ def find_models(root: Path, exclude: Sequence[str] = ()) -> List[Path]:
             if not _excluded(p.relative_to(root), exclude):
                 found.append(p)
     return sorted(found)
+
+
+def is_excluded(path: PathLike, globs: Sequence[str]) -> bool:
+    """Whether a model named explicitly matches an ``--exclude`` glob: the path as given
+    (``/``-separated), or any of its parts, as :func:`find_models` matches found files."""
+    return _excluded(Path(path), globs)
 
 
 def _excluded(rel: Path, globs: Sequence[str]) -> bool:

@@ -158,8 +158,8 @@ def check_file(model: PathLike, *, require_folded: bool = False, verify: Optiona
                verify_kwargs: Optional[Mapping[str, Any]] = None) -> FuseOutcome:
     """The CI gate on one model: fold in memory, verify the fold in a scratch folder, apply the
     policy; never writes a model. ``require_folded`` fails a model that still holds BNs
-    ``fuse`` would fold, or BNs kept only because their parameters are overridable graph
-    inputs (``fuse --allow-overridable`` folds those)."""
+    ``fuse`` would fold, or BNs kept only because of how it was exported (:data:`EXPORT_REASONS`:
+    overridable parameters, weights or parameters computed at run time)."""
     opts = FuseOptions(verify=verify, allow_overridable=allow_overridable, reparameterize=reparameterize,
                        require_folded=require_folded, verify_kwargs=dict(verify_kwargs or {}))
     return run_one(Path(model), None, opts)
@@ -208,7 +208,11 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
             staging = scratch / model.name
         else:
             staging = target
-        with result.stage(staging, external_data=result.source_external_data or None) as staged:
+        try:
+            staging_cm = result.stage(staging, external_data=result.source_external_data or None)
+        except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
+            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
+        with staging_cm as staged:
             result.release_model()  # written: free it before ONNX Runtime loads both models
             report = None
             if opts.verify is not False and result.folded:
@@ -224,16 +228,16 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                 return _outcome(model, Status.NOT_EQUIVALENT, error=error, warnings=warnings, report=data)
             if target is None:
                 return _policy(model, data, opts, warnings)
-            with _sigint_held() as interrupted:
+            with sigint_held() as interrupted:
                 staged.commit()
-            data["output"] = str(target)
-            if failed:
-                outcome = _outcome(model, Status.FORCED, output=str(target), report=data,
-                                   warnings=warnings,
-                                   error=f"{target}: written with --force although it is not equivalent to {model}")
-            else:
-                outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data,
-                                   warnings=warnings)
+                data["output"] = str(target)
+                if failed:
+                    outcome = _outcome(model, Status.FORCED, output=str(target), report=data, warnings=warnings,
+                                       error=f"{target}: written with --force although it is not equivalent to "
+                                             f"{model}")
+                else:
+                    outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data, warnings=warnings)
+                _COMMITTED[0] = outcome  # a Ctrl-C from here on cannot lose the fact that it was written
             if interrupted:
                 raise InterruptedAfterWrite(outcome)
             return outcome
@@ -252,7 +256,7 @@ class InterruptedAfterWrite(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigint_held() -> Iterator[List[int]]:
+def sigint_held() -> Iterator[List[int]]:
     """Hold Ctrl-C while files are renamed into place, so that an output (model and data file)
     is never half replaced. Yields a list that is non-empty if an interrupt arrived. Only the
     main thread can handle signals; elsewhere, and where Ctrl-C is ignored, nothing changes."""
@@ -291,19 +295,50 @@ def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[
         raise err from None
 
 
+# ``check --require-folded``: BNs kept for these reasons fail it too. They are not in the
+# architecture but in how the model was exported, and the export (or an option) can fix them;
+# a model that really feeds those values at run time is left out of the gate with --exclude.
+# BNs kept for any other reason (nothing linear to fold into, an activation in between, ...)
+# cannot be folded exactly and pass.
+EXPORT_REASONS: Dict[str, str] = {
+    "OVERRIDABLE_PARAMETER": "fuse --allow-overridable folds BNs whose parameters are initializers listed as "
+                             "graph inputs, if nobody feeds those inputs",
+    "HOST_WEIGHT_NOT_CONSTANT": "weights computed at run time: export with constant folding (torch.onnx.export "
+                                "do_constant_folding=True; dynamo: optimize=True) and fuse again",
+    "NOT_CONSTANT": "BN parameters computed at run time: export with constant folding and fuse again",
+    "CONSTANT_TOO_LARGE": "weights computed from constants too large to evaluate: export with constant folding "
+                          "and fuse again",
+}
+
+
+def reason_counts(codes: Sequence[str]) -> str:
+    """``["A", "B", "A"]`` as ``"A x2, B x1"`` (first-seen order)."""
+    order: Dict[str, int] = {}
+    for c in codes:
+        order[c] = order.get(c, 0) + 1
+    return ", ".join(f"{c} x{n}" for c, n in order.items())
+
+
 def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
-    """``check``'s policy on a fold that verified (or was not verified)."""
+    """``check``'s policy on a fold that verified (or was not verified). ``require_folded``
+    fails a model in which ``fuse`` would still fold a BN, or which keeps a BN only for a
+    reason of :data:`EXPORT_REASONS`; the error lists the kept BNs' reason codes."""
     if opts.require_folded:
-        overridable = [r for r in data["records"] if not r["folded"] and r["reason"] == "OVERRIDABLE_PARAMETER"]
-        if data["folded"]:
+        kept = [r["reason"] for r in data["records"] if not r["folded"]]
+        export = [c for c in kept if c in EXPORT_REASONS]
+        other = [c for c in kept if c not in EXPORT_REASONS]
+        if data["folded"] or export:
+            parts = []
+            if data["folded"]:
+                parts.append(f"{data['folded']} BatchNormalization can still be folded")
+            if export:
+                parts.append(f"{len(export)} kept only because of how it was exported ({reason_counts(export)})")
+            if other:
+                parts.append(f"{len(other)} kept that cannot be folded ({reason_counts(other)})")
+            hints = ["run bnfold fuse on it"] if data["folded"] else []
+            hints += [EXPORT_REASONS[c] for c in dict.fromkeys(export)]
             return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
-                            error=f"{model}: {data['folded']} BatchNormalization can still be folded",
-                            hint="run bnfold fuse on it")
-        if overridable:
-            return _outcome(model, Status.POLICY_FAILED, report=data, warnings=warnings,
-                            error=f"{model}: {len(overridable)} BatchNormalization kept only because their "
-                                  "parameters are overridable graph inputs (OVERRIDABLE_PARAMETER)",
-                            hint="run bnfold fuse --allow-overridable on it if nobody feeds those inputs")
+                            error=f"{model}: " + "; ".join(parts), hint="; ".join(hints))
     return _outcome(model, Status.PASSED, report=data, warnings=warnings)
 
 
@@ -311,42 +346,241 @@ def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str]) -> 
 
 Job = Tuple[PathLike, Optional[PathLike]]
 
+# The outcome of the job running in this process once its output is committed: kept here so
+# that a Ctrl-C landing between the commit and the caller receiving the outcome cannot turn
+# a written output into "nothing written" (:func:`_job` reads it back).
+_COMMITTED: List[Optional[FuseOutcome]] = [None]
+
+
+def _committed_or_interrupted(model: PathLike) -> FuseOutcome:
+    done = _COMMITTED[0]
+    if done is not None and done.model == os.fspath(model):
+        return done
+    return _outcome(model, Status.INTERRUPTED, error=f"{model}: interrupted while it ran; nothing written for it")
+
 
 def _job(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> Tuple[FuseOutcome, bool]:
     """One batch job, and whether Ctrl-C stopped the batch in it: an interrupt while it ran
     gives an ``interrupted`` outcome (its staged files are gone); one held while its output
-    was committed gives its real outcome."""
+    was committed, or arriving after, gives its real outcome."""
+    _COMMITTED[0] = None
     try:
         return run_one(model, target, opts), False
     except InterruptedAfterWrite as e:
         return e.outcome, True
     except KeyboardInterrupt:
-        return _outcome(model, Status.INTERRUPTED, error=f"{model}: interrupted while it ran; nothing written "
-                                                         "for it"), True
+        return _committed_or_interrupted(model), True
 
 
-def _ignore_sigint() -> None:
-    # Workers leave Ctrl-C to the parent, which cancels what has not started and lets the
-    # running models finish, so it knows exactly what was written.
+def _not_started(model: PathLike) -> FuseOutcome:
+    return _outcome(model, Status.INTERRUPTED, error=f"{model}: not started (interrupted)")
+
+
+def _interruptible_job(model: PathLike, target: Optional[PathLike], opts: FuseOptions,
+                       stop: Any) -> Tuple[FuseOutcome, bool]:
+    """:func:`_job` in a batch worker process. Ctrl-C raises KeyboardInterrupt here only while
+    a job runs, and only once (the cleanup that follows must run to its end); ``stop`` (an
+    event the parent sets before it signals the workers) keeps a job from starting after it."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    _COMMITTED[0] = None
+    try:
+        signal.signal(signal.SIGINT, interrupt)
+        try:
+            if stop.is_set():  # after the handler is set: a signal sent after stop.set() reaches it
+                return _not_started(model), True
+            return _job(model, target, opts)
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # landed outside _job's own handlers
+        return _committed_or_interrupted(model), True
+
+
+def _batch_worker(conn: Any, stop: Any) -> None:
+    """A batch worker process: run ``(index, model, target, opts)`` tasks from ``conn`` and send
+    ``(index, outcome, interrupted)`` back, until None or end of file. Between jobs it ignores
+    Ctrl-C (the terminal sends it to every process; the parent decides)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if task is None:
+            return
+        i, model, target, opts = task
+        outcome, stopped = _interruptible_job(model, target, opts, stop)
+        conn.send((i, outcome, stopped))
+
+
+class _SigintFlag:
+    """Ctrl-C in the batch's parent as a flag and a wake-up (a pipe to wait on), never as an
+    exception: an exception could land mid-message from a worker. Where Ctrl-C cannot be
+    handled (another thread) or is ignored (a background job), nothing changes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.fd: Optional[int] = None
+        self._w: Optional[int] = None
+        self._previous: Any = None
+
+    def __enter__(self) -> "_SigintFlag":
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):
+            return self
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._previous = previous
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        try:
+            assert self._w is not None
+            os.write(self._w, b"!")
+        except OSError:  # the pipe is full: it is readable anyway
+            pass
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self.fd is not None and self._w is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            os.close(self.fd)
+            os.close(self._w)
+            self.fd = None
+
+
+def _exit_text(code: Optional[int]) -> str:
+    import signal
+
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"{name}, e.g. the out-of-memory killer" if -code == signal.SIGKILL else name
+    return f"exit status {code}"
+
+
+def _run_parallel(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int, record: Callable[[int, FuseOutcome], None],
+                  report: "Report") -> None:
+    """Run ``jobs`` in ``n_jobs`` worker processes, handing out the next job only when a
+    worker is free, so Ctrl-C can stop the batch at once: no job starts after it, the
+    running ones are interrupted (their staged files removed, or their outcome kept when
+    the output was already committed), and every outcome reaches ``record``. A second
+    Ctrl-C while they wind up kills them. A worker that dies (killed, out of memory)
+    fails its model only; a new worker takes the next job."""
+    import multiprocessing
+    import signal
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context()
+    stop = ctx.Event()
+    pending = list(range(len(jobs)))[::-1]  # popped from the end
+    busy: Dict[Any, Tuple[Any, int]] = {}  # conn -> (process, job index)
+    idle: List[Tuple[Any, Any]] = []
+
+    def start_worker() -> Tuple[Any, Any]:
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_batch_worker, args=(theirs, stop), name="bnfold-batch")
+        proc.start()
+        theirs.close()
+        return proc, ours
+
+    def hand_out() -> None:
+        while pending and not report.interrupted and (idle or len(busy) < n_jobs):
+            proc, conn = idle.pop() if idle else start_worker()
+            i = pending.pop()
+            m, t = jobs[i]
+            conn.send((i, m, t, opts))
+            busy[conn] = (proc, i)
+
+    def stop_all() -> None:
+        if stop.is_set():
+            return
+        report.interrupted = True
+        stop.set()  # before the signals: a worker starting a job now sees it
+        for proc, _ in busy.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+
+    try:
+        with _SigintFlag() as flag:
+            hand_out()
+            while busy:
+                sentinels = {proc.sentinel: conn for conn, (proc, _) in busy.items()}
+                ready = wait(list(busy) + list(sentinels) + ([flag.fd] if flag.fd is not None else []))
+                if flag.fd is not None and flag.fd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(flag.fd, 64)
+                    stop_all()
+                    if flag.count > 1:  # insisted: stop waiting for the running models to wind up
+                        for proc, _ in busy.values():
+                            proc.kill()
+                for conn in [c for c in list(busy) if c in ready or sentinels.get(c) in ready]:
+                    proc, i = busy.pop(conn)
+                    try:
+                        got = conn.recv() if conn.poll() else None
+                    except (EOFError, OSError):
+                        got = None
+                    if got is None:  # the worker died in the job
+                        proc.join()
+                        conn.close()
+                        m = jobs[i][0]
+                        killed = report.interrupted and flag.count > 1
+                        record(i, _outcome(m, Status.INTERRUPTED if killed else Status.UNUSABLE,
+                                           error=f"{m}: the worker process died ({_exit_text(proc.exitcode)}) while "
+                                                 "it ran; nothing written for it"
+                                                 + ("" if killed else " (its staged files may remain beside "
+                                                                      "the output)")))
+                        continue
+                    _, outcome, stopped = got
+                    idle.append((proc, conn))
+                    record(i, outcome)
+                    if stopped:  # Ctrl-C reached that worker first (a terminal signals them all)
+                        stop_all()
+                hand_out()
+    finally:
+        for _proc, conn in idle + [(p, c) for c, (p, _) in busy.items()]:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc, conn in idle + [(p, c) for c, (p, _) in busy.items()]:
+            proc.join(10.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()
 
 
 def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
               on_outcome: Optional[Callable[[FuseOutcome, int, int], None]] = None) -> "Report":
     """Run the workflow over ``(model, target)`` pairs (target None: check only), in ``n_jobs``
     worker processes when above 1. One failure does not stop the rest. ``on_outcome(outcome,
-    done, total)`` is called as each finishes (for progress display).
+    done, total)`` is called as each finishes (for progress display), interrupted ones included.
 
     Raises :class:`BnfoldError` before anything runs when two jobs would write the same file
-    or a job would write over another job's model. On Ctrl-C the batch stops: with workers,
-    models already running finish, those not started are cancelled; the :class:`Report` lists
-    every model, ``interrupted`` for those that were not done, so it says exactly what was
-    written.
+    or a job would write over another job's model. On Ctrl-C the batch stops at once: no
+    model starts after it and the running ones are interrupted (their staged files removed);
+    the :class:`Report` lists every model, ``interrupted`` for those that were not done, so it
+    says exactly what was written.
     """
     from .paths import check_batch_targets
 
+    if n_jobs < 1:
+        raise BnfoldError(f"the number of jobs must be at least 1, not {n_jobs}")
     check_batch_targets(jobs, in_place=opts.in_place)  # raises before anything is written
     report = Report()
     done: Dict[int, FuseOutcome] = {}
@@ -358,21 +592,7 @@ def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
 
     try:
         if n_jobs > 1 and len(jobs) > 1:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            pool = ProcessPoolExecutor(max_workers=n_jobs, initializer=_ignore_sigint)
-            futures = {pool.submit(_job, m, t, opts): i for i, (m, t) in enumerate(jobs)}
-            try:
-                for f in as_completed(futures):
-                    record(futures[f], f.result()[0])  # workers ignore Ctrl-C: the parent handles it
-            except KeyboardInterrupt:
-                report.interrupted = True
-                pool.shutdown(wait=True, cancel_futures=True)
-                for f, i in futures.items():  # finished after the interrupt: still counted
-                    if i not in done and f.done() and not f.cancelled() and f.exception() is None:
-                        done[i] = f.result()[0]
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            _run_parallel(jobs, opts, n_jobs, record, report)
         else:
             for i, (m, t) in enumerate(jobs):
                 o, stop = _job(m, t, opts)
@@ -383,7 +603,7 @@ def run_batch(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int = 1,
     except KeyboardInterrupt:  # between jobs, or in the progress callback
         report.interrupted = True
     for i, (m, _) in enumerate(jobs):
-        report.add(done.get(i) or _outcome(m, Status.INTERRUPTED, error=f"{m}: not started (interrupted)"))
+        report.add(done.get(i) or _not_started(m))
     return report
 
 

@@ -91,3 +91,84 @@ def test_colours_only_on_a_terminal_without_no_color(monkeypatch):
 def test_pre_commit_hooks_run_bnfold_check():
     text = (ROOT / ".pre-commit-hooks.yaml").read_text()
     assert "entry: bnfold check" in text and "files: \\.onnx(\\.data)?$" in text
+
+
+def small_conv_bn(path):
+    """A Conv+BN net with a symbolic batch N: quick to fold and verify even at N=128."""
+    from conftest import bn_params, build, rand
+
+    m = build("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            y = BatchNormalization (c, s, b, m, v)
+        }""", w=rand(4, 3, 3, 3), **bn_params(4))
+    onnx.save_model(m, str(path))
+    return path
+
+
+def test_ctrl_c_stops_a_parallel_batch_at_once_and_says_what_was_written(tmp_path):
+    """A real SIGINT to a `fuse --jobs 2` process, sent once the first output exists: no model
+    starts after it, the running ones stop (resnet_mini at batch 128 takes seconds to verify,
+    the first model a fraction of one), nothing partial is left, finished lines are printed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    models = [small_conv_bn(src / "a.onnx")]
+    for n in "bcd":
+        shutil.copy(MODELS / "resnet_mini.onnx", src / f"{n}.onnx")
+        models.append(src / f"{n}.onnx")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bnfold", "fuse", *map(str, models), "--out-dir", str(out),
+                             "--jobs", "2", "--dim", "N=128", "--report", str(tmp_path / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))  # -m puts the cwd first on sys.path
+    while not (out / "a.onnx").exists() and proc.poll() is None:
+        time.sleep(0.01)  # polling for the first output, not timing anything
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx"]  # no other output, no staged folder
+    assert bn_count(onnx.load(str(out / "a.onnx"))) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["status"] for m in data["models"]] == ["written", "interrupted", "interrupted", "interrupted"]
+    assert data["models"][-1]["error"].endswith("not started (interrupted)")  # cancelled, not run
+    assert f"[1/4] {models[0]}: ok" in stderr  # the finished model's line
+    assert (f"interrupted: 1 output(s) written ({out / 'a.onnx'}); 3 model(s) not written "
+            f"({models[1]}, {models[2]}, {models[3]})") in stderr
+    assert "Traceback" not in stderr
+
+
+def test_batch_lines_name_each_model_once(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.onnx").write_bytes(b"")
+    good = tmp_path / "good.onnx"
+    shutil.copy(MODELS / "mlp_bn1d.onnx", good)
+    res = run("fuse", good, bad / "empty.onnx", "--out-dir", tmp_path / "out", "--no-verify")
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if "empty.onnx" in ln and "interrupted" not in ln]
+    assert lines and all(ln.count("empty.onnx") == 1 for ln in lines), lines
+
+
+def test_an_out_dir_inside_the_searched_folder_is_not_searched_again(tmp_path):
+    src = corpus(tmp_path)
+    out = src / "deploy"
+    assert run("fuse", src, "--out-dir", out, "--no-verify", "-q").exit_code == 0
+    res = run("fuse", src, "--out-dir", out, "--no-verify", "--json")  # the same command, run again
+    assert res.exit_code == 0, res.output
+    assert sorted(m["model"] for m in json.loads(res.stdout)["models"]) == [str(src / "a.onnx"),
+                                                                           str(src / "sub" / "b.onnx")]
+    assert not (out / "deploy").exists()
+
+
+def test_force_in_place_is_refused_before_anything_is_read(tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "mlp_bn1d.onnx", model)
+    before = model.read_bytes()
+    res = run("fuse", model, "--in-place", "--force")
+    assert res.exit_code == 2 and res.stderr.startswith("bnfold: error: --force with --in-place would replace")
+    assert model.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -195,7 +195,7 @@ def test_cli_exact_flag_and_progress_free_output(tmp_path):
                           "--exact", "-o", str(tmp_path / "e.onnx")])
     assert res.exit_code == 0 and "3 pass(es) (exact)" in res.output, res.output
     res = r.invoke(main, ["insert", str(tmp_path / "n.onnx"), "--exact"])
-    assert res.exit_code == 2 and "--exact only apply with --calibration" in res.output
+    assert res.exit_code == 2 and "--exact applies only with --calibration" in res.output
 
 
 def test_readme_insert_and_recalibrate_commands_run(tmp_path):

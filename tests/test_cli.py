@@ -176,3 +176,118 @@ def test_help_does_not_import_onnx_or_onnxruntime():
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+COMMANDS = ["fuse", "inspect", "verify", "check", "insert", "recalibrate"]
+CHOICES = {"insert": ["--position", "pre-activaton"], "recalibrate": ["--estimator", "momentun"],
+           "fuse": ["--providers", "cdua"], "check": ["--providers", "cdua"], "verify": ["--providers", "cdua"]}
+
+
+def usage_cases():
+    for cmd in COMMANDS:
+        extra = {"verify": ["a.onnx", "b.onnx"], "recalibrate": ["a.onnx", "--calibration", "d.npz"]}
+        args = extra.get(cmd, ["a.onnx"])
+        yield cmd, [cmd, *args, "--no-such-option"], "no such option '--no-such-option'"
+        yield cmd, [cmd], "missing argument"
+        if cmd in CHOICES:
+            yield cmd, [cmd, *args, *CHOICES[cmd]], "invalid value for '" + CHOICES[cmd][0] + "'"
+        if cmd != "verify":
+            yield cmd, [cmd, *args, "-q", "-v"], "use -q or -v, not both"
+    yield None, ["no-such-command"], "no such command 'no-such-command'"
+    yield None, ["--no-such-option"], "no such option"
+    yield "fuse", ["fuse", "a.onnx", "--jobs", "0"], "invalid value for '-j' / '--jobs'"
+
+
+@pytest.mark.parametrize("cmd,argv,problem", list(usage_cases()))
+def test_every_usage_error_is_one_line_naming_the_help(cmd, argv, problem, tmp_path):
+    res = CliRunner().invoke(main, argv)  # a.onnx etc. need not exist: usage is checked first
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    help_cmd = f"bnfold {cmd} --help" if cmd else "bnfold --help"
+    assert res.stderr.count("\n") == 1 and "Usage:" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"bnfold: error: {problem}") and res.stderr.endswith(f" (see '{help_cmd}')\n"), \
+        res.stderr
+
+
+def test_an_option_value_typo_names_the_valid_values():
+    res = CliRunner().invoke(main, ["verify", "a.onnx", "b.onnx", "--providers", "cdua"])
+    assert res.exit_code == 2 and "auto, cpu, cuda, cpu,cuda (did you mean 'cuda'?)" in res.stderr
+    res = CliRunner().invoke(main, ["insert", "a.onnx", "--position", "pre"])
+    assert res.exit_code == 2 and "'pre-activation', 'post-activation'" in res.stderr
+    res = CliRunner().invoke(main, ["fuse", "a.onnx", "--providers", "CPU,cuda", "--help"])
+    assert res.exit_code == 0  # case-insensitive, and lists are valid
+
+
+def test_usage_errors_are_one_line_from_the_installed_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "fuse", "--no-such-option"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr == \
+        "bnfold: error: no such option '--no-such-option' (see 'bnfold fuse --help')\n"
+
+
+@pytest.mark.parametrize("array,problem", [
+    (np.zeros((2, 3, 16, 16), np.float32), "array 'input' has shape [2, 3, 16, 16], but the model's input 'input' "
+                                           "is [N, 3, 32, 32] (axis 2 must be 32)"),
+    (np.zeros((3, 32, 32), np.float32), "(rank 3), but the model's input 'input' is [N, 3, 32, 32] (rank 4)"),
+    (np.full((2, 3, 32, 32), np.nan, np.float32), "array 'input' holds NaN or inf (first at index (0, 0, 0, 0)"),
+    (np.zeros((2, 3, 32, 32), np.complex64), "array 'input' is complex64, but the model's input 'input' is float32"),
+])
+@pytest.mark.parametrize("suffix", [".npz", ".npy"])
+def test_verify_inputs_that_do_not_fit_name_the_file_and_the_input(model, tmp_path, array, problem, suffix):
+    data = tmp_path / f"x{suffix}"
+    if suffix == ".npz":
+        np.savez(data, input=array)
+    else:
+        np.save(data, array)
+    res = run("verify", model, model, "--inputs", data)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith(f"bnfold: error: {data}: array 'input' ") and problem in res.stderr
+    assert res.stderr.count("\n") == 1 and str(model) not in res.stderr
+
+
+def help_text(*cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0
+    return " ".join(res.output.split()).replace("- ", "-")  # undo wrapping at hyphens (site-packages)
+
+
+def test_help_says_what_each_report_writes_and_what_applies():
+    from bnfold.paths import SKIPPED_FOLDER_NAMES
+
+    for cmd in ("fuse", "check"):
+        text = help_text(cmd)
+        assert "one test case per model" in text and "whatever the outcome" in text  # --junit
+        assert '{"models": [...]}' in text  # --report's batch form
+        for name in SKIPPED_FOLDER_NAMES | {".git", "virtual environments"}:
+            assert name in text, (cmd, name)  # --exclude: what folder searches always skip
+        assert "named MODELS and files found in folders alike" in text
+    assert "one test case per output and provider" in help_text("verify")
+    text = help_text("recalibrate")
+    assert "new BN" not in text and "skipped ops" not in text
+    assert "with --estimator momentum" in text and "each BN recalibrated" in text
+
+
+def test_option_without_the_option_it_needs_is_one_grammatical_usage_line(model, tmp_path):
+    res = run("insert", model, "--estimator", "momentum")
+    assert res.exit_code == 2 and res.stderr.startswith(
+        "bnfold: error: --estimator applies only with --calibration") and res.stderr.count("\n") == 1
+    res = run("insert", model, "--estimator", "momentum", "--exact")
+    assert "--estimator and --exact apply only with --calibration" in res.stderr
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.zeros((4, 3, 32, 32), np.float32))
+    res = run("recalibrate", model, "--calibration", data, "--momentum", "0.9")
+    assert res.exit_code == 2 and "--momentum applies only with --estimator momentum" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "net.onnx"]  # nothing written
+
+
+def test_exclude_applies_to_models_named_explicitly(tmp_path):
+    keep, skip = tmp_path / "keep.onnx", tmp_path / "legacy" / "old.onnx"
+    skip.parent.mkdir()
+    shutil.copy(MODELS / "mlp_bn1d.onnx", keep)
+    shutil.copy(MODELS / "mlp_bn1d.onnx", skip)
+    res = run("fuse", keep, skip, "--exclude", "legacy", "--no-verify", "--json")
+    assert res.exit_code == 0, res.output
+    assert [m["model"] for m in json.loads(res.stdout)["models"]] == [str(keep)]
+    assert not skip.with_name("old.fused.onnx").exists()
+    res = run("check", skip, "--exclude", "*.onnx")  # pre-commit handing over only excluded files
+    assert res.exit_code == 0 and "all 1 model(s) named match --exclude; nothing to do" in res.stderr

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -138,3 +139,155 @@ def test_mutated_bytes_never_crash(tmp_path, name):
         codes.add(res.exit_code)
         assert path.read_bytes() == bytes(data)
     assert 2 in codes  # the battery does exercise refusals
+
+
+# -- a careless user, every command ----------------------------------------------------------------
+
+def files_under(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A folder with a model and calibration data, as the current directory (where an empty
+    path would point)."""
+    shutil.copy(MODELS / "resnet_mini.onnx", tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", input=np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def usage_refused(res):
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ("fuse", ""), ("check", ""), ("inspect", ""), ("insert", ""), ("verify", "", "m.onnx"),
+    ("recalibrate", "", "--calibration", "cal.npz"), ("recalibrate", "m.onnx", "--calibration", ""),
+    ("fuse", "m.onnx", "-o", ""), ("fuse", "m.onnx", "--out-dir", ""), ("insert", "m.onnx", "--calibration", ""),
+    ("verify", "m.onnx", "m.onnx", "--inputs", ""), ("check", "m.onnx", "--report", ""),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(workdir, args):
+    """`bnfold fuse "$MODEL"` with MODEL unset must not fold every model in the current folder."""
+    before = files_under(workdir)
+    assert "an empty path" in usage_refused(run(*args))
+    assert files_under(workdir) == before
+
+
+@pytest.mark.parametrize("args", [
+    ("verify", "m.onnx", "m.onnx", "--rtol", "nan"), ("verify", "m.onnx", "m.onnx", "--atol", "-1"),
+    ("fuse", "m.onnx", "--rtol", "inf"), ("check", "m.onnx", "--exact-budget", "nan"),
+    ("verify", "m.onnx", "m.onnx", "--output-tol", "logits=nan:"),
+    ("verify", "m.onnx", "m.onnx", "--output-tol", "logits=:-1"),
+    ("recalibrate", "m.onnx", "--calibration", "cal.npz", "--estimator", "momentum", "--momentum", "nan"),
+    ("insert", "m.onnx", "--epsilon", "nan"), ("insert", "m.onnx", "--epsilon", "0"),
+])
+def test_a_tolerance_or_parameter_that_is_not_a_finite_sane_number_is_refused(workdir, args):
+    """A NaN tolerance would pass any difference; a NaN momentum would write NaN statistics."""
+    before = files_under(workdir)
+    usage_refused(run(*args))
+    assert files_under(workdir) == before
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "is a directory"), (b"", "is empty"), (b"hello, I am text", "is neither a .npz nor a .npy file"),
+])
+def test_verify_inputs_that_are_not_numpy_files(workdir, content, needle):
+    bad = workdir / "in.npz"
+    if content is None:
+        bad.mkdir()
+    else:
+        bad.write_bytes(content)
+    line = usage_refused(run("verify", "m.onnx", "m.onnx", "--inputs", bad))
+    assert str(bad) in line and needle in line and "allow_pickle" not in line
+
+
+@pytest.mark.parametrize("args,target", [
+    (("fuse", "m.onnx", "-o", "OUT/x.onnx"), "OUT/x.onnx"),
+    (("insert", "m.onnx", "-o", "OUT/x.onnx"), "OUT/x.onnx"),
+    (("recalibrate", "m.onnx", "--calibration", "cal.npz", "-o", "OUT/x.onnx"), "OUT/x.onnx"),
+    (("fuse", "m.onnx", "-o", "y.onnx", "--report", "OUT/r.json"), "OUT/r.json"),
+    (("check", "m.onnx", "--junit", "OUT/j.xml"), "OUT/j.xml"),
+])
+def test_a_folder_that_looks_writable_but_is_not(workdir, monkeypatch, args, target):
+    """Like /proc, or a read-only mount seen by root: os.access says yes, creating a file fails.
+    One line naming the file, exit 2 (not an internal error), and nothing written anywhere,
+    not even the model output when only its report cannot be written."""
+    import errno
+    import tempfile
+
+    out = workdir / "OUT"
+    out.mkdir()
+
+    def refuse(mk):
+        def guarded(*a, dir=None, **kw):
+            if dir is not None and os.path.samefile(dir, out):
+                raise OSError(errno.EROFS, "Read-only file system")
+            return mk(*a, dir=dir, **kw)
+        return guarded
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse(tempfile.mkdtemp))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse(tempfile.mkstemp))
+    before = files_under(workdir)
+    line = usage_refused(run(*[a.replace("OUT", str(out)) for a in args]))
+    assert line.startswith(f"bnfold: error: {out / target[4:]}: ") and "Read-only file system" in line
+    assert files_under(workdir) == before
+
+
+def test_check_names_a_missing_model_on_stderr(workdir):
+    res = run("check", "nope.onnx")
+    assert res.exit_code == 2 and res.stderr == "bnfold: error: nope.onnx: no such file\n"
+
+
+@pytest.mark.parametrize("command", ["insert", "recalibrate"])
+def test_ctrl_c_while_insert_or_recalibrate_renames_its_output_is_held(workdir, monkeypatch, command):
+    import signal
+
+    real = write.StagedModel.commit
+
+    def interrupted_commit(self):
+        if self.target.name == "out.onnx":  # not a temporary model calibration may write
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between staging and the renames
+        real(self)
+
+    monkeypatch.setattr(write.StagedModel, "commit", interrupted_commit)
+    out = workdir / "out.onnx"
+    args = [command, "m.onnx", "-o", out] + (["--calibration", "cal.npz"] if command == "recalibrate" else [])
+    res = run(*args)
+    assert res.exit_code == 130, res.output
+    assert res.output == f"bnfold: error: interrupted; {out} was written, complete, before it stopped\n"
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert sorted(p.name for p in workdir.iterdir()) == ["cal.npz", "m.onnx", "out.onnx"]  # no staged folder
+
+
+@pytest.mark.parametrize("args", [
+    ("fuse", "m.onnx"), ("inspect", "m.onnx"), ("check", "m.onnx"), ("verify", "m.onnx", "m.onnx"),
+    ("insert", "m.onnx"), ("recalibrate", "m.onnx", "--calibration", "cal.npz"),
+])
+def test_an_unreadable_model_is_one_line_for_every_command(workdir, monkeypatch, args):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(load, "open", denied, raising=False)  # root reads anything: simulate it
+    before = files_under(workdir)
+    res = run(*args)
+    assert res.exit_code == 2 and res.stderr == "bnfold: error: m.onnx: cannot be read (Permission denied)\n"
+    assert args[0] == "check" or res.stdout == ""  # check also shows its summary table
+    assert files_under(workdir) == before
+
+
+def test_unreadable_verify_inputs_are_one_line(workdir, monkeypatch):
+    from bnfold import inputs
+
+    np.savez(workdir / "in.npz", input=np.zeros((2, 3, 32, 32), np.float32))
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inputs, "open", denied, raising=False)
+    line = usage_refused(run("verify", "m.onnx", "m.onnx", "--inputs", "in.npz"))
+    assert line == "bnfold: error: in.npz: cannot be read (Permission denied)"

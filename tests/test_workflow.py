@@ -421,3 +421,53 @@ def test_readme_lists_every_exit_code():
     text = (ROOT / "README.md").read_text()
     for code in ("0", "1", "2", "3", "130"):
         assert f"\n| {code} |" in text
+
+
+# -- N: --require-folded on run-time weights, and the reasons it names ---------------------------
+
+def runtime_weight_model(path):
+    """A Conv whose weight is a graph input (as an export that lifts parameters to inputs
+    writes it): its BN is kept as HOST_WEIGHT_NOT_CONSTANT. A second BN after a Relu stays for
+    good (nothing linear to fold into)."""
+    from conftest import bn_params
+
+    m = build("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3, 8, 8] x, float[4, 3, 3, 3] w) => (float[2, 4, 8, 8] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            n = BatchNormalization (c, s, b, m, v)
+            r = Relu (n)
+            y = BatchNormalization (r, s2, b2, m2, v2)
+        }""", **bn_params(4), **{f"{k}2": v for k, v in bn_params(4, seed=1).items()})
+    onnx.save_model(m, str(path))
+    return path
+
+
+def test_require_folded_fails_weights_computed_at_run_time_and_lists_reason_codes(tmp_path):
+    path = runtime_weight_model(tmp_path / "dynamo.onnx")
+    folded = tmp_path / "folded.onnx"
+    shutil.copy(MODELS / "mlp_bn1d.onnx", tmp_path / "plain.onnx")
+    assert run("fuse", tmp_path / "plain.onnx", "-o", folded, "-q").exit_code == 0
+    res = run("check", path, folded)
+    assert res.exit_code == 0, res.output  # without the policy: the folds verify
+    assert "kept: HOST_WEIGHT_NOT_CONSTANT x1, NO_HOST x1" in res.output  # a pass shows what stays, and why
+    res = run("check", path, folded, "--require-folded", "--json")
+    assert res.exit_code == 1, res.output
+    by_model = {m["model"]: m for m in json.loads(res.stdout)["models"]}
+    bad, good = by_model[str(path)], by_model[str(folded)]
+    assert good["status"] == "passed"
+    assert bad["status"] == "policy_failed"
+    assert bad["error"] == (f"{path}: 1 kept only because of how it was exported (HOST_WEIGHT_NOT_CONSTANT x1); "
+                            "1 kept that cannot be folded (NO_HOST x1)")
+    assert "do_constant_folding=True" in bad["hint"]
+
+
+def test_require_folded_policy_is_explained_in_check_help():
+    from bnfold.reasons import Reason
+    from bnfold.workflow import EXPORT_REASONS
+
+    assert set(EXPORT_REASONS) <= {r.value for r in Reason}
+    text = " ".join(run("check", "--help").output.split())
+    for code in EXPORT_REASONS:
+        assert code in text
+    assert "BNs kept for other reasons cannot be folded exactly and pass" in text
+    assert "lists each model's kept BNs by reason code" in text
