@@ -689,8 +689,10 @@ def calibration_options(fn):
                                              "running averages frameworks keep in training, starting from mean 0 and "
                                              "variance 1 as PyTorch and Keras do (after b batches the data weighs "
                                              "1 - momentum^b; below 99% a warning says so)."),
-        click.option("--momentum", type=click.FloatRange(0, 1), default=0.99, show_default=True,
-                     help="Momentum of the running averages (Keras' default 0.99); also written into new BNs."),
+        # checked by the library (one error line saying why), not by click.FloatRange (a usage block)
+        click.option("--momentum", type=float, default=0.99, show_default=True,
+                     help="Momentum of the running averages, 0 <= momentum < 1 (Keras' default 0.99; 1 would "
+                          "never move from the start values); also written into new BNs."),
         click.option("--exact", is_flag=True,
                      help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
                           "the data per dependency wave (17 for resnet18, 52 for mobilenetv2), ONNX Runtime "
@@ -803,12 +805,14 @@ def insert(ctx: click.Context, model: Path, output: Optional[Path], ops, node, e
     it, the BNs carry statistics measured on the data through ONNX Runtime, in
     batches, accumulated in float64 without holding the activations.
     """
+    from .calibration import check_momentum
     from .insert import DEFAULT_OPS, check_epsilon, check_ops, insert as insert_bn
 
     if calibration is None:
         _only_with_calibration(ctx, ("estimator", "mode", "batch_size", "exact"))
     check_ops(ops)  # option errors before the model is read
     check_epsilon(epsilon)
+    check_momentum(momentum)
 
     def run(progress):
         result = insert_bn(model, ops=ops or DEFAULT_OPS, node=node, exclude=exclude, position=position,
@@ -865,7 +869,7 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
         click.echo(f"{model} -> {data['output']}: {len(data['recalibrated'])} BatchNormalization recalibrated, "
                    f"{_calibration_line(data['calibration'])}")
         for s in data["skipped"]:
-            click.echo(f"  skipped '{s['node']}': {s['why']}")
+            click.echo(f"  skipped '{s['node']}': {s['reason']}: {s['detail']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

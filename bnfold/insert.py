@@ -34,18 +34,18 @@ import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data, data_weight,
-                          iter_batches, moments)
+from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data,
+                          Moments, check_momentum, data_weight, iter_batches)
 from .errors import BnfoldError
 from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
 from .hosts import ACTIVATIONS, backward_rule, host_names
-from .reasons import Reason
+from .reasons import Reason, Refusal
 
 DEFAULT_OPS = tuple(host_names())
 MODES = ("preserve", "normalize")
@@ -66,10 +66,26 @@ class InsertRecord:
     reason: Optional[InsertReason] = None
     detail: str = ""
 
+    @property
+    def refusal(self) -> Optional[Refusal]:
+        """Why no BN was inserted (None when one was)."""
+        return None if self.reason is None else Refusal(self.reason, self.detail)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["reason"] = None if self.reason is None else self.reason.value
         return d
+
+
+@dataclass(frozen=True)
+class SkippedBN:
+    """A BatchNormalization ``recalibrate`` left as it was, and why (a :class:`Refusal`)."""
+
+    node: str
+    refusal: Refusal
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "reason": self.refusal.reason.value, "detail": self.refusal.detail}
 
 
 @dataclass
@@ -109,12 +125,12 @@ class InsertResult:
 class RecalibrateResult:
     model: ModelProto
     recalibrated: List[str]
-    skipped: List[Tuple[str, str]]
+    skipped: List[SkippedBN]
     calibration: CalibrationSummary
     source_external_data: bool = False
 
     def to_dict(self) -> dict:
-        return {"recalibrated": self.recalibrated, "skipped": [{"node": n, "why": w} for n, w in self.skipped],
+        return {"recalibrated": self.recalibrated, "skipped": [s.to_dict() for s in self.skipped],
                 "calibration": self.calibration.to_dict()}
 
 
@@ -174,7 +190,7 @@ def check_epsilon(epsilon: float) -> None:
         raise BnfoldError(f"epsilon {epsilon} must be a positive number (BN divides by sqrt(var + epsilon))")
 
 
-def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str, int, np.dtype], InsertRecord]:
+def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str, int, np.dtype], Refusal]:
     """The tensor after which a BN goes, its channel count and dtype, or why none does."""
     label = scope.label_of(node)
     # Ranks are inferred once, from the graph as it is on first use: ask before any BN is
@@ -184,21 +200,21 @@ def _host_site(scope: Scope, node: NodeProto, position: str) -> Union[Tuple[str,
     slot = rule.weight_slot if rule is not None else 1
     w = scope.index.resolve(scope, node.input[slot]) if rule is not None and len(node.input) > slot else None
     if not isinstance(w, Constant) or w.value.dtype.kind != "f" or w.value.ndim < 2:
-        return InsertRecord(label, node.op_type, False, reason=InsertReason.UNSUPPORTED_WEIGHT,
-                            detail=f"the weight of {node.op_type} '{label}' is not a float constant matrix")
+        return Refusal(Reason.UNSUPPORTED_WEIGHT, f"the weight of {node.op_type} '{label}' is not a float constant "
+                                                  "matrix")
     wv = w.value
     channels = rule.out_channels(node, wv)
     rank = rule.output_rank(scope.index, node, wv)
     if rank is None or rule.feature_axis(node, wv) % rank != 1:
         shown = "of unknown rank" if rank is None else f"{rank}-D"
-        return InsertRecord(label, node.op_type, False, reason=InsertReason.CHANNEL_AXIS_MISMATCH,
-                            detail=f"{node.op_type} '{label}' output is {shown}: its features are not on axis 1")
+        return Refusal(Reason.CHANNEL_AXIS_MISMATCH,
+                       f"{node.op_type} '{label}' output is {shown}: its features are not on axis 1")
     tensor = node.output[0]
     if position == "post-activation":
         act = scope.only_consumer(tensor)
         if act is None or act.op_type not in ACTIVATIONS or not is_default_domain(act):
-            return InsertRecord(label, node.op_type, False, reason=InsertReason.NO_ACTIVATION,
-                                detail=f"the output of {node.op_type} '{label}' does not feed a single activation")
+            return Refusal(Reason.NO_ACTIVATION, f"the output of {node.op_type} '{label}' does not feed a single "
+                                                 "activation")
         tensor = act.output[0]
     return tensor, channels, wv.dtype
 
@@ -239,6 +255,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
         raise BnfoldError(f"mode '{mode}': use preserve or normalize")
     check_ops(ops)
     check_epsilon(epsilon)
+    check_momentum(momentum)  # written into the new BNs even without data
     pick, skip = _regex(node, "--node"), _regex(exclude, "--exclude")
     if calibration is not None:
         ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
@@ -257,8 +274,8 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
             continue
         selected += 1
         site = _host_site(scope, n, position)
-        if isinstance(site, InsertRecord):
-            records.append(site)
+        if isinstance(site, Refusal):
+            records.append(InsertRecord(label, n.op_type, False, reason=site.reason, detail=site.detail))
             continue
         tensor, channels, dtype = site
         producer = scope.producer[tensor]
@@ -303,25 +320,33 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
     model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
-    bns, skipped, dtypes = [], [], {}
+    bns: List[NodeProto] = []
+    skipped: List[SkippedBN] = []
+    dtypes: Dict[str, np.dtype] = {}
     for n in scope.nodes:
         if n.op_type != "BatchNormalization" or not is_default_domain(n):
             continue
         label = scope.label_of(n)
         consts = [index.resolve(scope, i) for i in n.input[1:5]]
-        if attr(n, "training_mode", 0) or any(o for o in n.output[1:]) or len(consts) < 4:
-            skipped.append((label, "training mode"))
+        if attr(n, "training_mode", 0) or any(o for o in n.output[1:]):
+            skipped.append(SkippedBN(label, Refusal(Reason.TRAINING_MODE, f"BatchNormalization '{label}' runs in "
+                                                    "training mode: it normalises with batch statistics")))
+        elif len(consts) < 4:
+            skipped.append(SkippedBN(label, Refusal(Reason.INVALID_PARAMETERS, f"BatchNormalization '{label}' does "
+                                                    "not have the 5 inputs X, scale, B, mean, var")))
         elif not all(isinstance(c, Constant) and c.tensor is not None for c in consts):
-            skipped.append((label, "its statistics are not initializers"))
+            skipped.append(SkippedBN(label, Refusal(Reason.NOT_CONSTANT, f"the parameters of BatchNormalization "
+                                                    f"'{label}' are not all initializers")))
         elif consts[2].value.ndim != 1:
-            skipped.append((label, "per-activation statistics (spatial=0)"))
+            skipped.append(SkippedBN(label, Refusal(Reason.SPATIAL_PER_ACTIVATION, f"BatchNormalization '{label}' "
+                                                    "has per-activation statistics (spatial=0)")))
         else:
             if not n.name:
                 n.name = index.fresh_name("BatchNormalization")
             bns.append(n)
             dtypes[n.name] = consts[2].value.dtype
     if not bns:
-        why = "; ".join(f"'{n}': {w}" for n, w in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        why = "; ".join(str(s.refusal) for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
         raise BnfoldError("has no inference BatchNormalization to recalibrate" + (f" ({why})" if why else ""),
                           path)
     # every BN gets statistics tensors of its own, so a shared one is never half-updated
@@ -405,8 +430,18 @@ def _calibrate(model: ModelProto, path: Optional[str], bns: List[NodeProto], dty
     if sequential and exact or _opset(model) < 7:
         return _calibrate_waves(model, path, bns, dtypes, data, batch_size, estimator, momentum, set_stats,
                                 sequential, progress)
+    if sequential and batch_size == 1:
+        raise BnfoldError(f"--batch-size 1: {ONE_SAMPLE_WHY}; use --batch-size 8 or more (default 32), or --exact "
+                          "(every BN measured with those upstream at their final statistics)", path)
     return _calibrate_batch(model, path, bns, dtypes, data, batch_size, estimator, momentum, set_stats,
                             normalize=sequential, progress=progress)
+
+
+# Why the default method cannot use batches of one sample (refusals say it).
+ONE_SAMPLE_WHY = ("with the default method every BN normalises each batch with that batch's own statistics, so a "
+                  "batch of one sample is normalised per sample (instance normalisation): the BNs after it would "
+                  "measure activations the model never produces, and their variances would leave out the spread "
+                  "between samples")
 
 
 def _opset(model: ModelProto) -> int:
@@ -414,10 +449,14 @@ def _opset(model: ModelProto) -> int:
 
 
 def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: Data, batch_size: Optional[int],
-              optimized: bool, on_batch: Callable[[Dict[str, np.ndarray], int, Batch], None],
-              tick: Callable[[int], None]) -> Tuple[int, int]:
+              optimized: bool, on_batch: Callable[[Any, int, Batch], None], tick: Callable[[int], None],
+              reducer: Optional[Callable[[Dict[str, np.ndarray]], Any]] = None,
+              batch_statistics: bool = False) -> Tuple[int, int]:
     """One pass over the data through ``model`` (written to a private folder), calling
-    ``on_batch(outputs, k, batch)`` per batch; returns (batches, samples)."""
+    ``on_batch(result, k, batch)`` per batch, where ``result`` is ``reducer(outputs)``
+    computed in ONNX Runtime's worker process (the outputs themselves when ``reducer`` is
+    None); returns (batches, samples). ``batch_statistics``: the probe normalises with
+    batch statistics, so a batch of one sample is refused."""
     from . import runner
     from .modelio import save_model
 
@@ -432,6 +471,9 @@ def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: 
             raise BnfoldError(e.message, path) from None
         specs = list(run.inputs)
         fixed = {s.dims[0] for s in specs if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0}
+        if fixed and batch_statistics and min(fixed) == 1:
+            raise BnfoldError("its inputs take batches of exactly 1 sample (a fixed batch dimension), and "
+                              f"{ONE_SAMPLE_WHY}: use --batch-size 1 --exact", path)
         if fixed and batch_size is not None and batch_size not in fixed:
             raise BnfoldError(f"its inputs take batches of exactly {min(fixed)} sample(s) (a fixed batch "
                               f"dimension): use --batch-size {min(fixed)}", path)
@@ -441,9 +483,13 @@ def _run_pass(model: ModelProto, path: Optional[str], outputs: List[str], data: 
                 raise BnfoldError(f"its inputs take batches of exactly {min(fixed)} sample(s), and calibration "
                                   f"batch {batches} from {', '.join(batch.sources)} holds {batch.size}: use a "
                                   f"sample count that is a multiple of {min(fixed)}", path)
+            if batch_statistics and batch.size == 1:
+                raise BnfoldError(f"calibration batch {batches} from {', '.join(batch.sources)} holds 1 sample: "
+                                  f"{ONE_SAMPLE_WHY}; use a sample count that leaves no final batch of one, or "
+                                  "--exact", path)
             feeds = {s.name: np.asarray(batch.feeds[s.name]).astype(s.dtype, copy=False) for s in specs}
             try:
-                outs = run.run(feeds, outputs)
+                outs = run.run(feeds, outputs) if reducer is None else run.run_reduce(feeds, outputs, reducer)
             except BnfoldError as e:
                 raise BnfoldError(f"{e.message}, on calibration data from {', '.join(batch.sources)}",
                                   path) from None
@@ -472,13 +518,13 @@ def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto
         probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
         stats = {n: ChannelStats(estimator, momentum) for n in names}
 
-        def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
+        def on_batch(outs: Dict[str, Tuple[np.ndarray, np.ndarray, int]], i: int, batch: Batch) -> None:
             for n, st in stats.items():
-                x = outs[n]
-                _update(st, *moments(x), n, i, batch, where)
+                _update(st, *outs[n], n, i, batch, where)
 
+        # the activations are reduced to moments where ONNX Runtime runs: only those travel back
         batches, samples = _run_pass(probe, path, names, data, batch_size, False, on_batch,
-                                     _ticker(progress, k, len(waves)))
+                                     _ticker(progress, k, len(waves)), reducer=Moments(names))
         del probe
         for b in group:
             mean, var = stats[b.input[0]].result()
@@ -509,7 +555,8 @@ def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto
             n, p = dims[0], int(np.prod(dims[2:]))
             _update(stats[name], outs[mean].reshape(-1), outs[var].reshape(-1), n * p, inputs[name], i, batch, where)
 
-    batches, samples = _run_pass(probe, path, outputs, data, batch_size, True, on_batch, _ticker(progress, 1, 1))
+    batches, samples = _run_pass(probe, path, outputs, data, batch_size, True, on_batch, _ticker(progress, 1, 1),
+                                 batch_statistics=normalize)
     del probe
     for b in bns:
         mean, var = stats[b.name].result()
