@@ -222,3 +222,21 @@ def test_readme_insert_and_recalibrate_commands_run(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "bnfold", *args[1:]], cwd=tmp_path, capture_output=True,
                               text=True)
         assert proc.returncode == 0, (command, proc.stderr)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_probe_statistics_of_3d_activations_match_numpy(dtype):
+    """[N, C, L] inputs (1-D feature maps; float64 takes the Reshape path) against numpy."""
+    elem = "float" if dtype == np.float32 else "double"
+    model = build(f"""<ir_version: 8, opset_import: ["" : 15]>
+    g ({elem}[N,4,6] x) => ({elem}[N,4,6] y) {{
+        y = BatchNormalization (x, s, b, m, v)
+    }}""", s=np.ones(4, dtype), b=np.zeros(4, dtype), m=np.zeros(4, dtype), v=np.ones(4, dtype))
+    model.graph.node[0].name = "bn"
+    probe, taps = batch_stats_probe(model, ["bn"], normalize=True)
+    x = (rand(5, 4, 6, seed=70, scale=3.0) + 2.0).astype(dtype)
+    outs = dict(zip([o.name for o in probe.graph.output], ort_run(probe, {"x": x})))
+    mean, var, m = moments(x.astype(np.float64))
+    np.testing.assert_allclose(outs[taps["bn"][0]].reshape(-1), mean, rtol=1e-6)
+    np.testing.assert_allclose(outs[taps["bn"][1]].reshape(-1), var, rtol=1e-5)
+    assert list(outs[taps["bn"][2]]) == [5, 4, 6] and m == 30
