@@ -1,8 +1,9 @@
 """Calibration throughput and accuracy: recalibrate (default one-pass method and --exact) and
 insert --calibration, in samples/s against plain ONNX Runtime inference (default optimisation
-level, same batches), plus how far the default statistics are from the exact ones. Each timing
-is the fastest of --repeats runs (the machine is shared); the steady-state cost leaves out
-loading, writing the probe model, creating the session and the first batch.
+level, same batches), plus how far the default statistics are from the exact ones. The machine
+is shared, so plain, default and insert runs are interleaved in rounds and each cost is the
+median of the per-round ratios; the steady-state cost leaves out loading, writing the probe
+model, creating the session and the first batch.
 
     python benchmarks/calibration.py [--corpus /work/corpus] [--samples 256] [--batch-size 32]
 
@@ -40,18 +41,14 @@ def rate(samples: int, seconds: float) -> float:
     return samples / seconds
 
 
-def best(repeats: int, fn) -> tuple:
-    """(shortest time, last result, shortest steady-state time) of ``repeats`` runs of
-    ``fn(progress)``: on a shared machine the fastest run is the one least disturbed. The
+def timed(fn) -> tuple:
+    """(end-to-end seconds, steady-state seconds, result) of one ``fn(progress)`` run; the
     steady state runs from the first batch's end to the last's (setup and first batch out)."""
-    times, steady, result = [], [], None
-    for _ in range(repeats):
-        marks: list = []
-        t = time.perf_counter()
-        result = fn(lambda samples, k, passes: marks.append(time.perf_counter()))
-        times.append(time.perf_counter() - t)
-        steady.append(marks[-1] - marks[0] if len(marks) > 1 else float("nan"))
-    return min(times), result, min(steady)
+    marks: list = []
+    t = time.perf_counter()
+    result = fn(lambda samples, k, passes: marks.append(time.perf_counter()))
+    total = time.perf_counter() - t
+    return total, (marks[-1] - marks[0] if len(marks) > 1 else float("nan")), result
 
 
 def main() -> None:
@@ -61,11 +58,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--no-exact", action="store_true", help="Skip the (slow) exact method.")
-    ap.add_argument("--repeats", type=int, default=3, help="Runs per timing; the fastest counts.")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="Rounds of plain / default / insert runs, interleaved; the median per-round ratio counts.")
     args = ap.parse_args()
-    print(f"onnxruntime {ort.__version__}, {args.samples} samples, batch {args.batch_size}, CPU")
-    print(f"load average: {os.getloadavg()[0]:.1f}; cost = time / plain time (end to end; steady state, "
-          "first batch and setup excluded)")
+    print(f"onnxruntime {ort.__version__}, {args.samples} samples, batch {args.batch_size}, CPU, {args.rounds} rounds")
+    print(f"load average: {os.getloadavg()[0]:.1f}; samples/s from each method's fastest run; cost = median over "
+          "rounds of time / the same round's plain time (end to end; steady state: setup and first batch excluded; "
+          "plain excludes its session creation); exact: one run, against the plain runs just before and after it")
     print("model | BNs | plain ORT samples/s | default samples/s (cost) | exact samples/s (cost, passes) | "
           "insert --calibration samples/s (cost) | default vs exact: max |dmean|/sigma | max rel dvar (p99) | "
           "max dvar/(var+eps)")
@@ -85,32 +84,38 @@ def main() -> None:
         so.log_severity_level = 3
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         sess.run(None, data[0])  # warm-up
+        folded = fuse(model).model
 
         def plain_pass(progress) -> None:
             for d in data:
                 sess.run(None, d)
                 progress(0, 1, 1)
 
-        t_plain, _, s_plain = best(args.repeats, plain_pass)
-        plain = rate(n, t_plain)
-        t_fast, fast, s_fast = best(args.repeats, lambda pr: recalibrate(model, data, batch_size=args.batch_size,
-                                                                         progress=pr))
-        fast_rate = rate(n, t_fast)
+        rounds = []  # per round: (plain, default, insert) x (end to end, steady)
+        fast = None
+        for _ in range(args.rounds):  # interleaved: a busy spell on a shared machine hits all three alike
+            p_t, p_s, _ = timed(plain_pass)
+            f_t, f_s, fast = timed(lambda pr: recalibrate(model, data, batch_size=args.batch_size, progress=pr))
+            i_t, i_s, _ = timed(lambda pr: insert(folded, calibration=data, batch_size=args.batch_size, progress=pr))
+            rounds.append((p_t, p_s, f_t, f_s, i_t, i_s))
+        r = np.array(rounds)
+        plain = rate(n, r[:, 0].min())
+
+        def cost(k: int) -> str:
+            return f"{np.median(r[:, k] / r[:, 0]):.2f}x; {np.median(r[:, k + 1] / r[:, 1]):.2f}x"
+
         exact_text, diffs = "-", (float("nan"),) * 4
         if not args.no_exact:
-            t_exact, exact, _ = best(1, lambda pr: recalibrate(model, data, batch_size=args.batch_size, exact=True,
-                                                               progress=pr))
-            exact_rate = rate(n, t_exact)
-            exact_text = f"{exact_rate:.0f} ({plain / exact_rate:.1f}x, {exact.calibration.passes} passes)"
+            before, _, _ = timed(plain_pass)
+            t_exact, _, exact = timed(lambda pr: recalibrate(model, data, batch_size=args.batch_size, exact=True,
+                                                             progress=pr))
+            after, _, _ = timed(plain_pass)
+            exact_text = (f"{rate(n, t_exact):.0f} ({t_exact / ((before + after) / 2):.1f}x, "
+                          f"{exact.calibration.passes} passes)")
             diffs = difference(fast.model, exact.model)
-        folded = fuse(model).model
-        t_ins, _, s_ins = best(args.repeats, lambda pr: insert(folded, calibration=data, batch_size=args.batch_size,
-                                                               progress=pr))
-        ins_rate = rate(n, t_ins)
-        print(f"{arch} | {len(fast.recalibrated)} | {plain:.0f} | {fast_rate:.0f} ({plain / fast_rate:.2f}x; "
-              f"{s_fast / s_plain:.2f}x) | {exact_text} | {ins_rate:.0f} ({plain / ins_rate:.2f}x; "
-              f"{s_ins / s_plain:.2f}x) | {diffs[0]:.2e} | {diffs[1]:.2e} ({diffs[2]:.1e}) | {diffs[3]:.2e}",
-              flush=True)
+        print(f"{arch} | {len(fast.recalibrated)} | {plain:.0f} | {rate(n, r[:, 2].min()):.0f} ({cost(2)}) | "
+              f"{exact_text} | {rate(n, r[:, 4].min()):.0f} ({cost(4)}) | {diffs[0]:.2e} | {diffs[1]:.2e} "
+              f"({diffs[2]:.1e}) | {diffs[3]:.2e}", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
