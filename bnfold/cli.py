@@ -695,14 +695,16 @@ def calibration_options(fn):
                           "never move from the start values); also written into new BNs."),
         click.option("--exact", is_flag=True,
                      help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
-                          "the data per dependency wave (17 for resnet18, 52 for mobilenetv2), ONNX Runtime "
-                          "optimisations off, 20-300x slower than plain inference. By default: one pass in which "
-                          "every BN normalises with its current batch statistics (torch's update_bn, AdaBN). The "
-                          "two differ by upstream batch noise; measured at batch 32 on 64x64 input: means by up "
-                          "to 1.4% of sigma and variances by 5% on resnet18, 6-8% and 28-36% on mobilenetv2 and "
-                          "efficientnet-b0 (small late feature maps). Worth it when batch x positions per "
-                          "channel is small, or to get the statistics the final model itself would measure. "
-                          "insert --mode preserve is exact either way."),
+                          "the data per dependency wave (17 for resnet18, 52 for mobilenetv2), each over the part "
+                          "of the model it needs; measured at batch 32 on 64x64 input: 9x plain inference on "
+                          "resnet18, 26-47x on efficientnet-b0 and mobilenetv2. By default: one pass in which every "
+                          "BN normalises with its current batch statistics (torch's update_bn, AdaBN), 1.3-2.6x "
+                          "plain once started. The two differ by upstream batch noise: means by up to 1.8% of "
+                          "sigma and variances by 4.2% on resnet18; 5.7-6.8% and 24-38% on mobilenetv2 and "
+                          "efficientnet-b0 (3.3% and 10% on mobilenetv2 at batch 128). Worth its cost for "
+                          "depthwise-separable networks with small late feature maps, for small batches, or to get "
+                          "the statistics the final model itself would measure. insert --mode preserve is exact "
+                          "either way."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("-v", "--verbose", count=True, help="List skipped ops too."),
@@ -853,8 +855,10 @@ def recalibrate(model: Path, calibration: Path, output: Optional[Path], batch_si
                 as_json, quiet, verbose) -> None:
     """Re-estimate the running mean and variance of every inference BN from new data.
 
-    Scale and bias stay. Each BN is measured on its input in the model as calibrated
-    so far (AdaBN-style domain adaptation; re-estimation after pruning or quantisation).
+    Scale and bias stay (AdaBN-style domain adaptation; re-estimation after pruning or
+    quantisation). By default in one pass in which every BN normalises with its batch
+    statistics; --exact measures each BN with those upstream at their final statistics.
+    BNs left alone are listed with a reason code.
     """
     from .insert import recalibrate as recalibrate_bn
 
