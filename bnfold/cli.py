@@ -701,7 +701,8 @@ def calibration_options(fn):
                           "which every BN normalises with its current batch statistics (torch's update_bn, AdaBN), "
                           "1.3-2.6x plain once started. The two differ by upstream batch noise: means by up to 1.8% "
                           "of sigma and variances by 4.2% on resnet18; 5.7-6.8% and 22-38% on resnet50, "
-                          "mobilenetv2 and efficientnet-b0 (3.3% and 10% on mobilenetv2 at batch 128). Worth its "
+                          "mobilenetv2 and efficientnet-b0 (mobilenetv2: 3.3% and 10% at batch 128; 0.9% and 4.2% "
+                          "at 224x224, where late feature maps have 7x7 positions, not 2x2). Worth its "
                           "cost for deep or depthwise-separable networks whose last feature maps hold few values "
                           "per channel per batch, for small batches, or to get the statistics the final model "
                           "itself would measure. insert --mode preserve is exact either way."),
