@@ -169,6 +169,18 @@ MOMENTUM_START = (0.0, 1.0)
 MOMENTUM_WARN_WEIGHT = 0.99
 
 
+def check_momentum(momentum: float) -> None:
+    """Refuse a momentum outside [0, 1): at 1 the running average never moves from its start
+    values (a no-op); above 1 or below 0 it is not an average."""
+    k = float(momentum)
+    if k == 1.0:
+        raise BnfoldError("momentum 1 keeps the running averages at their start values (mean 0, var 1) whatever "
+                          "the data: use a value in [0, 1), e.g. 0.99 (Keras) or 0.9 (PyTorch's momentum 0.1)")
+    if not (0.0 <= k < 1.0):
+        raise BnfoldError(f"momentum {momentum} is not in [0, 1): running = momentum x running + "
+                          "(1 - momentum) x batch must be an average")
+
+
 def moments(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
     """Per-channel mean and biased variance of ``x`` ``[N, C, ...]`` in float64, and m,
     the number of values per channel."""
@@ -180,12 +192,24 @@ def moments(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
     return mean, var, m
 
 
+class Moments:
+    """A picklable reducer for ``Runner.run_reduce``: ``{name: moments(outputs[name])}``, so
+    that only per-channel moments, not activations, leave ONNX Runtime's worker process."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = list(names)
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> Dict[str, Tuple[np.ndarray, np.ndarray, int]]:
+        return {n: moments(outputs[n]) for n in self.names}
+
+
 class ChannelStats:
     """Streaming per-channel mean and variance, in float64, from per-batch moments."""
 
     def __init__(self, estimator: str = "population", momentum: float = 0.99) -> None:
         if estimator not in ESTIMATORS:
             raise BnfoldError(f"estimator '{estimator}': use one of {', '.join(ESTIMATORS)}")
+        check_momentum(momentum)
         self.estimator = estimator
         self.momentum = float(momentum)
         self.batches = 0

@@ -84,18 +84,64 @@ def test_non_finite_activations_are_refused_naming_the_tensor(tmp_path):
 
 # -- (4) m < 2 --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["insert", "recalibrate"])
-def test_batch_of_one_with_2d_activations_is_refused(work, command):
+@pytest.mark.parametrize("args", [["insert"], ["recalibrate", "--exact"]])
+def test_batch_of_one_with_2d_activations_is_refused(work, args):
     before = snapshot(work)
-    refused(cli(command, work / "mlp.onnx", "--calibration", work / "mlp.npz", "--batch-size", "1"),
+    refused(cli(*args, work / "mlp.onnx", "--calibration", work / "mlp.npz", "--batch-size", "1"),
             "m = 1", "--batch-size")
     assert snapshot(work) == before
 
 
-def test_batch_of_one_with_spatial_activations_is_fine(work):
-    # m = N x H x W >= 2 even for one sample: nothing to refuse
-    res = cli("recalibrate", work / "m.onnx", "--calibration", work / "cal.npz", "--batch-size", "1")
+def test_batch_of_one_with_spatial_activations_is_fine_where_nothing_normalises_per_batch(work):
+    # m = N x H x W >= 2 even for one sample: measured as they are, or with final statistics upstream
+    for args in (["recalibrate", "--exact"], ["insert", "--op", "Conv"]):
+        res = cli(*args, work / "m.onnx", "--calibration", work / "cal.npz", "--batch-size", "1", "-o",
+                  work / "out.onnx")
+        assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("model, data", [("m.onnx", "cal.npz"), ("mlp.onnx", "mlp.npz")])
+@pytest.mark.parametrize("command", [["recalibrate"], ["insert", "--mode", "normalize"]])
+def test_batch_of_one_under_batch_statistics_is_refused_saying_why_and_what_works(work, model, data, command):
+    # the default method would normalise every sample with its own statistics (instance norm), even where
+    # spatial positions give m >= 2: refused before any pass, naming what works
+    before = snapshot(work)
+    refused(cli(command[0], work / model, *command[1:], "--calibration", work / data, "--batch-size", "1"),
+            model, "--batch-size 1", "instance normalisation", "--batch-size 8 or more", "--exact")
+    assert snapshot(work) == before
+
+
+def test_final_batch_of_one_under_batch_statistics_is_refused(work):
+    np.savez(work / "odd.npz", input=rand(9, 3, 32, 32, seed=5))
+    refused(cli("recalibrate", work / "m.onnx", "--calibration", work / "odd.npz", "--batch-size", "4"),
+            "odd.npz", "holds 1 sample", "instance normalisation", "no final batch of one")
+    res = cli("recalibrate", work / "m.onnx", "--calibration", work / "odd.npz", "--batch-size", "4", "--exact")
     assert res.exit_code == 0, res.output
+
+
+def test_fixed_batch_of_one_under_batch_statistics_asks_for_exact(tmp_path):
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[1,2,3,3] x) => (float[1,2,3,3] y) { y = BatchNormalization (x, s, b, m, v) }""",
+                  s=np.ones(2, np.float32), b=np.zeros(2, np.float32), m=np.zeros(2, np.float32),
+                  v=np.ones(2, np.float32))
+    onnx.save(model, tmp_path / "one.onnx")
+    np.savez(tmp_path / "d.npz", x=rand(4, 2, 3, 3))
+    refused(cli("recalibrate", tmp_path / "one.onnx", "--calibration", tmp_path / "d.npz"),
+            "one.onnx", "exactly 1 sample", "--batch-size 1 --exact")
+    res = cli("recalibrate", tmp_path / "one.onnx", "--calibration", tmp_path / "d.npz", "--batch-size", "1",
+              "--exact", "-o", tmp_path / "r.onnx")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("value, needles", [("1", ["momentum 1", "start values", "[0, 1)"]),
+                                            ("1.5", ["momentum 1.5", "[0, 1)"]),
+                                            ("-0.1", ["momentum -0.1", "[0, 1)"])])
+@pytest.mark.parametrize("command", ["insert", "recalibrate"])
+def test_momentum_outside_zero_to_one_is_refused_in_one_line(work, command, value, needles):
+    before = snapshot(work)
+    refused(cli(command, work / "m.onnx", "--calibration", work / "cal.npz", "--estimator", "momentum",
+                "--momentum", value), *needles)
+    assert snapshot(work) == before
 
 
 # -- (5) momentum with few batches ---------------------------------------------------------

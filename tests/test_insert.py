@@ -212,3 +212,31 @@ def test_cli_insert_and_recalibrate(tmp_path):
     check(onnx.load(str(tmp_path / "m.bn.onnx")))
     res = runner.invoke(main, ["insert", str(src), "--calibration", str(tmp_path / "missing.npz")])
     assert res.exit_code == 2 and "no such calibration" in res.output
+
+
+def test_recalibrate_skips_with_refusal_codes_in_the_result_and_the_json(tmp_path):
+    from bnfold.reasons import Reason, Refusal
+
+    p = {**{k: v for k, v in zip(("s", "b", "m", "v"), (np.ones(3, np.float32), np.zeros(3, np.float32),
+                                                         np.zeros(3, np.float32), np.ones(3, np.float32)))}}
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[N,3,4,4] x) => (float[N,3,4,4] y, float[N,3,4,4] z, float[N,3,4,4] w) {
+        y, rm, rv = BatchNormalization <training_mode = 1> (x, s, b, m, v)
+        vin = Abs (v)
+        z = BatchNormalization (x, s, b, m, vin)
+        w = BatchNormalization (x, s, b, m, v)
+    }""", **p)
+    for n, name in zip([n for n in model.graph.node if n.op_type == "BatchNormalization"], ("train", "given", "ok")):
+        n.name = name
+    result = recalibrate(model, [{"x": rand(4, 3, 4, 4)}], batch_size=4)
+    assert result.recalibrated == ["ok"]
+    assert [(s.node, s.refusal.reason) for s in result.skipped] == [("train", Reason.TRAINING_MODE),
+                                                                    ("given", Reason.NOT_CONSTANT)]
+    assert all(isinstance(s.refusal, Refusal) and s.node in s.refusal.detail for s in result.skipped)
+    assert result.to_dict()["skipped"][0] == {"node": "train", "reason": "TRAINING_MODE",
+                                              "detail": result.skipped[0].refusal.detail}
+    onnx.save(model, tmp_path / "three.onnx")
+    np.savez(tmp_path / "d.npz", x=rand(4, 3, 4, 4))
+    res = CliRunner().invoke(main, ["recalibrate", str(tmp_path / "three.onnx"), "--calibration",
+                                    str(tmp_path / "d.npz"), "--batch-size", "4"])
+    assert "skipped 'train': TRAINING_MODE: " in res.output and "skipped 'given': NOT_CONSTANT: " in res.output
