@@ -155,12 +155,13 @@ def junit_for_verify(report: Optional[dict], *, candidate: str, error: Optional[
 # -- GitHub Actions ------------------------------------------------------------------------
 
 def _margin(ver: Optional[dict]) -> str:
-    """The smallest margin any output reports (the verify report may carry one per output)."""
+    """The largest fraction of its limit any output uses (float64 pass and runtime comparisons)."""
     if not ver:
         return ""
-    margins = [o.get("margin") for c in ver.get("comparisons", []) for o in c.get("outputs", [])
-               if isinstance(o.get("margin"), (int, float))]
-    return f"{min(margins):.3g}" if margins else ""
+    used = [o.get("used") for c in ver.get("comparisons", []) for o in c.get("outputs", [])]
+    used += [o.get("used") for o in ((ver.get("exact") or {}).get("outputs") or [])]
+    used = [u for u in used if isinstance(u, (int, float))]
+    return f"uses {max(used):.0%} of the limit" if used else ""
 
 
 def _cell(text: str) -> str:

@@ -10,7 +10,8 @@ How it decides (figures behind the constants: README, "How verify decides"):
    rounding of the weights it rewrote, so the *allowance* is measured on both sides:
    the reference's weights, then the candidate's (whose rewritten weights a correct
    fold rounded once), are moved at random within half an ulp of their dtype
-   (:data:`PERTURBATIONS` draws each) and the largest output move is kept. The
+   (:data:`PERTURBATIONS` draws each; :data:`PERTURBATIONS_LARGE` for a costly
+   model with large outputs) and the largest output move is kept. The
    candidate passes when its float64 deviation from the reference is within
    ``ALLOWANCE_MULTIPLE x allowance + max(FLOAT64_FLOOR, OUTPUT_FLOOR_ULPS ulps of
    the output dtype)`` (all relative to max|reference output|): a deviation below one
@@ -74,6 +75,8 @@ LOCALIZE_BATCH = 64
 ALLOWANCE_MULTIPLE = 2.0
 RUNTIME_NOISE_MULTIPLE = 4.0
 PERTURBATIONS = 2  # half-ulp draws per side (reference, candidate)
+PERTURBATIONS_LARGE = 1  # per side, for a costly model with large outputs
+COSTLY_EVALUATION_S = 0.5  # estimated seconds of one float64 evaluation
 FLOAT64_FLOOR = 1e-9  # relative to max|output|: float64 evaluation-order noise (BN cancellation)
 OUTPUT_FLOOR_ULPS = 1.0  # float64 limit floor: ulps of the output dtype at max|output|
 DTYPE_FLOOR_ULPS = 16
@@ -84,7 +87,8 @@ RUNTIME_DRAWS_SMALL = 6  # small outputs (a maximum over few elements is a noisy
 RUNTIME_SMALL_OUTPUT = 1000  # float output elements, over all samples
 RUNTIME_SMALL_MODEL = 1_000_000  # weight values moved
 RUNTIME_ULPS = 1.0
-RUNTIME_FRACTION = 1.0  # share of the weights moved in each draw
+RUNTIME_FRACTION = 1.0  # share of float32/float64 weights moved in each draw
+RUNTIME_FRACTION_HALF = 1.0 / 12  # float16/bfloat16: the variance of rounding to nearest (ulp**2 / 12)
 RUNTIME_MULTIPLE = 2.0
 RUNTIME_FLOOR_ULPS = 4.0
 RUNTIME_SEED = 20261204
@@ -578,8 +582,11 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
     runtime_check: Optional[RuntimeCheck] = None
     t_cal = time.perf_counter()
     if not fixed_all and any(o not in explicit for o in out_names):
-        dtypes = {o: np.asarray(v).dtype for o, v in results[(ref_path, use[0])][0].items()}
-        exact_check, exact_out = _exact_pass(ref_path, cand_path, out_names, dtypes, feeds_list[0], exact_budget_s)
+        first = results[(ref_path, use[0])][0]
+        dtypes = {o: np.asarray(v).dtype for o, v in first.items()}
+        elements = sum(np.size(v) for o, v in first.items() if dtypes[o].kind == "f" or dtypes[o].name == "bfloat16")
+        exact_check, exact_out = _exact_pass(ref_path, cand_path, out_names, dtypes, feeds_list[0], exact_budget_s,
+                                             elements)
         if not exact_check.ran:
             runtime_check = _runtime_calibration(ref_path, out_names, feeds_list, results, use,
                                                  lambda path, p: open_(path, p, note=False),
@@ -734,7 +741,7 @@ def _runtime_calibration(ref_path: str, out_names: Sequence[str], feeds_list: Se
             rng = np.random.default_rng(RUNTIME_SEED + d)
             for name, arr in targets:
                 by_name[name].CopyFrom(numpy_helper.from_array(
-                    exact.moved_ulps(arr, rng, RUNTIME_ULPS, RUNTIME_FRACTION), name))
+                    exact.moved_ulps(arr, rng, RUNTIME_ULPS, _fraction(arr.dtype)), name))
             path = os.path.join(tmp, f"perturbed{d}.onnx")
             if weight_bytes > 2**31 - 2**26:  # protobuf's 2 GB limit: weights beside it
                 onnx.save_model(model, path, save_as_external_data=True, location=f"perturbed{d}.data")
@@ -761,6 +768,14 @@ def _runtime_calibration(ref_path: str, out_names: Sequence[str], feeds_list: Se
                                  for c, g in zip(refs[runner.CPU], refs[runner.CUDA]))
     check.seconds = time.perf_counter() - t
     return check
+
+
+def _fraction(dtype: np.dtype) -> float:
+    """Share of a weight tensor moved one ulp in a runtime draw. float32/float64: every value, which also
+    re-rounds the runtime's own arithmetic at its full size; float16/bfloat16 (which ONNX Runtime's CPU
+    provider computes in float32, so weight rounding dominates): a random 1/12, whose variance equals that
+    of rounding to nearest, so the floor is the size of a correct fold's rounding, not 3.5 x it."""
+    return RUNTIME_FRACTION if np.dtype(dtype).itemsize >= 4 else RUNTIME_FRACTION_HALF
 
 
 def _move(got: np.ndarray, ref: np.ndarray, scale: float) -> float:
@@ -801,11 +816,12 @@ def _rel_dev(got: np.ndarray, ref64: np.ndarray, scale: float) -> float:
 
 
 def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], dtypes: Mapping[str, np.dtype],
-                feeds: Mapping[str, np.ndarray], budget_s: float
+                feeds: Mapping[str, np.ndarray], budget_s: float, out_elements: int = 0
                 ) -> Tuple[ExactCheck, Dict[str, Tuple[np.ndarray, np.ndarray, float]]]:
     """Reference and candidate in float64, and the half-ulp allowance of both sides, on one sample.
 
-    ``dtypes``: each output's dtype in the models themselves (its ulp sets the output floor)."""
+    ``dtypes``: each output's dtype in the models themselves (its ulp sets the output floor);
+    ``out_elements``: float output elements of that sample."""
     from . import exact
     from .modelio import load_model
 
@@ -813,10 +829,12 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], dtypes:
         return ExactCheck(False, None, why="turned off"), {}
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
     ref_m, cand_m = load_model(ref_path), load_model(cand_path)
-    runs = 2 * (1 + PERTURBATIONS)
     est = max(exact.estimate_seconds(ref_m, shapes).seconds, exact.estimate_seconds(cand_m, shapes).seconds)
+    # a costly model with large outputs (whose maximum over many elements is a stable floor) takes fewer draws
+    draws = PERTURBATIONS_LARGE if est > COSTLY_EVALUATION_S and out_elements >= RUNTIME_SMALL_OUTPUT else PERTURBATIONS
+    runs = 2 * (1 + draws)
     estimated = est * runs
-    check = ExactCheck(False, None, estimated_s=estimated)
+    check = ExactCheck(False, None, estimated_s=estimated, perturbations=draws)
     if estimated > budget_s:
         check.why = f"estimated {estimated:.0f} s for {runs} float64 runs, over the {budget_s:g} s budget"
         return check, {}
@@ -829,9 +847,9 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], dtypes:
         rng = np.random.default_rng(12345)
         ref_targets, cand_targets = exact.float_initializers(ref_m), exact.float_initializers(cand_m)
         ref_moves = [dict(zip(out_names, ref_ev.run_perturbed(ref_targets, rng, out_names, feeds)))
-                     for _ in range(PERTURBATIONS)]
+                     for _ in range(draws)]
         cand_moves = [dict(zip(cand_names, cand_ev.run_perturbed(cand_targets, rng, cand_names, feeds)))
-                      for _ in range(PERTURBATIONS)]
+                      for _ in range(draws)]
     except (NotImplementedError, RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
         # onnx.reference lacks this op or cannot evaluate the model: reported, runtime-calibrated verdict
         check.why = f"the float64 evaluator cannot run the model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

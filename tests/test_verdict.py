@@ -426,3 +426,27 @@ def test_float64_max_pool_matches_onnx_runtime(kernel, strides, pads):
         onnx.save(model, path)
         expected = runner.open_runner(path, runner.CPU).run({"x": x})["y"]
     np.testing.assert_array_equal(exact.Float64Evaluator(model).run(None, {"x": x})[0], expected)
+
+
+def test_reports_state_method_floor_limit_and_use(shipped_folds, tmp_path):
+    import json
+    import xml.etree.ElementTree as ET
+
+    from junit_schema import problems
+
+    ref, cand = shipped_folds["resnet_mini"]
+    for budget, method in (("10", "calibrated"), ("0", "runtime-calibrated")):
+        xml = tmp_path / f"{method}.xml"
+        text = _cli(ref, cand, "--providers", "cpu", "--exact-budget", budget, "--junit", xml)
+        assert text.exit_code == 0 and f"; {method} verdict)" in text.output
+        assert ("float64 check" in text.output) is (method == "calibrated")
+        assert ("runtime calibration:" in text.output) is (method == "runtime-calibrated")
+        data = json.loads(_cli(ref, cand, "--providers", "cpu", "--exact-budget", budget, "--json").output)
+        out = data["comparisons"][0]["outputs"][0]
+        assert data["method"] == out["method"] == method and 0 < out["used"] < 1 and out["floor"] > 0
+        assert out["atol"] == pytest.approx(out["limit"] * out["scale"])
+        assert (data["runtime"] is None) is (method == "calibrated")
+        assert problems(xml.read_text()) == []
+        cases = {c.get("name"): c for c in ET.parse(xml).getroot().iter("testcase")}
+        assert f"{method} verdict" in cases["cpu:logits"].find("system-out").text
+        assert ("float64:logits" in cases) is (method == "calibrated")
