@@ -450,3 +450,18 @@ def test_reports_state_method_floor_limit_and_use(shipped_folds, tmp_path):
         cases = {c.get("name"): c for c in ET.parse(xml).getroot().iter("testcase")}
         assert f"{method} verdict" in cases["cpu:logits"].find("system-out").text
         assert ("float64:logits" in cases) is (method == "calibrated")
+
+
+def test_runtime_calibrated_across_providers_includes_the_references_own_difference(fake_cuda, monkeypatch):
+    ref, cand = _scalar_models()
+    monkeypatch.setattr(runner, "node_placement", lambda path, provider, feeds: {})
+    report = verify(ref, cand, exact_budget_s=0)
+    assert report.method == "runtime-calibrated" and report.equivalent
+    assert [c.name for c in report.comparisons] == ["cpu", "cuda", "cpu-vs-cuda"]
+    assert set(report.runtime.floors) == {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    assert report.runtime.cross == {"y": 0.0}  # the simulated CUDA is the CPU: no difference of its own
+    cross = report.comparisons[2].outputs[0]
+    floors = [report.runtime.floors[p]["y"] for p in report.runtime.floors]
+    assert cross.method == "runtime-calibrated" and cross.floor == max(floors)
+    bug_ref, bug_cand = _scalar_models(bug_scale=1.01)
+    assert not verify(bug_ref, bug_cand, exact_budget_s=0).equivalent
