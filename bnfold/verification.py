@@ -492,7 +492,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
     directory). ``samples`` random input sets (default 2) or the arrays of ``inputs`` (then ``samples``
     must not be given: the file is the one sample). ``output_tolerances`` maps output names to a
     :class:`Tolerance` or an ``(rtol, atol)`` pair. ``exact_budget_s``: the float64 pass is skipped
-    (fixed-tolerance fallback, said in the report) when its estimated cost exceeds this; 0 never runs it.
+    (runtime-calibrated verdict, said in the report) when its estimated cost exceeds this; 0 never runs it.
     ``validated`` skips bnfold's own checks of the files for callers that just made or checked them.
 
     Raises :class:`BnfoldError` when a model cannot be loaded or run, an option names something the
