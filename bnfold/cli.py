@@ -221,7 +221,8 @@ def _g(x: float) -> str:
 
 
 def _pct(x: float) -> str:
-    return "inf" if x == float("inf") else f"{x:.0%}"
+    """A fraction of a limit: a percentage up to 10x, then a factor (a bug is thousands of times over)."""
+    return "inf" if x == float("inf") else (f"{x:.0%}" if x < 10 else f"{x:.3g}x")
 
 
 def render_verify(rep: dict, verbose: int = 0) -> str:
