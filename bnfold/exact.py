@@ -11,9 +11,11 @@ runtime's rounding. Never imports the fold code.
 - :func:`evaluator` runs an upcast model through ``onnx.reference`` with
   *inference* BatchNormalization at every opset (the stock implementation below
   opset 15 uses batch statistics, i.e. training semantics).
-- :func:`perturb_initializers` draws a copy whose float weights move at random
-  within half an ulp of their original dtype: the rounding a correct rewrite of
-  those weights is allowed.
+- :func:`perturbed` draws a copy of a weight moved at random within half an ulp of
+  its own dtype: the rounding a correct rewrite of that weight is allowed;
+  :func:`float_initializers` says which weights (those a rewrite rounds: inputs of
+  Conv/Gemm/MatMul/BN and element-wise arithmetic only); :func:`moved_ulps` moves a
+  weight whole ulps in its own dtype, for the runtime-calibrated verdict.
 - :func:`estimate_seconds` predicts the cost of one evaluation from the model's
   multiply-accumulates, so callers can skip the pass on models too big for it.
 """
@@ -106,9 +108,49 @@ def upcast(model: onnx.ModelProto, *, initializers: bool = True) -> onnx.ModelPr
     return out
 
 
-def float_initializers(model: onnx.ModelProto) -> List[Tuple[str, np.ndarray]]:
-    """(name, array in its own dtype) for every floating-point initializer of the main graph."""
-    return [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
+# Ops whose float constant inputs a BN rewrite (fold, insert, re-parameterisation) computes and rounds, and
+# whose value moves smoothly with them. Constants read by any other op are never perturbed: a Resize scale of
+# 2.0 moved by an ulp changes the output shape, a Pow exponent of 2.0 turns negative bases into NaN.
+REWRITTEN_BY = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul",
+                          "Div"})
+
+
+def float_initializers(model: onnx.ModelProto, *, rewritable_only: bool = True) -> List[Tuple[str, np.ndarray]]:
+    """(name, array in its own dtype) for the floating-point initializers of the main graph.
+
+    ``rewritable_only``: only those read exclusively by :data:`REWRITTEN_BY` ops (the weights a
+    rewrite rounds), the ones :func:`perturbed` may move."""
+    readers: Dict[str, set] = {}
+    if rewritable_only:
+        for n in model.graph.node:
+            for i in n.input:
+                readers.setdefault(i, set()).add(n.op_type if n.domain in ("", "ai.onnx") else "?")
+    return [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer
+            if t.data_type in FLOAT_TYPES and (not rewritable_only or (readers.get(t.name) or {"?"}) <= REWRITTEN_BY)]
+
+
+def moved_ulps(arr: np.ndarray, rng: np.random.Generator, ulps: float = 1.0, fraction: float = 1.0) -> np.ndarray:
+    """``arr`` in its own dtype with each value, with probability ``fraction``, moved by ``ulps`` of its
+    dtype's spacing at that value, up or down at random (a value whose move would overflow stays).
+
+    One ulp is one representable step (``np.nextafter``; going down from a power of two the step below
+    is half as large); other amounts move by ``ulps x`` the spacing above, through float64."""
+    u = rng.random(arr.shape, dtype=np.float32)
+    down, up = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
+    if ulps == 1.0 and arr.dtype in (np.float16, np.float32, np.float64):
+        inf = np.asarray(np.inf, arr.dtype)
+        target = np.where(down, -inf, inf) if fraction >= 1.0 else np.where(down, -inf, np.where(up, inf, arr))
+        out = np.nextafter(arr, target)
+    else:
+        sign = np.where(down, -1.0, np.where(up, 1.0, 0.0))
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (arr.astype(np.float64) + sign * (2.0 * ulps) * half_ulp(arr)).astype(arr.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        keep = (~np.isfinite(out) & np.isfinite(arr) if arr.dtype.kind == "f"
+                else ~np.isfinite(out.astype(np.float32)) & np.isfinite(arr.astype(np.float32)))
+    if keep.any():
+        out[keep] = arr[keep]
+    return out
 
 
 def half_ulp(arr: np.ndarray) -> np.ndarray:
@@ -226,6 +268,48 @@ def _max_pool_class():
     return MaxPool
 
 
+def _conv_transpose_class():
+    from onnx.reference.ops.op_conv_transpose import ConvTranspose as StockConvTranspose
+
+    class ConvTranspose(StockConvTranspose):
+        """2-D ConvTranspose through numpy (the stock one mis-reshapes grouped weights); others: stock."""
+
+        op_domain = ""
+
+        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+                 output_padding=None, output_shape=None, pads=None, strides=None):
+            if X.ndim != 4 or output_shape is not None or auto_pad not in (None, "NOTSET", b"NOTSET"):
+                return super()._run(X, W, B, auto_pad=auto_pad, dilations=dilations, group=group,
+                                    kernel_shape=kernel_shape, output_padding=output_padding,
+                                    output_shape=output_shape, pads=pads, strides=strides)
+            g = int(group or 1)
+            n, c, h, w = X.shape
+            kh, kw = W.shape[2], W.shape[3]
+            mg = W.shape[1]
+            cg = c // g
+            dh, dw = dilations or (1, 1)
+            sh, sw = strides or (1, 1)
+            top, left, bottom, right = pads or (0, 0, 0, 0)
+            oph, opw = output_padding or (0, 0)
+            full_h = (h - 1) * sh + (kh - 1) * dh + 1 + oph
+            full_w = (w - 1) * sw + (kw - 1) * dw + 1 + opw
+            y = np.zeros((n, g * mg, full_h, full_w), dtype=np.result_type(X, W))
+            for k in range(g):
+                xg = X[:, k * cg:(k + 1) * cg]
+                wg = W[k * cg:(k + 1) * cg]  # (cg, mg, kh, kw)
+                for i in range(kh):
+                    for j in range(kw):
+                        contrib = np.tensordot(xg, wg[:, :, i, j], axes=([1], [0])).transpose(0, 3, 1, 2)
+                        y[:, k * mg:(k + 1) * mg, i * dh:i * dh + (h - 1) * sh + 1:sh,
+                          j * dw:j * dw + (w - 1) * sw + 1:sw] += contrib
+            y = y[:, :, top:full_h - bottom, left:full_w - right]
+            if B is not None:
+                y = y + B.reshape(1, -1, 1, 1)
+            return (np.ascontiguousarray(y).astype(X.dtype, copy=False),)
+
+    return ConvTranspose
+
+
 class Float64Evaluator:
     """An upcast model under onnx.reference; ``run(names, feeds)`` like an ORT session."""
 
@@ -233,7 +317,8 @@ class Float64Evaluator:
         from onnx.reference import ReferenceEvaluator
 
         self.model = model64
-        self.evaluator = ReferenceEvaluator(model64, new_ops=[_bn_class(), _conv_class(), _max_pool_class()])
+        self.evaluator = ReferenceEvaluator(model64, new_ops=[_bn_class(), _conv_class(), _conv_transpose_class(),
+                                                              _max_pool_class()])
         self.output_names = [o.name for o in model64.graph.output]
 
     def upcast_initializers(self) -> None:

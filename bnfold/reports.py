@@ -46,8 +46,8 @@ class _Case:
     def xml(self) -> str:
         head = (f"    <testcase classname={quoteattr(self.classname)} name={quoteattr(self.name)} "
                 f"time=\"{_secs(self.time_s)}\"")
-        if self.kind is None:
-            return head + "/>"
+        if self.kind is None:  # a passing case may still say how it passed (the verify figures)
+            return head + (f"><system-out>{escape(self.text)}</system-out></testcase>" if self.text else "/>")
         body = escape(self.text)
         if self.kind == "skipped":
             return head + f"><skipped message={quoteattr(self.message)}/></testcase>"
@@ -58,9 +58,27 @@ class _Case:
 def _output_message(o: dict) -> str:
     if o.get("problem"):
         return o["problem"]
-    return (f"max abs error {o.get('max_abs_error', 0.0):.3g} (atol {o.get('atol', 0.0):.3g}), "
-            f"max rel error {o.get('max_rel_error', 0.0):.3g} (rtol {o.get('rtol', 0.0):.3g}), "
+    floor = o.get("floor")
+    return (f"{o.get('method', 'fixed')} verdict: max abs error {o.get('max_abs_error', 0.0):.3g} "
+            f"(atol {o.get('atol', 0.0):.3g}), max rel error {o.get('max_rel_error', 0.0):.3g} "
+            f"(rtol {o.get('rtol', 0.0):.3g}), measured floor {'none' if floor is None else f'{floor:.3g}'}, "
+            f"limit {o.get('limit', 0.0):.3g}, uses {o.get('used', 0.0):.3g} of it, "
             f"{o.get('fail_fraction', 0.0):.3%} of elements fail")
+
+
+def _exact_case(classname: str, ex: dict, time_s: float) -> List["_Case"]:
+    """The float64 pass as one case per output (``float64:<output>``), when it ran."""
+    cases = []
+    for o in ex.get("outputs", []):
+        case = _Case(classname, f"float64:{o['name']}", time_s)
+        message = o.get("problem") or (
+            f"calibrated verdict: float64 deviation {o['deviation']:.3g}, measured floor {o['allowance']:.3g}, "
+            f"limit {o['limit']:.3g}, uses {o['used']:.3g} of it")
+        case.text = message
+        if not o.get("equivalent", False):
+            case.mark("failure", "NotEquivalent", message)
+        cases.append(case)
+    return cases
 
 
 def _verify_cases(classname: str, rep: dict) -> List[_Case]:
@@ -68,10 +86,15 @@ def _verify_cases(classname: str, rep: dict) -> List[_Case]:
     total = (rep.get("timing") or {}).get("total_s", 0.0)
     share = total / max(len(outputs), 1)
     cases = []
+    ex = rep.get("exact")
+    if ex and ex.get("ran"):
+        cases.extend(_exact_case(classname, ex, 0.0))
     for comp, o in outputs:
         case = _Case(classname, f"{comp['name']}:{o['name']}", share)
         if not o.get("equivalent", False):
             case.mark("failure", "NotEquivalent", _output_message(o))
+        else:
+            case.text = _output_message(o)
         cases.append(case)
     for sk in rep.get("skipped", []):
         cases.append(_Case(classname, sk["name"]).mark("skipped", "", sk.get("why", "")))
@@ -132,12 +155,13 @@ def junit_for_verify(report: Optional[dict], *, candidate: str, error: Optional[
 # -- GitHub Actions ------------------------------------------------------------------------
 
 def _margin(ver: Optional[dict]) -> str:
-    """The smallest margin any output reports (the verify report may carry one per output)."""
+    """The largest fraction of its limit any output uses (float64 pass and runtime comparisons)."""
     if not ver:
         return ""
-    margins = [o.get("margin") for c in ver.get("comparisons", []) for o in c.get("outputs", [])
-               if isinstance(o.get("margin"), (int, float))]
-    return f"{min(margins):.3g}" if margins else ""
+    used = [o.get("used") for c in ver.get("comparisons", []) for o in c.get("outputs", [])]
+    used += [o.get("used") for o in ((ver.get("exact") or {}).get("outputs") or [])]
+    used = [u for u in used if isinstance(u, (int, float))]
+    return f"uses {max(used):.0%} of the limit" if used else ""
 
 
 def _cell(text: str) -> str:

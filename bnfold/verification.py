@@ -2,33 +2,48 @@
 
 Never imports the fold code: the checker stays independent of what it checks.
 
-How it decides (default, "calibrated"):
+How it decides (figures behind the constants: README, "How verify decides"):
 
-1. **Float64 pass** (:mod:`bnfold.exact`), on the first sample: both models upcast
-   to float64 and run through onnx.reference with inference BatchNormalization.
-   The only legitimate difference of a correct rewrite is the rounding of the
-   weights it rewrote, so the *allowance* is measured: the reference's float
-   weights are moved at random within half an ulp of their dtype
-   (:data:`PERTURBATIONS` draws) and the largest output move is kept. The
+1. **Float64 pass** ("calibrated", :mod:`bnfold.exact`), on the first sample: both
+   models upcast to float64 and run through onnx.reference with inference
+   BatchNormalization. The only legitimate difference of a correct rewrite is the
+   rounding of the weights it rewrote, so the *allowance* is measured on both sides:
+   the reference's weights, then the candidate's (whose rewritten weights a correct
+   fold rounded once), are moved at random within half an ulp of their dtype
+   (:data:`PERTURBATIONS` draws each; :data:`PERTURBATIONS_LARGE` for a costly
+   model with large outputs) and the largest output move is kept. The
    candidate passes when its float64 deviation from the reference is within
-   :data:`ALLOWANCE_MULTIPLE` x the allowance (plus :data:`FLOAT64_FLOOR`).
+   ``ALLOWANCE_MULTIPLE x allowance + max(FLOAT64_FLOOR, OUTPUT_FLOOR_ULPS ulps of
+   the output dtype)`` (all relative to max|reference output|): a deviation below one
+   ulp of the output's own dtype at that scale is not visible in the output.
 2. **Runtime comparisons** in the models' own dtype (ONNX Runtime, optimisations
    off; CPU, and CUDA where it works): an element fails when it differs by more
    than ``atol = scale x (RUNTIME_NOISE_MULTIPLE x noise + ALLOWANCE_MULTIPLE x
-   allowance + FLOAT64_FLOOR) + DTYPE_FLOOR_ULPS ulps``, where ``scale`` is max|reference output|
-   over all samples and ``noise`` is the reference's own measured deviation from
-   its float64 result on each provider involved. Deep or float16 rounding is
-   therefore never called a bug, and a real one (orders of magnitude above the
-   noise) is.
+   allowance + FLOAT64_FLOOR + DTYPE_FLOOR_ULPS ulps)``, where ``scale`` is
+   max|reference output| over all samples and ``noise`` is the reference's own
+   measured deviation from its float64 result on each provider involved.
 
-Explicit ``rtol``/``atol``/``output_tolerances`` turn an output back into the
-classic element-wise check: an element fails only when its absolute difference
+When the float64 pass is over its time budget (``exact_budget_s``, default
+:data:`EXACT_BUDGET_S`) or cannot evaluate the model, the verdict is
+**runtime-calibrated**: the reference itself is rerun on each provider with its
+weights moved :data:`RUNTIME_ULPS` ulp up or down at random (:data:`RUNTIME_DRAWS`
+draws; :data:`RUNTIME_DRAWS_SMALL` for outputs under :data:`RUNTIME_SMALL_OUTPUT`
+elements of a model under :data:`RUNTIME_SMALL_MODEL` weights); the largest output move
+(and, across providers, the reference's own CPU/CUDA difference) is the floor, and the candidate passes within
+``RUNTIME_MULTIPLE x floor + RUNTIME_FLOOR_ULPS ulps`` of the output dtype.
+
+Only weights a rewrite can round are ever moved (:func:`bnfold.exact.float_initializers`):
+inputs of Conv/ConvTranspose/Gemm/MatMul/BatchNormalization and element-wise
+arithmetic, never a Resize scale or a Pow exponent.
+
+Explicit ``rtol``/``atol``/``output_tolerances`` turn an output into the classic
+element-wise "fixed" check: an element fails only when its absolute difference
 exceeds *both* ``atol`` and ``rtol * |reference|``; missing parts take
 :data:`DEFAULT_TOLERANCES` (``atol`` a fraction of max|reference| over all
-samples). The same fixed check is the *fallback* when the float64 pass is
-skipped (estimated cost above ``exact_budget_s``) or cannot run the model; the
-report says so. NaN must meet NaN and infinities must match in every mode; a
-shape or dtype difference fails the output; comparing zero elements is an error.
+samples). NaN must meet NaN and infinities must match in every mode; a shape or
+dtype difference fails the output; comparing zero elements is an error. Every
+output reports its method, the measured ``floor``, the applied ``limit`` and the
+fraction of it ``used``.
 """
 from __future__ import annotations
 
@@ -50,7 +65,7 @@ from .errors import BnfoldError
 if TYPE_CHECKING:
     import onnx
 
-# dtype -> (rtol, atol as a fraction of max|reference|): the fixed check (explicit tolerances, fallback)
+# dtype -> (rtol, atol as a fraction of max|reference|): the fixed check (explicit tolerances)
 DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {
     "float64": (1e-7, 1e-9),
     "float32": (1e-3, 1e-4),
@@ -62,10 +77,24 @@ LOCALIZE_BATCH = 64
 # Calibrated verdict (figures that set these are in the README, "How verify decides").
 ALLOWANCE_MULTIPLE = 2.0
 RUNTIME_NOISE_MULTIPLE = 4.0
-PERTURBATIONS = 2
+PERTURBATIONS = 2  # half-ulp draws per side (reference, candidate)
+PERTURBATIONS_LARGE = 1  # per side, for a costly model with large outputs
+COSTLY_EVALUATION_S = 0.5  # estimated seconds of one float64 evaluation
 FLOAT64_FLOOR = 1e-9  # relative to max|output|: float64 evaluation-order noise (BN cancellation)
+OUTPUT_FLOOR_ULPS = 1.0  # float64 limit floor: ulps of the output dtype at max|output|
 DTYPE_FLOOR_ULPS = 16
-EXACT_BUDGET_S = 60.0
+EXACT_BUDGET_S = 10.0
+# Runtime-calibrated verdict (float64 pass skipped or impossible).
+RUNTIME_DRAWS = 2
+RUNTIME_DRAWS_SMALL = 6  # small outputs (a maximum over few elements is a noisy floor) of a cheap model
+RUNTIME_SMALL_OUTPUT = 1000  # float output elements, over all samples
+RUNTIME_SMALL_MODEL = 1_000_000  # weight values moved
+RUNTIME_ULPS = 1.0
+RUNTIME_FRACTION = 1.0  # share of float32/float64 weights moved in each draw
+RUNTIME_FRACTION_HALF = 1.0 / 12  # float16/bfloat16: the variance of rounding to nearest (ulp**2 / 12)
+RUNTIME_MULTIPLE = 2.0
+RUNTIME_FLOOR_ULPS = 4.0
+RUNTIME_SEED = 20261204
 ModelLike = Union[str, "os.PathLike[str]", "onnx.ModelProto"]
 
 
@@ -87,7 +116,13 @@ ToleranceLike = Union[Tolerance, Tuple[Optional[float], Optional[float]]]
 
 @dataclass
 class OutputResult:
-    """How one output compared, over all samples (``rtol``/``atol``: the tolerances applied)."""
+    """How one output compared, over all samples (``rtol``/``atol``: the tolerances applied).
+
+    ``scale`` is max finite |reference| over all samples; ``floor`` the measured noise the
+    tolerance is built on and ``limit`` = ``atol / scale``, both relative to ``scale``
+    (``floor`` is None for the fixed check); ``used`` the largest |difference| / its bound
+    over the elements (the fraction of the limit used: above 1 fails; inf for NaN/inf
+    mismatches)."""
 
     name: str
     equivalent: bool
@@ -103,8 +138,11 @@ class OutputResult:
     worst: Optional[dict] = None
     problem: Optional[str] = None
     compared: int = 0  # elements compared
-    method: str = "calibrated"  # calibrated | fixed | fallback
-
+    method: str = "calibrated"  # calibrated | runtime-calibrated | fixed
+    scale: float = 0.0
+    floor: Optional[float] = None
+    limit: float = 0.0
+    used: float = 0.0
 
 @dataclass
 class Comparison:
@@ -118,15 +156,22 @@ class Comparison:
 
 @dataclass
 class ExactOutput:
-    """One output in float64 (figures relative to ``scale`` = max|reference float64 output|)."""
+    """One output in float64 (figures relative to ``scale`` = max|reference float64 output|).
+
+    ``allowance`` (the measured floor) is the larger of ``reference_allowance`` and
+    ``candidate_allowance``: the largest output move of a half-ulp perturbation of each side's
+    rewritable weights; ``limit`` = ALLOWANCE_MULTIPLE x allowance + ``output_floor``."""
 
     name: str
     equivalent: bool
     scale: float
-    allowance: float  # largest output move of a half-ulp weight perturbation
+    allowance: float
     deviation: float  # candidate float64 vs reference float64
-    limit: float  # ALLOWANCE_MULTIPLE x allowance + FLOAT64_FLOOR
+    limit: float
     used: float  # deviation / limit
+    reference_allowance: float = 0.0
+    candidate_allowance: float = 0.0
+    output_floor: float = 0.0  # max(FLOAT64_FLOOR, OUTPUT_FLOOR_ULPS ulps of the output dtype)
     reference_noise: Optional[float] = None  # reference on the CPU runtime vs float64
     candidate_noise: Optional[float] = None  # candidate on the CPU runtime vs reference float64
     direction: Optional[str] = None  # closer | further | same: candidate vs reference, to exact arithmetic
@@ -135,16 +180,34 @@ class ExactOutput:
 
 @dataclass
 class ExactCheck:
-    """The float64 pass: run, or skipped (``why``) with a fallback verdict."""
+    """The float64 pass: run, or skipped (``why``; the verdict is then runtime-calibrated)."""
 
     ran: bool
     equivalent: Optional[bool]
     why: Optional[str] = None
     estimated_s: float = 0.0
     seconds: float = 0.0
-    perturbations: int = PERTURBATIONS
+    perturbations: int = PERTURBATIONS  # draws per side
     multiple: float = ALLOWANCE_MULTIPLE
     outputs: List[ExactOutput] = field(default_factory=list)
+
+
+@dataclass
+class RuntimeCheck:
+    """The runtime calibration: the reference rerun with its rewritable weights moved ``ulps`` ulp
+    at random, ``draws`` times per provider. ``floors``: provider -> output -> largest output move
+    (relative to max|reference output|); ``cross``: output -> the reference's CPU vs CUDA
+    difference (when both ran)."""
+
+    why: str
+    draws: int = RUNTIME_DRAWS
+    ulps: float = RUNTIME_ULPS
+    multiple: float = RUNTIME_MULTIPLE
+    floor_ulps: float = RUNTIME_FLOOR_ULPS
+    weights: int = 0  # weights moved
+    seconds: float = 0.0
+    floors: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    cross: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,8 +225,9 @@ class VerifyReport:
     skipped: List[dict]
     localized: Optional[dict] = None
     timing: Dict[str, float] = field(default_factory=dict)
-    method: str = "calibrated"  # calibrated | fixed (explicit tolerances) | fallback (float64 pass skipped)
+    method: str = "calibrated"  # calibrated | runtime-calibrated (float64 pass skipped) | fixed (explicit tolerances)
     exact: Optional[ExactCheck] = None
+    runtime: Optional[RuntimeCheck] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,6 +322,9 @@ def _compare(name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray],
             idx = np.unravel_index(i, shape)
             r.worst = {"sample": k, "index": [int(j) for j in idx], "reference": float(a[i]), "candidate": float(b[i])}
     r.equivalent = failing == 0
+    r.scale = scale
+    r.limit = r.atol / scale if scale > 0 else r.atol
+    r.used = max(worst_score, 0.0) if is_float else (0.0 if failing == 0 else float("inf"))
     r.fail_fraction = failing / max(r.compared, 1)
     r.mean_abs_error = sum_abs / max(r.compared, 1)
     if non_finite or not is_float:
@@ -433,7 +500,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
     directory). ``samples`` random input sets (default 2) or the arrays of ``inputs`` (then ``samples``
     must not be given: the file is the one sample). ``output_tolerances`` maps output names to a
     :class:`Tolerance` or an ``(rtol, atol)`` pair. ``exact_budget_s``: the float64 pass is skipped
-    (fixed-tolerance fallback, said in the report) when its estimated cost exceeds this; 0 never runs it.
+    (runtime-calibrated verdict, said in the report) when its estimated cost exceeds this; 0 never runs it.
     ``validated`` skips bnfold's own checks of the files for callers that just made or checked them.
 
     Raises :class:`BnfoldError` when a model cannot be loaded or run, an option names something the
@@ -465,20 +532,24 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
     notes: List[str] = []
     runners: Dict[Tuple[str, str], runner.Runner] = {}
 
+    def open_(path: str, provider: str, note: bool = True) -> runner.Runner:
+        r = runner.open_runner(path, provider)
+        if r.reference_fallback:
+            # onnx.reference, but with inference BatchNormalization at every opset (its own uses
+            # batch statistics below opset 15)
+            from . import exact
+            from .modelio import load_model
+
+            r.session = exact.OwnDtypeEvaluator(load_model(path))
+            if note:
+                notes.append(f"{Path(path).name}: ONNX Runtime has no kernel for it; used onnx.reference "
+                             "(inference BatchNormalization)")
+        return r
+
     def get(path: str, provider: str) -> runner.Runner:
         key = (path, provider)
         if key not in runners:
-            r = runner.open_runner(path, provider)
-            if r.reference_fallback:
-                # onnx.reference, but with inference BatchNormalization at every opset (its own uses
-                # batch statistics below opset 15)
-                from . import exact
-                from .modelio import load_model
-
-                r.session = exact.OwnDtypeEvaluator(load_model(path))
-                notes.append(f"{Path(path).name}: ONNX Runtime has no kernel for it; used onnx.reference "
-                             "(inference BatchNormalization)")
-            runners[key] = r
+            runners[key] = open_(path, provider)
         return runners[key]
 
     ref_runner = get(ref_path, use[0])
@@ -516,10 +587,21 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
     # the float64 pass, unless every output has explicit tolerances
     exact_check: Optional[ExactCheck] = None
     exact_out: Dict[str, Tuple[np.ndarray, np.ndarray, float]] = {}
+    runtime_check: Optional[RuntimeCheck] = None
+    t_cal = time.perf_counter()
     if not fixed_all and any(o not in explicit for o in out_names):
-        exact_check, exact_out = _exact_pass(ref_path, cand_path, out_names, feeds_list[0], exact_budget_s)
+        first = results[(ref_path, use[0])][0]
+        dtypes = {o: np.asarray(v).dtype for o, v in first.items()}
+        elements = sum(np.size(v) for o, v in first.items() if dtypes[o].kind == "f" or dtypes[o].name == "bfloat16")
+        exact_check, exact_out = _exact_pass(ref_path, cand_path, out_names, dtypes, feeds_list[0], exact_budget_s,
+                                             elements)
         if not exact_check.ran:
-            notes.append(f"float64 pass skipped ({exact_check.why}); fallback verdict: fixed tolerances by dtype")
+            runtime_check = _runtime_calibration(ref_path, out_names, feeds_list, results, use,
+                                                 lambda path, p: open_(path, p, note=False),
+                                                 f"float64 pass skipped: {exact_check.why}")
+            notes.append(f"float64 pass skipped ({exact_check.why}); runtime-calibrated verdict: the reference "
+                         f"rerun with its weights moved {RUNTIME_ULPS:g} ulp at random ({runtime_check.draws} draws)")
+    calibration_s = time.perf_counter() - t_cal
     calibrated = exact_check is not None and exact_check.ran
 
     def noise(provider: str, o: str) -> float:
@@ -548,24 +630,45 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
         for o in out_names:
             if o not in cand_outs:
                 outs.append(OutputResult(o, False, problem="missing from the candidate's outputs",
-                                         cosine_similarity=None))
+                                         cosine_similarity=None, used=float("inf")))
                 continue
             r_list, c_list = [s[o] for s in refs], [s[o] for s in cands]
             dtype = np.asarray(r_list[0]).dtype
+            is_float = dtype.kind == "f" or dtype.name == "bfloat16"
             if o in explicit or fixed_all:
                 tol = explicit.get(o, Tolerance(rtol, atol))
                 d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
                 res = _compare(o, r_list, c_list, tol.rtol if tol.rtol is not None else d_rtol * factor,
                                None if tol.atol is not None else d_atol * factor, tol.atol, "fixed")
-            elif calibrated and exact_check is not None and o in exact_out and dtype.kind == "f":
+            elif calibrated and exact_check is not None and o in exact_out and is_float:
                 allowance = next(e.allowance for e in exact_check.outputs if e.name == o)
-                rel = (RUNTIME_NOISE_MULTIPLE * max(noise(ref_p, o), noise(cand_p, o))
-                       + ALLOWANCE_MULTIPLE * allowance + FLOAT64_FLOOR + DTYPE_FLOOR_ULPS * float(np.finfo(dtype).eps))
+                floor = max(noise(ref_p, o), noise(cand_p, o))
+                rel = (RUNTIME_NOISE_MULTIPLE * floor + ALLOWANCE_MULTIPLE * allowance + FLOAT64_FLOOR
+                       + DTYPE_FLOOR_ULPS * _eps(dtype))
                 res = _compare(o, r_list, c_list, 0.0, rel, None, "calibrated")
-            else:
-                d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
-                res = _compare(o, r_list, c_list, d_rtol * factor, d_atol * factor, None,
-                               "calibrated" if calibrated else "fallback")
+                res.floor = floor
+            elif runtime_check is not None and o in runtime_check.floors.get(runner.PROVIDER_NAMES[ref_p], {}):
+                floor = _runtime_floor(runtime_check, o, ref_p, cand_p)
+                if not np.isfinite(floor):  # the perturbed reference changed finiteness or shape: no floor
+                    d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
+                    res = _compare(o, r_list, c_list, d_rtol * factor, d_atol * factor, None, "fixed")
+                    msg = (f"output '{o}': moving the reference's weights by an ulp changed which values are "
+                           "finite (or the shape); fixed tolerances by dtype for it")
+                    if msg not in notes:
+                        notes.append(msg)
+                elif is_float:
+                    rel = RUNTIME_MULTIPLE * floor + RUNTIME_FLOOR_ULPS * _eps(dtype)
+                    res = _compare(o, r_list, c_list, 0.0, rel, None, "runtime-calibrated")
+                else:  # a fraction of differing elements, as the perturbed reference shows it
+                    res = _compare(o, r_list, c_list, 0.0, 0.0, None, "runtime-calibrated")
+                    allowed = RUNTIME_MULTIPLE * floor
+                    res.limit = allowed
+                    res.used = res.fail_fraction / allowed if allowed else (0.0 if res.equivalent else float("inf"))
+                    res.equivalent = res.problem is None and res.fail_fraction <= allowed
+                if res.method != "fixed":
+                    res.floor = floor
+            else:  # a calibrated verdict whose float64 pass could not judge this output (e.g. non-float)
+                res = _compare(o, r_list, c_list, 0.0, 0.0, None, "calibrated" if calibrated else "fixed")
             outs.append(res)
         if first_failure is None and not all(r.equivalent for r in outs):
             bad = next(r for r in outs if not r.equivalent)
@@ -580,7 +683,7 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
     equivalent = all(c.equivalent for c in comparisons) and (exact_check is None or exact_check.equivalent
                                                               is not False)
     method = "fixed" if fixed_all or (explicit and all(o in explicit for o in out_names)) else (
-        "calibrated" if calibrated else "fallback")
+        "calibrated" if calibrated else "runtime-calibrated")
     localized = None
     if localize and not equivalent:
         if calibrated and exact_check is not None and exact_check.equivalent is False:
@@ -590,9 +693,108 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
             scale_rel = bad.atol / max(_scale_of([s[bad.name] for s in results[(ref_path, ref_p)]]), 1e-300)
             localized = localize_divergence(ref_path, cand_path, ref_p, cand_p, feeds_list[0], bad.rtol, scale_rel)
     timing = {"total_s": time.perf_counter() - t0, "inference_s": infer_s,
-              "float64_s": exact_check.seconds if exact_check else 0.0}
+              "float64_s": exact_check.seconds if exact_check else 0.0,
+              "runtime_calibration_s": runtime_check.seconds if runtime_check else 0.0,
+              "calibration_s": calibration_s}
     return VerifyReport(ref_path, cand_path, equivalent, len(feeds_list), seed, input_info, notes, comparisons,
-                        skipped, localized, timing, method, exact_check)
+                        skipped, localized, timing, method, exact_check, runtime_check)
+
+
+def _eps(dtype: np.dtype) -> float:
+    """The spacing of 1.0 in ``dtype`` (bfloat16: 2**-7)."""
+    return 2.0 ** -7 if np.dtype(dtype).name == "bfloat16" else float(np.finfo(dtype).eps)
+
+
+def _runtime_floor(check: RuntimeCheck, o: str, ref_p: str, cand_p: str) -> float:
+    """The measured floor for output ``o`` compared across these providers: the larger perturbation move
+    of the two, and the reference's own difference between them."""
+    floors = [check.floors[runner.PROVIDER_NAMES[p]][o] for p in {ref_p, cand_p}]
+    if ref_p != cand_p:
+        floors.append(check.cross.get(o, 0.0))
+    return max(floors)
+
+
+def _runtime_calibration(ref_path: str, out_names: Sequence[str], feeds_list: Sequence[Mapping[str, np.ndarray]],
+                         results: Dict[Tuple[str, str], List[Dict[str, np.ndarray]]], use: Sequence[str],
+                         get, why: str) -> RuntimeCheck:
+    """Rerun the reference on each provider with its rewritable weights moved RUNTIME_ULPS ulp at random.
+
+    Each draw is a perturbed copy of the reference written to a private temporary folder and run on
+    every sample; the floor of an output is its largest move over draws and samples, relative to
+    max|reference output| on that provider (non-float outputs: the largest fraction of elements changed).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from . import exact
+    from .modelio import load_model
+
+    t = time.perf_counter()
+    check = RuntimeCheck(why)
+    model = load_model(ref_path)
+    targets = exact.float_initializers(model)
+    check.weights = len(targets)
+    weight_bytes = sum(len(tp.raw_data) or tp.ByteSize() for tp in model.graph.initializer)
+    by_name = {tp.name: tp for tp in model.graph.initializer}
+    refs = {p: results[(ref_path, p)] for p in use}
+    scales = {p: {o: _scale_of([s[o] for s in refs[p]]) or 1.0 for o in out_names} for p in use}
+    floors: Dict[str, Dict[str, float]] = {runner.PROVIDER_NAMES[p]: {o: 0.0 for o in out_names} for p in use}
+    elements = sum(np.size(s[o]) for s in refs[use[0]] for o in out_names
+                   if np.asarray(s[o]).dtype.kind == "f" or np.asarray(s[o]).dtype.name == "bfloat16")
+    small = elements < RUNTIME_SMALL_OUTPUT and sum(a.size for _, a in targets) <= RUNTIME_SMALL_MODEL
+    check.draws = (RUNTIME_DRAWS_SMALL if small else RUNTIME_DRAWS) if targets else 0
+    tmp = tempfile.mkdtemp(prefix="bnfold-runtime-calibration-")
+    try:
+        for d in range(check.draws):
+            rng = np.random.default_rng(RUNTIME_SEED + d)
+            for name, arr in targets:
+                by_name[name].CopyFrom(numpy_helper.from_array(
+                    exact.moved_ulps(arr, rng, RUNTIME_ULPS, _fraction(arr.dtype)), name))
+            path = os.path.join(tmp, f"perturbed{d}.onnx")
+            if weight_bytes > 2**31 - 2**26:  # protobuf's 2 GB limit: weights beside it
+                onnx.save_model(model, path, save_as_external_data=True, location=f"perturbed{d}.data")
+            else:
+                with open(path, "wb") as f:
+                    f.write(model.SerializeToString())
+            for p in use:
+                r = get(path, p)
+                try:
+                    got = [r.run(dict(feeds), list(out_names)) for feeds in feeds_list]
+                finally:
+                    r.close()
+                prov = runner.PROVIDER_NAMES[p]
+                for o in out_names:
+                    for k, sample in enumerate(got):
+                        move = _move(sample[o], refs[p][k][o], scales[p][o])
+                        floors[prov][o] = max(floors[prov][o], move)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    check.floors = floors
+    if runner.CPU in use and runner.CUDA in use:
+        for o in out_names:
+            check.cross[o] = max(_move(c[o], g[o], scales[runner.CPU][o])
+                                 for c, g in zip(refs[runner.CPU], refs[runner.CUDA]))
+    check.seconds = time.perf_counter() - t
+    return check
+
+
+def _fraction(dtype: np.dtype) -> float:
+    """Share of a weight tensor moved one ulp in a runtime draw. float32/float64: every value, which also
+    re-rounds the runtime's own arithmetic at its full size; float16/bfloat16 (which ONNX Runtime's CPU
+    provider computes in float32, so weight rounding dominates): a random 1/12, whose variance equals that
+    of rounding to nearest, so the floor is the size of a correct fold's rounding, not 3.5 x it."""
+    return RUNTIME_FRACTION if np.dtype(dtype).itemsize >= 4 else RUNTIME_FRACTION_HALF
+
+
+def _move(got: np.ndarray, ref: np.ndarray, scale: float) -> float:
+    """How far ``got`` is from ``ref``: relative to ``scale`` for floats, the fraction of elements that
+    differ otherwise (a shape change counts as everything)."""
+    g, r = np.asarray(got), np.asarray(ref)
+    if g.shape != r.shape:
+        return 1.0 if r.dtype.kind not in "fc" else float("inf")
+    if r.dtype.kind not in "fc" and r.dtype.name != "bfloat16":
+        return float(np.mean(g != r)) if r.size else 0.0
+    return _rel_dev(g, r, scale)
 
 
 def _scale_of(arrays: Sequence[np.ndarray]) -> float:
@@ -621,38 +823,46 @@ def _rel_dev(got: np.ndarray, ref64: np.ndarray, scale: float) -> float:
     return float(np.abs(a[both] - b[both]).max()) / (scale if scale > 0 else 1.0)
 
 
-def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], feeds: Mapping[str, np.ndarray],
-                budget_s: float) -> Tuple[ExactCheck, Dict[str, Tuple[np.ndarray, np.ndarray, float]]]:
-    """Reference and candidate in float64, and the half-ulp allowance, on one sample."""
+def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], dtypes: Mapping[str, np.dtype],
+                feeds: Mapping[str, np.ndarray], budget_s: float, out_elements: int = 0
+                ) -> Tuple[ExactCheck, Dict[str, Tuple[np.ndarray, np.ndarray, float]]]:
+    """Reference and candidate in float64, and the half-ulp allowance of both sides, on one sample.
+
+    ``dtypes``: each output's dtype in the models themselves (its ulp sets the output floor);
+    ``out_elements``: float output elements of that sample."""
     from . import exact
     from .modelio import load_model
 
+    if budget_s <= 0:
+        return ExactCheck(False, None, why="turned off"), {}
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
     ref_m, cand_m = load_model(ref_path), load_model(cand_path)
     est = max(exact.estimate_seconds(ref_m, shapes).seconds, exact.estimate_seconds(cand_m, shapes).seconds)
-    estimated = est * (2 + PERTURBATIONS)
-    check = ExactCheck(False, None, estimated_s=estimated)
-    if budget_s <= 0:
-        check.why = "turned off"
-        return check, {}
+    # a costly model with large outputs (whose maximum over many elements is a stable floor) takes fewer draws
+    draws = PERTURBATIONS_LARGE if est > COSTLY_EVALUATION_S and out_elements >= RUNTIME_SMALL_OUTPUT else PERTURBATIONS
+    runs = 2 * (1 + draws)
+    estimated = est * runs
+    check = ExactCheck(False, None, estimated_s=estimated, perturbations=draws)
     if estimated > budget_s:
-        check.why = (f"estimated {estimated:.0f} s for {2 + PERTURBATIONS} float64 runs, "
-                     f"over the {budget_s:.0f} s budget")
+        check.why = f"estimated {estimated:.0f} s for {runs} float64 runs, over the {budget_s:g} s budget"
         return check, {}
     t = time.perf_counter()
+    cand_names = [o for o in out_names if o in {x.name for x in cand_m.graph.output}]
     try:
-        ref_ev = exact.evaluator(ref_m)
+        ref_ev, cand_ev = exact.evaluator(ref_m), exact.evaluator(cand_m)
         ref64 = dict(zip(out_names, ref_ev.run(out_names, feeds)))
-        cand64 = dict(zip(out_names, exact.evaluator(cand_m).run(
-            [o for o in out_names if o in {x.name for x in cand_m.graph.output}], feeds)))
-        originals = exact.float_initializers(ref_m)
+        cand64 = dict(zip(cand_names, cand_ev.run(cand_names, feeds)))
         rng = np.random.default_rng(12345)
-        perturbed = [dict(zip(out_names, ref_ev.run_perturbed(originals, rng, out_names, feeds)))
-                     for _ in range(PERTURBATIONS)]
+        ref_targets, cand_targets = exact.float_initializers(ref_m), exact.float_initializers(cand_m)
+        ref_moves = [dict(zip(out_names, ref_ev.run_perturbed(ref_targets, rng, out_names, feeds)))
+                     for _ in range(draws)]
+        cand_moves = [dict(zip(cand_names, cand_ev.run_perturbed(cand_targets, rng, cand_names, feeds)))
+                      for _ in range(draws)]
     except (NotImplementedError, RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
-        # onnx.reference lacks this op or cannot evaluate the model: reported, with the fallback verdict
+        # onnx.reference lacks this op or cannot evaluate the model: reported, runtime-calibrated verdict
         check.why = f"the float64 evaluator cannot run the model: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return check, {}
+    del ref_m, cand_m
     check.ran = True
     check.seconds = time.perf_counter() - t
     kept: Dict[str, Tuple[np.ndarray, np.ndarray, float]] = {}
@@ -663,25 +873,37 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], feeds: 
                                              problem="missing from the candidate's outputs"))
             continue
         c64 = np.asarray(cand64[o])
-        if r64.dtype.kind not in "fc":
-            diff = float(np.mean(r64 != c64)) if r64.shape == c64.shape and r64.size else float(r64.shape != c64.shape)
-            allow = max(float(np.mean(p[o] != r64)) if r64.size else 0.0 for p in perturbed)
-            limit = ALLOWANCE_MULTIPLE * allow
-            check.outputs.append(ExactOutput(o, diff <= limit, 1.0, allow, diff, limit,
-                                             diff / limit if limit else (0.0 if diff == 0 else float("inf"))))
-            continue
-        scale = _scale_of([r64]) or 1.0
         if r64.shape != c64.shape:
-            check.outputs.append(ExactOutput(o, False, scale, 0.0, float("inf"), 0.0, float("inf"),
+            check.outputs.append(ExactOutput(o, False, _scale_of([r64]) or 1.0, 0.0, float("inf"), 0.0, float("inf"),
                                              problem=f"reference shape {list(r64.shape)}, candidate {list(c64.shape)}"))
             continue
-        allow = max(_rel_dev(p[o], r64, scale) for p in perturbed)
+        if r64.dtype.kind not in "fc":  # a fraction of elements may differ as much as perturbations make them
+            diff = _move(c64, r64, 1.0)
+            ra = _finite_max(_move(p[o], r64, 1.0) for p in ref_moves)
+            ca = _finite_max(_move(p[o], c64, 1.0) for p in cand_moves)
+            allow = max(ra, ca)
+            limit = ALLOWANCE_MULTIPLE * allow
+            check.outputs.append(ExactOutput(o, diff <= limit, 1.0, allow, diff, limit,
+                                             diff / limit if limit else (0.0 if diff == 0 else float("inf")), ra, ca))
+            continue
+        scale = _scale_of([r64]) or 1.0
+        ra = _finite_max(_rel_dev(p[o], r64, scale) for p in ref_moves)
+        ca = _finite_max(_rel_dev(p[o], c64, scale) for p in cand_moves)
+        allow = max(ra, ca)
+        dt = np.dtype(dtypes.get(o, np.float64))
+        out_floor = max(FLOAT64_FLOOR, OUTPUT_FLOOR_ULPS * _eps(dt) if dt.kind == "f" or dt.name == "bfloat16"
+                        else 0.0)
         dev = _rel_dev(c64, r64, scale)
-        limit = ALLOWANCE_MULTIPLE * allow + FLOAT64_FLOOR
-        check.outputs.append(ExactOutput(o, dev <= limit, scale, allow, dev, limit, dev / limit))
+        limit = ALLOWANCE_MULTIPLE * allow + out_floor
+        check.outputs.append(ExactOutput(o, dev <= limit, scale, allow, dev, limit, dev / limit, ra, ca, out_floor))
         kept[o] = (r64, c64, scale)
     check.equivalent = all(e.equivalent for e in check.outputs)
     return check, kept
+
+
+def _finite_max(moves) -> float:
+    """The largest finite move (a draw that changed which values are finite sets no allowance)."""
+    return max((m for m in moves if np.isfinite(m)), default=0.0)
 
 
 def _place_cuda(comparisons: List[Comparison], use: Sequence[str], spec: str, ref_path: str, cand_path: str,
@@ -749,20 +971,23 @@ def _shared_order(ref, cand) -> List[str]:
 def localize_exact(ref_path: str, cand_path: str, feeds: Mapping[str, np.ndarray]) -> dict:
     """Name the first shared intermediate tensor whose float64 value moved beyond its own half-ulp allowance.
 
-    Each intermediate gets the allowance measured like the outputs' (reference weights perturbed
-    within half an ulp), so a tensor is blamed only for moving more than rounding could move it.
+    Each intermediate gets the allowance measured like the outputs' (each side's rewritable weights
+    perturbed within half an ulp), so a tensor is blamed only for moving more than rounding could move it.
     """
     from . import exact
     from .modelio import load_model
 
     ref, cand = load_model(ref_path), load_model(cand_path)
     order = _shared_order(ref, cand)
-    ref_ev = exact.evaluator(ref)
+    ref_ev, cand_ev = exact.evaluator(ref), exact.evaluator(cand)
     refs = ref_ev.run(order, feeds) if order else []
-    cands = exact.evaluator(cand).run(order, feeds) if order else []
-    originals = exact.float_initializers(ref)
+    cands = cand_ev.run(order, feeds) if order else []
     rng = np.random.default_rng(12345)
-    perturbed = [ref_ev.run_perturbed(originals, rng, order, feeds) for _ in range(PERTURBATIONS)] if order else []
+    moves = []
+    if order:
+        ref_targets, cand_targets = exact.float_initializers(ref), exact.float_initializers(cand)
+        moves = ([(False, ref_ev.run_perturbed(ref_targets, rng, order, feeds)) for _ in range(PERTURBATIONS)]
+                 + [(True, cand_ev.run_perturbed(cand_targets, rng, order, feeds)) for _ in range(PERTURBATIONS)])
     rp, cp = _producers(ref), _producers(cand)
     for k, name in enumerate(order):
         r, c = np.asarray(refs[k]), np.asarray(cands[k])
@@ -772,7 +997,8 @@ def localize_exact(ref_path: str, cand_path: str, feeds: Mapping[str, np.ndarray
             continue
         scale = _scale_of([r]) or 1.0
         dev = _rel_dev(c, r, scale) if r.shape == c.shape else float("inf")
-        allow = max(_rel_dev(p[k], r, scale) for p in perturbed)
+        allow = _finite_max(_rel_dev(p[k], c if side else r, scale) for side, p in moves
+                            if np.shape(p[k]) == (c if side else r).shape)
         limit = ALLOWANCE_MULTIPLE * allow + FLOAT64_FLOOR
         if dev > limit:
             return _blame(name, rp, cp, k + 1, len(order), {"deviation": dev, "limit": limit, "allowance": allow})

@@ -213,16 +213,19 @@ def test_json_shape(pair):
     report = verify(ref, pair(dropped_mean(onnx.load(str(ref))), "bug.onnx"), providers="cpu")
     data = json.loads(json.dumps(report.to_dict()))
     assert set(data) == {"reference", "candidate", "equivalent", "samples", "seed", "inputs", "notes",
-                         "comparisons", "skipped", "localized", "timing", "method", "exact"}
+                         "comparisons", "skipped", "localized", "timing", "method", "exact", "runtime"}
     comp = data["comparisons"][0]
     assert set(comp) == {"name", "reference_provider", "candidate_provider", "equivalent", "outputs", "placement"}
     out = comp["outputs"][0]
     assert set(out) == {"name", "equivalent", "dtype", "shape", "rtol", "atol", "max_abs_error", "max_rel_error",
                         "mean_abs_error", "cosine_similarity", "fail_fraction", "worst", "problem", "compared",
-                        "method"}
+                        "method", "scale", "floor", "limit", "used"}
     assert data["method"] == "calibrated" and data["exact"]["ran"] and not data["exact"]["equivalent"]
+    assert data["runtime"] is None
     assert set(data["exact"]["outputs"][0]) == {"name", "equivalent", "scale", "allowance", "deviation", "limit",
-                                                "used", "reference_noise", "candidate_noise", "direction", "problem"}
+                                                "used", "reference_allowance", "candidate_allowance", "output_floor",
+                                                "reference_noise", "candidate_noise", "direction", "problem"}
+    assert set(data["timing"]) == {"total_s", "inference_s", "float64_s", "runtime_calibration_s", "calibration_s"}
     assert set(out["worst"]) == {"sample", "index", "reference", "candidate"}
     assert data["equivalent"] is False and comp["reference_provider"] == "CPUExecutionProvider"
 
@@ -232,9 +235,10 @@ def test_junit_shape(pair):
     report = verify(ref, pair(dropped_mean(onnx.load(str(ref))), "bug.onnx"), providers="cpu")
     root = ET.fromstring(report.to_junit())
     suite = root.find("testsuite")
-    assert suite.get("tests") == "1" and suite.get("failures") == "1"
-    case = suite.find("testcase")
-    assert case.get("name") == "cpu:scores" and case.find("failure") is not None
+    assert suite.get("tests") == "2" and suite.get("failures") == "2"
+    f64, cpu = suite.findall("testcase")
+    assert f64.get("name") == "float64:scores" and "uses" in f64.find("failure").get("message")
+    assert cpu.get("name") == "cpu:scores" and "calibrated verdict" in cpu.find("failure").get("message")
 
 
 def test_localize_names_the_first_divergent_tensor(pair):
