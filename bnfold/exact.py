@@ -237,18 +237,34 @@ def _conv_class():
     return Conv
 
 
+def _pool_out(size: int, k: int, stride: int, head: int, tail: int, ceil_mode: Optional[int]) -> Tuple[int, int]:
+    """Output length of a pooling axis and the -inf padding its last window needs beyond ``tail``.
+
+    With ``ceil_mode`` a partial last window counts, but only if it starts inside the input or the
+    head padding (ONNX Runtime's and PyTorch's rule; the ONNX spec's formula alone can add a window
+    lying wholly in the tail padding)."""
+    span = size + head + tail - k
+    out = span // stride + 1
+    if ceil_mode:
+        out = -(-span // stride) + 1
+        if (out - 1) * stride >= size + head:
+            out -= 1
+    return out, max(0, (out - 1) * stride + k - (size + head + tail))
+
+
 def _max_pool_class():
     from onnx.reference.ops.op_max_pool import MaxPool as StockMaxPool
 
     class MaxPool(StockMaxPool):
-        """2-D MaxPool through numpy windows (the stock one loops in Python); others: stock."""
+        """2-D MaxPool through numpy windows (the stock one loops in Python, and with ``ceil_mode``
+        and pads sizes its output unlike ONNX Runtime and PyTorch); others: stock."""
 
         op_domain = ""
 
         # the signature of onnx's own MaxPool._run, which already narrows CommonPool._run's
         def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None,  # type: ignore[override]
                  kernel_shape=None, pads=None, storage_order=None, strides=None):
-            simple = (x.ndim == 4 and len(self.output) == 1 and not ceil_mode and not storage_order
+            simple = (x.ndim == 4 and len(self.output) == 1 and not storage_order
                       and auto_pad in (None, "NOTSET", b"NOTSET", "VALID", b"VALID")
                       and (dilations is None or all(d == 1 for d in dilations))
                       and kernel_shape is not None and len(kernel_shape) == 2)
@@ -261,8 +277,10 @@ def _max_pool_class():
             kh, kw = kernel_shape
             sh, sw = strides or (1, 1)
             top, left, bottom, right = (0, 0, 0, 0) if auto_pad in ("VALID", b"VALID") or not pads else pads
-            xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=-np.inf)
-            win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+            (oh, extra_h), (ow, extra_w) = (_pool_out(x.shape[2], kh, sh, top, bottom, ceil_mode),
+                                            _pool_out(x.shape[3], kw, sw, left, right, ceil_mode))
+            xp = np.pad(x, ((0, 0), (0, 0), (top, bottom + extra_h), (left, right + extra_w)), constant_values=-np.inf)
+            win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
             return (np.ascontiguousarray(win.max(axis=(4, 5))).astype(x.dtype, copy=False),)
 
     return MaxPool
