@@ -106,8 +106,24 @@ class CalibrationSummary:
         return asdict(self)
 
 
+class _SavesModel:
+    """``save()`` for a result holding a whole model in ``self.model``."""
+
+    model: ModelProto
+    source_external_data: bool
+
+    def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
+        """Write the model to ``path`` atomically (staged beside it, then renamed); with external
+        data in ``<path>.data`` when the source model had it (or ``external_data=True``)."""
+        from .modelio import stage_model
+
+        use = external_data if external_data is not None else (self.source_external_data or None)
+        with stage_model(self.model, path, external_data=use) as staged:
+            staged.commit()
+
+
 @dataclass
-class InsertResult:
+class InsertResult(_SavesModel):
     model: ModelProto
     records: List[InsertRecord]
     mode: str
@@ -122,7 +138,7 @@ class InsertResult:
 
 
 @dataclass
-class RecalibrateResult:
+class RecalibrateResult(_SavesModel):
     model: ModelProto
     recalibrated: List[str]
     skipped: List[SkippedBN]

@@ -94,3 +94,29 @@ def test_insert_default_ops_after_fuse_reaches_every_2d_matmul():
     feeds = feeds_for(folded)
     for ref, got in zip(ort_run(folded, feeds), ort_run(result.model, feeds)):
         assert np.array_equal(ref, got)  # identity BNs: bit-identical
+
+
+def test_python_api_snippets_run_as_written(tmp_path):
+    """The README's Python API blocks run from a checkout's root and print what their comments say;
+    their outputs are checked with ONNX Runtime on the unmodified models."""
+    import numpy as np
+
+    from conftest import feeds_for, ort_run
+
+    section = (ROOT / "README.md").read_text().split("### Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    shutil.copytree(MODELS, tmp_path / "models")
+    outputs = []
+    for block in blocks:
+        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout.splitlines())
+    assert outputs[0] == ["written", "0", "True", "1"]
+    for ref, out in [("resnet_mini.onnx", "resnet_mini.fused.onnx"), ("vit_bn1d.onnx", "vit.fused.onnx"),
+                     ("resnet_mini.onnx", "with_bn.onnx")]:  # insert --mode preserve keeps the function
+        model, got = onnx.load(str(MODELS / ref)), onnx.load(str(tmp_path / out))
+        feeds = feeds_for(model)
+        for a, b in zip(ort_run(model, feeds), ort_run(got, feeds)):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
