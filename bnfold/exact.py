@@ -425,8 +425,19 @@ def estimate_seconds(model: onnx.ModelProto, shapes: Mapping[str, Tuple[int, ...
     for t in model.graph.initializer:
         known[t.name] = tuple(t.dims)
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer if len(t.dims) >= 2}
+    constant = {t.name for t in model.graph.initializer}
     macs = 0.0
     for n in model.graph.node:
+        inputs = [i for i in n.input if i]
+        if n.op_type == "Constant" or (inputs and all(i in constant for i in inputs)):
+            # computed from constants alone (dynamo's Transpose of a weight): a weight for the
+            # nodes that read it, and only a copy's cost itself, not one MAC per weight per row
+            constant.update(n.output)
+            for o in n.output:
+                if len(known.get(o, ())) >= 2:
+                    weights[o] = known[o]
+                macs += float(np.prod(known.get(o, ())))
+            continue
         macs += _node_macs(n, weights, known)
     nodes = len(model.graph.node)
     return CostEstimate(macs, nodes, macs / MACS_PER_SECOND + nodes * SECONDS_PER_NODE)

@@ -47,6 +47,19 @@ def test_cost_estimate_ignores_nodes_without_weights():
     assert exact.estimate_seconds(model, {"X": (4, 8)}).macs == 0
 
 
+def test_cost_estimate_of_a_weight_transposed_in_the_graph_is_that_of_the_matmul():
+    """The dynamo exporter writes MatMul(x, Transpose(W)): the Transpose is a copy of the weight
+    (W's elements), and the MatMul's weight is its output (levit_128s: counted as 3.2 GMACs
+    instead of 30 M, the float64 pass skipped as too costly)."""
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["X", "Wt"], ["Y"])],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 50, 384])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((1024, 384), np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert exact.estimate_seconds(model, {"X": (2, 50, 384)}).macs == 1024 * 384 + 2 * 50 * 384 * 1024
+
+
 def test_compute_nodes_are_those_reading_float_weights(tmp_path):
     """Named nodes by name, unnamed ones by op type; int64 shapes and scalars are no weights."""
     model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>

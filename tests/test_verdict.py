@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from bnfold import BnfoldError, runner
 from bnfold.cli import main
 from bnfold.verification import (ALLOWANCE_MULTIPLE, DEFAULT_TOLERANCES, EXACT_BUDGET_S, RUNTIME_FLOOR_ULPS,
-                                 RUNTIME_MULTIPLE, verify)
+                                 RUNTIME_MULTIPLE, RUNTIME_MULTIPLE_FULL, verify)
 from conftest import MODELS, bn_params, build, rand
 from verdict_nets import BUGS, fold_numpy, mobilenet_like, resnet18_like, to_float16
 
@@ -164,7 +164,9 @@ def test_runtime_calibrated_passes_correct_folds(nets, name):
     assert report.equivalent and report.method == "runtime-calibrated"
     out = report.comparisons[0].outputs[0]
     assert out.method == "runtime-calibrated" and 0 < out.floor and out.used < 1
-    assert out.limit == pytest.approx(RUNTIME_MULTIPLE * out.floor + RUNTIME_FLOOR_ULPS * np.finfo(out.dtype).eps)
+    multiple = RUNTIME_MULTIPLE if np.dtype(out.dtype).itemsize == 2 else RUNTIME_MULTIPLE_FULL
+    assert report.runtime.multiple == multiple
+    assert out.limit == pytest.approx(multiple * out.floor + RUNTIME_FLOOR_ULPS * np.finfo(out.dtype).eps)
     assert report.runtime.floors["CPUExecutionProvider"]["logits"] == out.floor
     assert report.runtime.draws >= 2 and report.runtime.weights > 0
 
