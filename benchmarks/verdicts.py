@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,8 +92,8 @@ def tree_hash(root: Path) -> str:
 # ----------------------------------------------------------------------------- running bnfold
 
 class Runner:
-    def __init__(self, python: str, pythonpath: Path, timeout: int):
-        self.python, self.timeout = python, timeout
+    def __init__(self, python: str, pythonpath: Path, timeout: int, verify_args: Sequence[str] = ()):
+        self.python, self.timeout, self.verify_args = python, timeout, list(verify_args)
         self.env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1")
 
     def bnfold(self, *args: str) -> dict:
@@ -264,6 +265,7 @@ def run_task(entry: dict, seed: int, rep: bool, corpus: Path, work: Path, runner
     wd.mkdir(parents=True, exist_ok=True)
     out = wd / "fused.onnx"
     args = ["fuse", str(src), "-o", str(out), "--seed", str(seed)] + (["--reparameterize"] if rep else [])
+    args += runner.verify_args
     r = runner.bnfold(*args)
     d = r["data"] or {}
     row = {"seed": seed, "reparameterize": rep, "rc": r["rc"], "wall_s": r["wall_s"],
@@ -284,7 +286,7 @@ def run_task(entry: dict, seed: int, rep: bool, corpus: Path, work: Path, runner
 
 
 def plant_all(src: Path, folded: Path, records: list, wd: Path, runner: Runner, tag: str, log):
-    control = runner.bnfold("verify", str(src), str(folded), "--seed", "0")
+    control = runner.bnfold("verify", str(src), str(folded), "--seed", "0", *runner.verify_args)
     c = {"rc": control["rc"], **summarise_verification(control["data"])}
     c.pop("inputs", None)
     rows = []
@@ -297,7 +299,7 @@ def plant_all(src: Path, folded: Path, records: list, wd: Path, runner: Runner, 
             row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
             continue
-        v = runner.bnfold("verify", str(src), str(p), "--seed", "0")
+        v = runner.bnfold("verify", str(src), str(p), "--seed", "0", *runner.verify_args)
         sv = summarise_verification(v["data"])
         sv.pop("inputs", None)
         row.update(rc=v["rc"], refused=v["rc"] == 1, **sv)
@@ -364,7 +366,11 @@ def render(data: dict) -> str:
          + ("report written from cached runs (--cached-only); the" if meta.get("cached_only") else
             f"this process ran {meta['wall_s'] / 60:.1f} min with --jobs {meta['jobs']}; the")
          + f" fuse processes took {sum(r['wall_s'] for _, r in runs) / 60:.0f} min "
-         "in all (plants and bare ORT timing not included).", ""] + ([] if meta.get("complete") else [
+         "in all (plants and bare ORT timing not included)."
+         + ("" if meta.get("exact_budget") is None else
+            f" Every fuse and verify ran with `--exact-budget {meta['exact_budget']}`"
+            + (" (runtime-calibrated verdicts throughout)." if float(meta["exact_budget"]) == 0 else "."))
+         + "", ""] + ([] if meta.get("complete") else [
          f"**Partial run: {meta.get('tasks_done')} of {meta.get('tasks')} fuse runs done** (a rerun of the same "
          "command resumes from its cache).", ""]) + [
          "A *false alarm* is a correct fold that `bnfold fuse` (default verification) refuses to write. "
@@ -509,6 +515,8 @@ def main() -> None:
     ap.add_argument("--ref", help="test this git revision of --bnfold (git archive) instead of its working files")
     ap.add_argument("--python", default=sys.executable, help="interpreter with onnx, onnxruntime, numpy, click")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--exact-budget", help="pass --exact-budget to every fuse/verify (0: runtime-calibrated "
+                                           "verdicts everywhere); default: bnfold's own default")
     ap.add_argument("--jobs", type=int, default=2, help="models in parallel")
     ap.add_argument("--subset", type=int, help="only the first N architectures (quick run)")
     ap.add_argument("--only", nargs="*", default=[], help="only these architectures")
@@ -543,7 +551,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bnfold-verdicts-"))
     desc = snapshot(args.bnfold.resolve(), args.ref, tmp / "src")
-    runner = Runner(args.python, tmp / "src", args.timeout)
+    runner = Runner(args.python, tmp / "src", args.timeout,
+                    [] if args.exact_budget is None else ["--exact-budget", args.exact_budget])
     print(f"bnfold under test: {desc}; {len(entries)} files, {len(archs)} architectures, "
           f"seeds {args.seeds}, jobs {args.jobs}", flush=True)
     t0 = time.perf_counter()
@@ -565,6 +574,7 @@ def main() -> None:
                          "bnfold": f"{desc}, bnfold/ hash {key}",
                          "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                          "corpus": f"{args.corpus}, manifest of {manifest.get('created')}", "seeds": args.seeds,
+                         "exact_budget": args.exact_budget,
                          "jobs": args.jobs, "wall_s": time.perf_counter() - t0, "versions": vers,
                          "cached_only": args.cached_only, "corpus_archs": len(archs), "corpus_files": len(entries),
                          "tasks_done": len(rows), "tasks": len(tasks), "complete": final},
@@ -582,6 +592,8 @@ def main() -> None:
         st = f.stat()
         ident = {"bnfold": key, "file": str(f), "size": st.st_size, "mtime": st.st_mtime, "seed": seed, "rep": rep,
                  "plant": e["arch"] in plants, "python": args.python}
+        if args.exact_budget is not None:
+            ident["exact_budget"] = args.exact_budget
         name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
         cached = args.cache / f"{name}.json"
         if not args.no_cache and cached.exists():
