@@ -438,7 +438,8 @@ class _RemoteSession:
         self._finalizer()
 
 
-def _signal_name(status: Optional[int]) -> str:
+def signal_text(status: Optional[int]) -> str:
+    """How a process ended, for a message: ``SIGSEGV``, ``SIGKILL: killed, e.g. by ...``, ``exit status 1``."""
     if status is None:
         return "no exit status"
     if status < 0:
@@ -538,7 +539,7 @@ class _Worker:
         status = self._reap(5.0)
         if status is None:  # closed its socket but lingers: make sure it is gone
             status = self.kill()
-        return _signal_name(status)
+        return signal_text(status)
 
     def _reap(self, timeout: float) -> Optional[int]:
         """The exit status (negative: the signal that killed it), or None if still running after ``timeout``."""

@@ -463,18 +463,6 @@ class _SigintFlag:
             self.fd = None
 
 
-def _exit_text(code: Optional[int]) -> str:
-    import signal
-
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"{name}, e.g. the out-of-memory killer" if -code == signal.SIGKILL else name
-    return f"exit status {code}"
-
-
 def _run_parallel(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int, record: Callable[[int, FuseOutcome], None],
                   report: "Report") -> None:
     """Run ``jobs`` in ``n_jobs`` worker processes, handing out the next job only when a
@@ -486,6 +474,8 @@ def _run_parallel(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int, record: C
     import multiprocessing
     import signal
     from multiprocessing.connection import wait
+
+    from .runner import signal_text
 
     ctx = multiprocessing.get_context()
     stop = ctx.Event()
@@ -542,7 +532,7 @@ def _run_parallel(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int, record: C
                         m = jobs[i][0]
                         killed = report.interrupted and flag.count > 1
                         record(i, _outcome(m, Status.INTERRUPTED if killed else Status.UNUSABLE,
-                                           error=f"{m}: the worker process died ({_exit_text(proc.exitcode)}) while "
+                                           error=f"{m}: the worker process died ({signal_text(proc.exitcode)}) while "
                                                  "it ran; nothing written for it"
                                                  + ("" if killed else " (its staged files may remain beside "
                                                                       "the output)")))

@@ -9,22 +9,13 @@ import onnx
 import pytest
 
 from bnfold import Reason, fuse
-from conftest import assert_equivalent, bn_count, bn_params, build, check, rand
+from conftest import assert_equivalent, bn_count, bn_params, build, check, folds_completely, rand
 
 HEAD = '<ir_version: 8, opset_import: ["" : 15]>'
 
 
 def ops(model):
     return [n.op_type for n in model.graph.node]
-
-
-def folds_exactly(model):
-    check(model)
-    result = fuse(model)
-    check(result.to_model())
-    assert bn_count(result.to_model()) == 0 and not result.kept, [r.detail for r in result.records]
-    assert_equivalent(model, result.to_model())
-    return result
 
 
 def test_float16_weight_behind_cast():
@@ -34,7 +25,7 @@ def test_float16_weight_behind_cast():
         c = Conv <pads = [1, 1, 1, 1]> (x, W)
         y = BatchNormalization (c, s, b, m, v)
     }}""", Wh=rand(4, 4, 3, 3, dtype=np.float16), **bn_params(4))
-    result = folds_exactly(model)
+    result = folds_completely(model)
     assert ops(result.to_model()) == ["Conv"]
     assert "Wh" not in {t.name for t in result.to_model().graph.initializer}  # no dead subgraph left
 
@@ -49,7 +40,7 @@ def test_weight_norm_weight():
         c = Conv <pads = [1, 1, 1, 1]> (x, W)
         y = BatchNormalization (c, s, b, m, v)
     }}""", wv=rand(4, 4, 3, 3), wg=rand(4, 1, 1, 1, seed=3), **bn_params(4))
-    result = folds_exactly(model)
+    result = folds_completely(model)
     assert ops(result.to_model()) == ["Conv"]
 
 
@@ -71,7 +62,7 @@ def test_constant_of_shape_and_unsqueezed_parameters():
     for n in model.graph.node:
         if n.op_type == "ConstantOfShape":
             n.attribute.append(onnx.helper.make_attribute("value", fill))
-    result = folds_exactly(model)
+    result = folds_completely(model)
     assert ops(result.to_model()) == ["Conv"]
     assert {t.name for t in result.to_model().graph.initializer} == set(result.to_model().graph.node[0].input[1:])
 
@@ -87,7 +78,7 @@ def test_dynamo_style_zero_bias_cast_like_the_input():
         c = Conv <pads = [1, 1, 1, 1]> (x, W, bias)
         y = BatchNormalization (c, s, b, m, v)
     }}""", W=rand(4, 4, 3, 3), **bn_params(4))
-    result = folds_exactly(model)
+    result = folds_completely(model)
     assert ops(result.to_model()) == ["Conv"]
 
 
@@ -111,7 +102,7 @@ def test_matmul_weight_from_reshaped_concat():
         c = MatMul (x, W)
         y = BatchNormalization (c, s, b, m, v)
     }}""", wa=rand(12), wb=rand(12, seed=2), shape=np.array([6, 4], np.int64), **bn_params(4))
-    folds_exactly(model)
+    folds_completely(model)
 
 
 def test_shared_computed_weight_is_not_changed_for_its_other_reader():
@@ -122,7 +113,7 @@ def test_shared_computed_weight_is_not_changed_for_its_other_reader():
         y = BatchNormalization (c, s, b, m, v)
         z = Conv <pads = [1, 1, 1, 1]> (x, W)
     }}""", Wh=rand(4, 4, 3, 3, dtype=np.float16), **bn_params(4))
-    result = folds_exactly(model)
+    result = folds_completely(model)
     assert ops(result.to_model()).count("Cast") == 1  # still computes the second Conv's weight
 
 

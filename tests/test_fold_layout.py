@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 
 from bnfold import Reason, fuse
-from conftest import assert_equivalent, bn_count, bn_params, build, check, rand
+from conftest import bn_params, build, check, folds_completely, rand
 
 HEAD = '<ir_version: 8, opset_import: ["" : 15]>'
-
-
-def folds(model):
-    check(model)
-    result = fuse(model)
-    check(result.to_model())
-    assert bn_count(result.to_model()) == 0 and not result.kept, [r.detail for r in result.records]
-    assert_equivalent(model, result.to_model())
-    return result
 
 
 def kept(model, reason, valid=True):
@@ -37,7 +28,7 @@ def test_bn1d_over_tokens_transposed_and_back():
         z = BatchNormalization (t, s, b, m, v)
         y = Transpose <perm = [0, 2, 1]> (z)
     }}""", W=rand(5, 6), **bn_params(6))
-    result = folds(model)
+    result = folds_completely(model)
     assert result.records[0].host_op == "MatMul"
 
 
@@ -50,7 +41,7 @@ def test_linear_reshaped_to_an_image_and_transposed():
         t = Transpose <perm = [0, 3, 1, 2]> (r)
         y = BatchNormalization (t, s, b, m, v)
     }}""", W=rand(5, 6), shape=np.array([-1, 1, 1, 6], np.int64), **bn_params(6))
-    folds(model)
+    folds_completely(model)
 
 
 def test_gemm_unsqueezed_to_an_image():
@@ -60,7 +51,7 @@ def test_gemm_unsqueezed_to_an_image():
         u = Unsqueeze (c, axes)
         y = BatchNormalization (u, s, b, m, v)
     }}""", W=rand(6, 5), C=rand(6, seed=4), axes=np.array([2, 3], np.int64), **bn_params(6))
-    folds(model)
+    folds_completely(model)
 
 
 @pytest.mark.parametrize("layout", ["f = Flatten <axis = 1> (c)", "f = Squeeze (c, axes)"])
@@ -71,7 +62,7 @@ def test_conv_1x1_map_flattened_into_bn1d(layout):
         {layout}
         y = BatchNormalization (f, s, b, m, v)
     }}""", W=rand(6, 4, 3, 3), B=rand(6, seed=5), axes=np.array([2, 3], np.int64), **bn_params(6))
-    folds(model)
+    folds_completely(model)
 
 
 def test_matmul_bias_add_then_transpose():
@@ -82,7 +73,7 @@ def test_matmul_bias_add_then_transpose():
         t = Transpose <perm = [0, 2, 1]> (a)
         y = BatchNormalization (t, s, b, m, v)
     }}""", W=rand(5, 6), B=rand(6, seed=5), **bn_params(6))
-    folds(model)
+    folds_completely(model)
 
 
 @pytest.mark.parametrize("between", [
@@ -98,7 +89,7 @@ def test_value_preserving_ops_between_host_and_bn(between):
         {between}
         y = BatchNormalization (d, s, b, m, v)
     }}""", W=rand(5, 6), ratio=np.array(0.5, np.float32), off=np.array(False), **bn_params(6))
-    folds(model)
+    folds_completely(model)
 
 
 def test_identity_between_conv_and_bn():
@@ -108,7 +99,7 @@ def test_identity_between_conv_and_bn():
         d = Identity (c)
         y = BatchNormalization (d, s, b, m, v)
     }}""", W=rand(4, 4, 3, 3), **bn_params(4))
-    folds(model)
+    folds_completely(model)
 
 
 # -- near misses --------------------------------------------------------------------------
@@ -201,7 +192,7 @@ def head(layout: str, trans_b: int = 1, k: int = 36, **arrays):
 def test_bn_flatten_gemm_classifier_head(layout, trans_b):
     """Input feature c*H*W + k of the Gemm reads channel c: scaled by s_c, bias gains W.t over H*W."""
     model = head(layout, trans_b, flat=np.array([0, -1], np.int64), rows=np.array([-1, 36], np.int64))
-    result = folds(model)
+    result = folds_completely(model)
     assert result.records[0].direction == "into_following" and result.records[0].host_op == "Gemm"
 
 
@@ -238,7 +229,7 @@ def test_identity_between_bn_and_following_gemm():
         d = Identity (z)
         y = Gemm <transB = 1> (d, W, C)
     }}""", W=rand(5, 4), C=rand(5, seed=4), **bn_params(4))
-    result = folds(model)
+    result = folds_completely(model)
     assert result.records[0].direction == "into_following"
 
 
