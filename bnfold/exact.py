@@ -108,25 +108,32 @@ def upcast(model: onnx.ModelProto, *, initializers: bool = True) -> onnx.ModelPr
     return out
 
 
-# Ops whose float constant inputs a BN rewrite (fold, insert, re-parameterisation) computes and rounds, and
-# whose value moves smoothly with them. Constants read by any other op are never perturbed: a Resize scale of
-# 2.0 moved by an ulp changes the output shape, a Pow exponent of 2.0 turns negative bases into NaN.
-REWRITTEN_BY = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul",
-                          "Div"})
+# The ops whose float constant inputs a BN rewrite (fold, insert, re-parameterisation) computes and rounds,
+# and whose value moves smoothly with them, without naming an op the host rules own (the verifier stays
+# independent of them): *compute nodes*, those reading a float weight of rank >= 2 (a kernel or a matrix;
+# their biases too), and the element-wise ops a BN is, or is decomposed into. Constants read by any other
+# op are never perturbed: a Resize scale of 2.0 moved by an ulp changes the output shape, a Pow exponent
+# of 2.0 turns negative bases into NaN.
+ELEMENTWISE_AFFINE = frozenset({"BatchNormalization", "Add", "Sub", "Mul", "Div"})
 
 
 def float_initializers(model: onnx.ModelProto, *, rewritable_only: bool = True) -> List[Tuple[str, np.ndarray]]:
     """(name, array in its own dtype) for the floating-point initializers of the main graph.
 
-    ``rewritable_only``: only those read exclusively by :data:`REWRITTEN_BY` ops (the weights a
-    rewrite rounds), the ones :func:`perturbed` may move."""
-    readers: Dict[str, set] = {}
+    ``rewritable_only``: only those every reader of which is a compute node or an element-wise
+    affine op (see :data:`ELEMENTWISE_AFFINE`): the weights a rewrite rounds, the ones
+    :func:`perturbed` may move."""
+    floats = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    weights = {t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES and len(t.dims) >= 2}
+    smooth: Dict[str, bool] = {}
     if rewritable_only:
         for n in model.graph.node:
+            ok = n.domain in ("", "ai.onnx") and (n.op_type in ELEMENTWISE_AFFINE or any(i in weights for i in n.input))
             for i in n.input:
-                readers.setdefault(i, set()).add(n.op_type if n.domain in ("", "ai.onnx") else "?")
+                if i in floats:
+                    smooth[i] = smooth.get(i, True) and ok
     return [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer
-            if t.data_type in FLOAT_TYPES and (not rewritable_only or (readers.get(t.name) or {"?"}) <= REWRITTEN_BY)]
+            if t.data_type in FLOAT_TYPES and (not rewritable_only or smooth.get(t.name, False))]
 
 
 def moved_ulps(arr: np.ndarray, rng: np.random.Generator, ulps: float = 1.0, fraction: float = 1.0) -> np.ndarray:

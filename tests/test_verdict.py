@@ -192,19 +192,20 @@ def test_explicit_tolerances_still_mean_the_fixed_check(nets):
 
 def test_only_weights_a_rewrite_rounds_are_moved(tmp_path):
     """A Resize scale moved by an ulp changes the output shape and a Pow exponent of 2 turns negative
-    bases into NaN: neither is perturbed, so the floors stay finite and the model verifies against itself."""
+    bases into NaN: neither is perturbed, so the floors stay finite and the model verifies against itself.
+    A compute node's weight and bias and an element-wise factor are."""
     text = """<ir_version: 8, opset_import: ["" : 17]>
     g (float[1,2,4,4] x) => (float[1,2,8,8] y) {
-        c = Conv <pads = [1, 1, 1, 1]> (x, W)
+        c = Conv <pads = [1, 1, 1, 1]> (x, W, B)
         p = Pow (c, two)
         s = Mul (p, k)
         y = Resize <mode = "nearest"> (s, roi, scales)
     }"""
-    model = build(text, W=rand(2, 2, 3, 3), two=np.array(2.0, np.float32), k=np.array(0.5, np.float32),
+    model = build(text, W=rand(2, 2, 3, 3), B=rand(2, seed=2), two=np.array(2.0, np.float32), k=np.array(0.5, np.float32),
                   roi=np.zeros(0, np.float32), scales=np.array([1, 1, 2, 2], np.float32))
     from bnfold import exact
 
-    assert {n for n, _ in exact.float_initializers(model)} == {"W", "k"}
+    assert {n for n, _ in exact.float_initializers(model)} == {"W", "B", "k"}
     for budget in (EXACT_BUDGET_S, 0.0):
         report = verify(model, model, providers="cpu", exact_budget_s=budget)
         assert report.equivalent and report.comparisons[0].outputs[0].used == 0
