@@ -74,17 +74,26 @@ def reparameterize(index: ModelIndex, bn_affine: BNAffine) -> Tuple[List[Merge],
     """
     merges: List[Merge] = []
     refusals: List[Refusal] = []
+
+    def attempt(scope: Scope, node: NodeProto) -> None:
+        outcome = _try_merge(scope, node, bn_affine)
+        if isinstance(outcome, Merge):
+            merges.append(outcome)
+        elif outcome is not None:
+            where = "" if scope is index.main else f" in {scope.label}"
+            refusals.append(Refusal(outcome.reason, f"Add '{scope.label_of(node)}'{where} not merged: "
+                                                     f"{outcome.detail}"))
+        else:  # no block as a whole: a sum inside it may be one (RepGhost: (dw Conv + BN) + shortcut)
+            for x in node.input:
+                p = scope.producer.get(x)
+                if p is not None and _is_add(p) and scope.only_consumer(x) is node:
+                    attempt(scope, p)
+
     for scope in index.scopes:
         for node in list(scope.nodes):
             if id(node) in scope.removed or not _is_add(node) or _parent_add(scope, node) is not None:
                 continue
-            outcome = _try_merge(scope, node, bn_affine)
-            if isinstance(outcome, Merge):
-                merges.append(outcome)
-            elif outcome is not None:
-                where = "" if scope is index.main else f" in {scope.label}"
-                refusals.append(Refusal(outcome.reason, f"Add '{scope.label_of(node)}'{where} not merged: "
-                                                         f"{outcome.detail}"))
+            attempt(scope, node)
     return merges, refusals
 
 

@@ -65,6 +65,25 @@ def test_mobileone_depthwise_block_with_constant_start():
     assert_equivalent(model, result.to_model())
 
 
+def test_repghost_block_inside_a_residual_sum():
+    """RepGhost: a depthwise Conv+BN branch plus a BN-only branch on one input, and that sum added
+    to the block's shortcut. The whole tree reads two tensors, so it is no block; the inner sum is."""
+    c = 4
+    model = build(f"""{HEAD}
+    g (float[N,{c},6,6] x, float[N,{c},6,6] r) => (float[N,{c},6,6] y) {{
+        k = Conv <pads = [1, 1, 1, 1], group = {c}> (x, W)
+        kn = BatchNormalization (k, as, ab, am, av)
+        f = BatchNormalization (x, fs, fb, fm, fv)
+        s = Add (kn, f)
+        y = Add (s, r)
+    }}""", W=rand(c, 1, 3, 3), **p(c, 1, "a"), **p(c, 2, "f"))
+    result = fuse(model, reparameterize=True)
+    check(result.to_model())
+    assert [n.op_type for n in result.to_model().graph.node] == ["Conv", "Add"]
+    assert len(result.merges) == 1 and bn_count(result.to_model()) == 0
+    assert_equivalent(model, result.to_model())
+
+
 def test_acnet_asymmetric_kernels():
     model = build(f"""{HEAD}
     g (float[N,3,7,7] x) => (float[N,5,7,7] y) {{

@@ -201,8 +201,8 @@ def test_only_weights_a_rewrite_rounds_are_moved(tmp_path):
         s = Mul (p, k)
         y = Resize <mode = "nearest"> (s, roi, scales)
     }"""
-    model = build(text, W=rand(2, 2, 3, 3), B=rand(2, seed=2), two=np.array(2.0, np.float32), k=np.array(0.5, np.float32),
-                  roi=np.zeros(0, np.float32), scales=np.array([1, 1, 2, 2], np.float32))
+    model = build(text, W=rand(2, 2, 3, 3), B=rand(2, seed=2), two=np.array(2.0, np.float32),
+                  k=np.array(0.5, np.float32), roi=np.zeros(0, np.float32), scales=np.array([1, 1, 2, 2], np.float32))
     from bnfold import exact
 
     assert {n for n, _ in exact.float_initializers(model)} == {"W", "B", "k"}
