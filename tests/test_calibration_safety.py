@@ -92,6 +92,30 @@ def test_batch_of_one_with_2d_activations_is_refused(work, args):
     assert snapshot(work) == before
 
 
+def test_fixed_batch_of_one_with_a_2d_head_names_the_op_to_leave_out(tmp_path):
+    """A model exported with batch 1 (as torch exports usually are) and a Gemm head: insert asks for
+    --batch-size 1, then the head's [1, C] output has m = 1. The refusal must not only repeat "use
+    --batch-size 2": it names the op, and leaving that op out works."""
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[1,2,3,3] x) => (float[1,4] y) {
+        c = Conv <kernel_shape = [1, 1]> (x, W)
+        f = Flatten (c)
+        y = Gemm <transB = 1> (f, G)
+    }""", W=rand(2, 2, 1, 1), G=rand(4, 18))
+    for node, name in zip(model.graph.node, ["conv", "flat", "head"]):
+        node.name = name
+    onnx.save(model, tmp_path / "one.onnx")
+    np.savez(tmp_path / "d.npz", x=rand(6, 2, 3, 3))
+    before = snapshot(tmp_path)
+    refused(cli("insert", tmp_path / "one.onnx", "--calibration", tmp_path / "d.npz", "--batch-size", "1",
+                "-o", tmp_path / "out.onnx"),
+            "one.onnx", "m = 1", "Gemm 'head'", "fixed at 1", "--exclude")
+    assert snapshot(tmp_path) == before
+    res = cli("insert", tmp_path / "one.onnx", "--calibration", tmp_path / "d.npz", "--batch-size", "1",
+              "--exclude", "head", "-o", tmp_path / "out.onnx")
+    assert res.exit_code == 0, res.output
+
+
 def test_batch_of_one_with_spatial_activations_is_fine_where_nothing_normalises_per_batch(work):
     # m = N x H x W >= 2 even for one sample: measured as they are, or with final statistics upstream
     for args in (["recalibrate", "--exact"], ["insert", "--op", "Conv"]):
