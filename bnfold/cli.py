@@ -445,6 +445,16 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def _earlier_output(model: Path, root: Optional[Path], out_dir: Path) -> bool:
+    """Whether ``model``, found by searching ``root``, lies in ``out_dir`` strictly below ``root``,
+    so it is an earlier run's output rather than an input. An out-dir that is the searched
+    folder or above it holds the inputs themselves: they are inputs (and an output that
+    would replace one is refused later)."""
+    if root is None or not _inside(model, out_dir) or not _inside(out_dir, root):
+        return False
+    return Path(out_dir).resolve() != Path(root).resolve()
+
+
 def exclude_option(fn):
     skipped = ", ".join(sorted(SKIPPED_FOLDER_NAMES))
     return click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
@@ -730,7 +740,11 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                                    "equivalent to it; write it elsewhere with -o or --out-dir")
         found = _collect(models, exclude)
         if out_dir is not None:  # outputs of an earlier run into a folder inside a searched one are not inputs
-            found = [(m, r) for m, r in found if r is None or not _inside(m, out_dir)]
+            searched = len(found)
+            found = [(m, r) for m, r in found if not _earlier_output(m, r, out_dir)]
+            if searched and not found:
+                raise BnfoldError("every model found is inside --out-dir, the output of an earlier run; "
+                                  "nothing to fold", out_dir)
         if output is not None and len(found) > 1:
             raise click.UsageError("--output takes one MODEL; use --out-dir for several")
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
