@@ -743,8 +743,8 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
             searched = len(found)
             found = [(m, r) for m, r in found if not _earlier_output(m, r, out_dir)]
             if searched and not found:
-                raise BnfoldError("every model found is inside --out-dir, the output of an earlier run; "
-                                  "nothing to fold", out_dir)
+                raise BnfoldError("every model found is inside --out-dir, so taken as an earlier run's output: "
+                                  "nothing to fold (give an --out-dir outside the searched folders)", out_dir)
         if output is not None and len(found) > 1:
             raise click.UsageError("--output takes one MODEL; use --out-dir for several")
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
