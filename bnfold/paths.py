@@ -213,9 +213,10 @@ def models_reading(data_file: Path) -> List[Path]:
     models in its folder are read (weights not loaded) to find the ones that refer to it."""
     from .modelio import external_files, load_model
 
-    by_name = data_file.with_name(data_file.name[:-len(".data")])
-    if data_file.name.endswith(".onnx.data") and by_name.is_file():
-        return [by_name]
+    if data_file.name.endswith(".onnx.data"):
+        by_name = data_file.with_name(data_file.name[:-len(".data")])
+        if by_name.is_file():
+            return [by_name]
     target = data_file.resolve()
     found = []
     for candidate in sorted(data_file.parent.glob("*.onnx")):
