@@ -159,7 +159,10 @@ def _identity(p: PathLike):
         st = path.stat()
         return ("inode", st.st_dev, st.st_ino)
     except OSError:
-        return ("name", str(path.resolve()))
+        try:
+            return ("name", str(path.resolve()))
+        except (RuntimeError, OSError):  # a symlink loop: RuntimeError before Python 3.13, OSError since
+            raise BnfoldError("is a symbolic link loop", path) from None
 
 
 def is_skipped_folder(folder: Path) -> bool:

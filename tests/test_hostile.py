@@ -280,6 +280,34 @@ def test_an_unreadable_model_is_one_line_for_every_command(workdir, monkeypatch,
     assert files_under(workdir) == before
 
 
+LOOP_OR_FIFO = [(kind, args) for kind in ("loop", "fifo") for args in [
+    ("fuse", "{}"), ("inspect", "{}"), ("check", "{}"), ("verify", "m.onnx", "{}"), ("insert", "{}"),
+    ("recalibrate", "{}", "--calibration", "cal.npz")]] + [("loop", ("fuse", "m.onnx", "-o", "{}", "--no-verify"))]
+
+
+@pytest.mark.parametrize("kind, args", LOOP_OR_FIFO)
+def test_a_symlink_loop_or_a_fifo_is_one_line_not_a_bug_or_a_hang(workdir, kind, args):
+    """A symlink loop raised RuntimeError from Path.resolve (exit 3, "a bug in bnfold"); reading a FIFO
+    waited forever for a writer. Both are refused naming the file (a FIFO named as an output is
+    replaced by the rename, as any file would be)."""
+    if kind == "loop":
+        os.symlink("x.onnx", workdir / "x.onnx")
+    else:
+        os.mkfifo(workdir / "x.onnx")
+    before = files_under(workdir)
+    res = run(*(a.format("x.onnx") for a in args))
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("bnfold: error: x.onnx: ") and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "loop" in res.stderr if kind == "loop" else "not a regular file" in res.stderr
+    assert files_under(workdir) == before
+
+
+def test_external_data_behind_a_symlink_loop_is_refused(tmp_path):
+    path = with_external(tmp_path, "w.bin")
+    os.symlink("w.bin", tmp_path / "w.bin")
+    assert_refused(run("inspect", path), path, "symbolic link loop")
+
+
 def test_unreadable_verify_inputs_are_one_line(workdir, monkeypatch):
     from bnfold import inputs
 

@@ -24,9 +24,12 @@ def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[Mode
     """Like :func:`load_model`, also saying whether the file used external data."""
     p = Path(path)
     if not p.exists():
-        raise BnfoldError("no such file", p)
+        raise BnfoldError("is a symbolic link to nothing (dangling or a loop)" if p.is_symlink() else "no such file",
+                          p)
     if p.is_dir():
         raise BnfoldError("is a directory, not an ONNX file", p)
+    if not p.is_file():  # reading a FIFO would wait for a writer forever
+        raise BnfoldError("is not a regular file (a FIFO, socket or device), not an ONNX file", p)
     try:
         with open(p, "rb") as f:
             data = f.read()
