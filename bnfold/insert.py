@@ -41,7 +41,7 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data,
-                          Moments, check_momentum, data_weight, iter_batches)
+                          Moments, check_batch_size, check_momentum, data_weight, iter_batches)
 from .errors import BnfoldError
 from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
 from .hosts import ACTIVATIONS, backward_rule, host_names
@@ -259,6 +259,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
     pick, skip = _regex(node, "--node"), _regex(exclude, "--exclude")
     if calibration is not None:
         ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+        check_batch_size(batch_size)
     model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
@@ -317,6 +318,7 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
     ``exact``, each BN is measured with every BN upstream of it at its final statistics: one
     pass per dependency wave (module doc)."""
     ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+    check_batch_size(batch_size)
     model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main

@@ -116,6 +116,22 @@ def test_fixed_batch_of_one_with_a_2d_head_names_the_op_to_leave_out(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5, True])
+@pytest.mark.parametrize("command", ["insert", "recalibrate"])
+def test_library_batch_size_that_is_not_a_count_is_refused_before_any_work(work, command, batch_size):
+    """The CLI's IntRange refuses these; the library let 0 through to ONNX Runtime ("cannot reshape
+    {0,10}") or to "m = 0"."""
+    from bnfold.errors import BnfoldError
+    from bnfold.insert import insert, recalibrate
+
+    data = [{"input": rand(8, 3, 32, 32)}]
+    with pytest.raises(BnfoldError, match="batch size .*at least 1"):
+        if command == "insert":
+            insert(work / "m.onnx", calibration=data, batch_size=batch_size)
+        else:
+            recalibrate(work / "m.onnx", data, batch_size=batch_size)
+
+
 def test_batch_of_one_with_spatial_activations_is_fine_where_nothing_normalises_per_batch(work):
     # m = N x H x W >= 2 even for one sample: measured as they are, or with final statistics upstream
     for args in (["recalibrate", "--exact"], ["insert", "--op", "Conv"]):
