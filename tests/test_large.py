@@ -84,6 +84,19 @@ def test_in_place_names_the_data_file_it_leaves_unread(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("bnfold: warning: ") and "read by no model" in lines[0], res.stderr
 
 
+def test_a_report_never_takes_the_name_of_the_outputs_external_data(tmp_path):
+    """`fuse m.onnx -o o.onnx --report o.onnx.data` exited 0 with o.onnx's weights replaced by the JSON
+    report (written after the model): refused before anything is written."""
+    make(tmp_path / "m.onnx")
+    before = snapshot(tmp_path)
+    for flag in ("--report", "--junit"):
+        for name in ("o.onnx.data", "o.onnx.1.data"):
+            res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                            flag, str(tmp_path / name)])
+            assert res.exit_code == 2 and "external data of" in res.stderr, res.output
+            assert snapshot(tmp_path) == before
+
+
 def test_chained_folds_on_external_weights(tmp_path):
     """Conv -> BN -> BN and BN -> Conv with weights in external data: the recipes compose."""
     from conftest import bn_params, build, rand
