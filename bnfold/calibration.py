@@ -22,6 +22,8 @@ sample; m < 2 (a batch of one sample of 2-D activations) is refused.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
@@ -92,7 +94,7 @@ def _load(f: Path, input_names: List[str]) -> Dict[str, np.ndarray]:
             return {n: z[n] for n in input_names}
     except BnfoldError:
         raise
-    except (OSError, ValueError, EOFError) as e:  # a damaged or object-array file
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged or object-array file
         raise BnfoldError(f"cannot be read as calibration data ({e})", f) from None
 
 

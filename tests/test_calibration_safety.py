@@ -273,6 +273,28 @@ def test_zero_sample_array_is_named(work):
     refused(cli("recalibrate", work / "m.onnx", "--calibration", work / "zero.npz"), "zero.npz", "no sample")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bad crc", "bad deflate"])
+def test_a_damaged_npz_is_one_line_not_an_internal_error(work, damage):
+    """zipfile's BadZipFile (truncated, CRC mismatch) and zlib's error (savez_compressed) are not
+    OSError/ValueError: they came out as exit 3, "a bug in bnfold"."""
+    path = work / "bad.npz"
+    if damage == "bad deflate":
+        np.savez_compressed(path, input=rand(8, 3, 32, 32, seed=4))
+    else:
+        np.savez(path, input=rand(8, 3, 32, 32, seed=4))
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:200]
+    else:
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    before = snapshot(work)
+    refused(cli("insert", work / "m.onnx", "--calibration", path, "-o", work / "out.onnx"),
+            "bad.npz", "cannot be read as calibration data")
+    assert snapshot(work) == before
+
+
 def test_a_file_that_is_not_npz_gets_no_pickle_hint(work):
     (work / "notes.npz").write_text("these are not arrays\n")
     line = refused(cli("recalibrate", work / "m.onnx", "--calibration", work / "notes.npz"),
