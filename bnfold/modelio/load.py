@@ -28,8 +28,6 @@ def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[Mode
                           p)
     if p.is_dir():
         raise BnfoldError("is a directory, not an ONNX file", p)
-    if not p.is_file():  # reading a FIFO would wait for a writer forever
-        raise BnfoldError("is not a regular file (a FIFO, socket or device), not an ONNX file", p)
     try:
         with open(p, "rb") as f:
             data = f.read()
