@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import onnx
@@ -297,8 +298,7 @@ def test_a_symlink_loop_is_one_line_not_a_bug(workdir, args):
 def test_a_model_read_from_a_pipe_still_works(workdir):
     """Process substitution (`bnfold inspect <(curl ...)`) hands bnfold a pipe: it is read like a file."""
     os.mkfifo(workdir / "p.onnx")
-    writer = __import__("threading").Thread(target=lambda: (workdir / "p.onnx").write_bytes(
-        (workdir / "m.onnx").read_bytes()))
+    writer = threading.Thread(target=lambda: (workdir / "p.onnx").write_bytes((workdir / "m.onnx").read_bytes()))
     writer.start()
     res = run("inspect", workdir / "p.onnx")
     writer.join()
