@@ -115,36 +115,18 @@ REWRITTEN_BY = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNorma
                           "Div"})
 
 
-# Ops that only move or copy their first input's values: a weight read through them is still the weight
-# of the op after them.
-MOVES_VALUES = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
-
-
 def float_initializers(model: onnx.ModelProto, *, rewritable_only: bool = True) -> List[Tuple[str, np.ndarray]]:
     """(name, array in its own dtype) for the floating-point initializers of the main graph.
 
     ``rewritable_only``: only those read exclusively by :data:`REWRITTEN_BY` ops (the weights a
     rewrite rounds), the ones :func:`perturbed` may move."""
-    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    readers: Dict[str, set] = {}
     if rewritable_only:
         for n in model.graph.node:
             for i in n.input:
-                consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in model.graph.output}
-
-    def readers(name: str, depth: int = 0) -> set:
-        """The ops that use ``name``'s values, looking through layout ops that only move them
-        (the dynamo exporter's MatMul(x, Transpose(W)) for a Linear: W is MatMul's weight)."""
-        found = {"?"} if name in outputs or not consumers.get(name) or depth > 8 else set()
-        for n in consumers.get(name, []):
-            if n.domain in ("", "ai.onnx") and n.op_type in MOVES_VALUES and n.input[0] == name and n.output:
-                found |= readers(n.output[0], depth + 1)
-            else:
-                found.add(n.op_type if n.domain in ("", "ai.onnx") else "?")
-        return found
-
+                readers.setdefault(i, set()).add(n.op_type if n.domain in ("", "ai.onnx") else "?")
     return [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer
-            if t.data_type in FLOAT_TYPES and (not rewritable_only or readers(t.name) <= REWRITTEN_BY)]
+            if t.data_type in FLOAT_TYPES and (not rewritable_only or (readers.get(t.name) or {"?"}) <= REWRITTEN_BY)]
 
 
 def moved_ulps(arr: np.ndarray, rng: np.random.Generator, ulps: float = 1.0, fraction: float = 1.0) -> np.ndarray:
