@@ -425,15 +425,8 @@ def estimate_seconds(model: onnx.ModelProto, shapes: Mapping[str, Tuple[int, ...
     for t in model.graph.initializer:
         known[t.name] = tuple(t.dims)
     weights = {t.name: tuple(t.dims) for t in model.graph.initializer if len(t.dims) >= 2}
-    constants = {t.name for t in model.graph.initializer}
     macs = 0.0
     for n in model.graph.node:
-        if all(i in constants for i in n.input if i):
-            # computed from constants alone (an exporter's Transpose of a Linear weight, a Constant):
-            # a weight for the nodes that read it, no multiply-adds of its own
-            constants.update(o for o in n.output if o)
-            weights.update((o, known[o]) for o in n.output if o in known and len(known[o]) >= 2)
-            continue
         macs += _node_macs(n, weights, known)
     nodes = len(model.graph.node)
     return CostEstimate(macs, nodes, macs / MACS_PER_SECOND + nodes * SECONDS_PER_NODE)
