@@ -22,6 +22,8 @@ sample; m < 2 (a batch of one sample of 2-D activations) is refused.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
@@ -92,7 +94,7 @@ def _load(f: Path, input_names: List[str]) -> Dict[str, np.ndarray]:
             return {n: z[n] for n in input_names}
     except BnfoldError:
         raise
-    except (OSError, ValueError, EOFError) as e:  # a damaged or object-array file
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged or object-array file
         raise BnfoldError(f"cannot be read as calibration data ({e})", f) from None
 
 
@@ -139,6 +141,7 @@ def iter_batches(data: Data, input_names: List[str], batch_size: Optional[int],
 
     Every chunk is checked (finite values, one sample count) and ``check`` is called on it
     before any of its samples is used, so that problems name the file they are in."""
+    check_batch_size(batch_size)
     pending: List[Dict[str, np.ndarray]] = []
     sources: List[str] = []
     have = 0
@@ -179,6 +182,15 @@ def check_momentum(momentum: float) -> None:
     if not (0.0 <= k < 1.0):
         raise BnfoldError(f"momentum {momentum} is not in [0, 1): running = momentum x running + "
                           "(1 - momentum) x batch must be an average")
+
+
+def check_batch_size(batch_size: Optional[int]) -> None:
+    """Refuse a batch size that is not a whole number >= 1 (None: the chunks as given). 0 gave
+    empty batches, refused only later by ONNX Runtime or as "m = 0"."""
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise BnfoldError(f"batch size {batch_size!r}: a whole number of samples, at least 1")
 
 
 def moments(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:

@@ -445,6 +445,16 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def _earlier_output(model: Path, root: Optional[Path], out_dir: Path) -> bool:
+    """Whether ``model``, found by searching ``root``, lies in ``out_dir`` strictly below ``root``,
+    so it is an earlier run's output rather than an input. An out-dir that is the searched
+    folder or above it holds the inputs themselves: they are inputs (and an output that
+    would replace one is refused later)."""
+    if root is None or not _inside(model, out_dir) or not _inside(out_dir, root):
+        return False
+    return Path(out_dir).resolve() != Path(root).resolve()
+
+
 def exclude_option(fn):
     skipped = ", ".join(sorted(SKIPPED_FOLDER_NAMES))
     return click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
@@ -562,17 +572,39 @@ def _interrupt_line(report, command: str, limit: int = 10) -> str:
             f"{len(not_done)} model(s) not written{names(not_done)}")
 
 
-def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequence[Path]) -> None:
+def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequence[Path],
+                                outputs: Sequence[Path] = (), created: Optional[Path] = None) -> None:
     """Before any work: refuse a --report/--junit path that is a model of the run, a file one
-    reads (external data), or (for fuse) an output, so a report can never destroy one."""
-    from .paths import check_output, files_read, probe_writable
+    reads (external data), an output of fuse or the external data it writes beside it
+    (``<output>.data``, ``<output>.1.data`` ...: the report, written last, would replace the
+    folded weights), or the other report, so a report can never destroy one. ``created``:
+    the --out-dir, made only later, so a report inside it is probed then."""
+    from .paths import check_output, files_read, probe_writable, same_file
 
-    if any(p is not None for p in paths):
-        reads = files_read(models)
-        for p in paths:
-            if p is not None:
-                check_output(p, reads, what="report")
-                probe_writable(p)  # a report that cannot be written fails now, not after the outputs
+    given = [p for p in paths if p is not None]
+    if not given:
+        return
+    reads = files_read(list(models) + list(outputs))
+    for i, p in enumerate(given):
+        check_output(p, reads, what="report")
+        for out in outputs:
+            if p.name.startswith(out.name + ".") and p.name.endswith(".data") and same_file(p.parent, out.parent):
+                raise BnfoldError(f"report path would replace {p.name}, where the external data of {out} may be "
+                                  "written; choose another name", p)
+        if any(same_file(p, q) for q in given[:i]):
+            raise BnfoldError("--report and --junit name the same file: one would replace the other", p)
+        if created is not None and not p.parent.exists() and _inside(p.parent, created):
+            continue  # inside the --out-dir that fuse creates: probed once it exists
+        probe_writable(p)  # a report that cannot be written fails now, not after the outputs
+
+
+def _probe_reports_in(paths: Sequence[Optional[Path]], folder: Path) -> None:
+    """A report inside a just-created --out-dir, probed now that the folder exists."""
+    from .paths import probe_writable
+
+    for p in paths:
+        if p is not None and _inside(p.parent, folder):
+            probe_writable(p)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -730,7 +762,11 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                                    "equivalent to it; write it elsewhere with -o or --out-dir")
         found = _collect(models, exclude)
         if out_dir is not None:  # outputs of an earlier run into a folder inside a searched one are not inputs
-            found = [(m, r) for m, r in found if r is None or not _inside(m, out_dir)]
+            searched = len(found)
+            found = [(m, r) for m, r in found if not _earlier_output(m, r, out_dir)]
+            if searched and not found:
+                raise BnfoldError("every model found is inside --out-dir, so taken as an earlier run's output: "
+                                  "nothing to fold (give an --out-dir outside the searched folders)", out_dir)
         if output is not None and len(found) > 1:
             raise click.UsageError("--output takes one MODEL; use --out-dir for several")
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
@@ -747,7 +783,8 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                 target = _default_output(model)
             pairs.append((model, target))
         check_batch_targets(pairs, in_place=in_place)
-        _refuse_reports_over_inputs([report_path, junit_path], [m for m, _ in pairs] + [t for _, t in pairs])
+        _refuse_reports_over_inputs([report_path, junit_path], [m for m, _ in pairs], [t for _, t in pairs],
+                                    created=out_dir)
         if out_dir is not None:  # only now, when nothing is refused: a missing --out-dir is created
             for _, target in pairs:
                 try:
@@ -755,6 +792,7 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                 except OSError as e:
                     raise BnfoldError(f"output folder cannot be created ({e.strerror or e})",
                                       target.parent) from None
+            _probe_reports_in([report_path, junit_path], out_dir)
     opts = _options(allow_overridable, reparameterize, verify_opts, in_place=in_place, verify=do_verify,
                     force=force)
     single = len(models) == 1 and len(pairs) == 1 and not models[0].is_dir()

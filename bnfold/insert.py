@@ -41,7 +41,7 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data,
-                          Moments, check_momentum, data_weight, iter_batches)
+                          Moments, check_batch_size, check_momentum, data_weight, iter_batches)
 from .errors import BnfoldError
 from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
 from .hosts import ACTIVATIONS, backward_rule, host_names
@@ -275,6 +275,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
     pick, skip = _regex(node, "--node"), _regex(exclude, "--exclude")
     if calibration is not None:
         ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+        check_batch_size(batch_size)
     model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
@@ -333,6 +334,7 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
     ``exact``, each BN is measured with every BN upstream of it at its final statistics: one
     pass per dependency wave (module doc)."""
     ChannelStats(estimator, momentum)  # refuse a bad estimator before loading anything
+    check_batch_size(batch_size)
     model, path, external = _load(model_or_path)
     index = ModelIndex(model)
     scope = index.main
@@ -529,6 +531,7 @@ def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto
     them; upstream BNs, at their final statistics, fold into their Convs as in inference),
     statistics in numpy float64 in the worker."""
     where = path or "the model"
+    producers = _producers(model)
     waves = _waves(model, bns) if sequential else [bns]
     batches = samples = 0
     for k, group in enumerate(waves, 1):
@@ -538,7 +541,7 @@ def _calibrate_waves(model: ModelProto, path: Optional[str], bns: List[NodeProto
 
         def on_batch(outs: Dict[str, Tuple[np.ndarray, np.ndarray, int]], i: int, batch: Batch) -> None:
             for n, st in stats.items():  # noqa: B023 (called only during this wave's pass)
-                _update(st, *outs[n], n, i, batch, where)
+                _update(st, *outs[n], n, i, batch, where, producers.get(n))
 
         # the activations are reduced to moments where ONNX Runtime runs: only those travel back
         batches, samples = _run_pass(probe, path, names, data, batch_size, True, on_batch,
@@ -600,11 +603,13 @@ def _calibrate_batch(model: ModelProto, path: Optional[str], bns: List[NodeProto
     outputs = [t for tap in taps.values() for t in tap[:3]]
     stats = {b.name: ChannelStats(estimator, momentum) for b in bns}
     inputs = {b.name: b.input[0] for b in bns}
+    producers = _producers(model)
 
     def on_batch(outs: Dict[str, np.ndarray], i: int, batch: Batch) -> None:
         for name, tap in taps.items():
             _update(stats[name], outs[tap.mean].reshape(-1), outs[tap.var].reshape(-1),
-                    tap.values_per_channel(outs[tap.shape]), inputs[name], i, batch, where)
+                    tap.values_per_channel(outs[tap.shape]), inputs[name], i, batch, where,
+                    producers.get(inputs[name]))
 
     batches, samples = _run_pass(probe, path, outputs, data, batch_size, True, on_batch, _ticker(progress, 1, 1),
                                  batch_statistics=normalize)
@@ -749,13 +754,21 @@ def _probe_const(graph, name: str, value: np.ndarray) -> str:
     return name
 
 
+def _producers(model: ModelProto) -> Dict[str, str]:
+    """Each main-graph tensor's producer, as a message names it (``Gemm 'fc'``)."""
+    return {o: f"{n.op_type} '{n.name}'" for n in model.graph.node for o in n.output if o}
+
+
 def _update(stats: ChannelStats, mean: np.ndarray, var: np.ndarray, m: int, tensor: str, k: int, batch: Batch,
-            where: str) -> None:
+            where: str, producer: Optional[str] = None) -> None:
     """Add one batch's moments of ``tensor``, refusing what would give meaningless statistics."""
     if m < 2:
+        # a model whose batch dimension is fixed at 1 asks for --batch-size 1 first: say what works then too
+        of = f" (the output of {producer})" if producer else ""
         raise BnfoldError(f"calibration batch {k} ({batch.size} sample(s)) gives m = {m} value per channel at "
-                          f"tensor '{tensor}': the variance needs m >= 2 (use --batch-size 2 or more, and a "
-                          "sample count that leaves no final batch of one)", where)
+                          f"tensor '{tensor}'{of}: the variance needs m >= 2 (use --batch-size 2 or more, and a "
+                          "sample count that leaves no final batch of one; a model whose batch dimension is fixed "
+                          "at 1 cannot give it 2 values: leave that op out, insert --exclude REGEX)", where)
     if not (np.isfinite(mean).all() and np.isfinite(var).all()):
         raise BnfoldError(f"tensor '{tensor}' is not finite (inf or NaN) on calibration batch {k}, from "
                           f"{', '.join(batch.sources)}: its statistics would be meaningless", where)

@@ -159,7 +159,10 @@ def _identity(p: PathLike):
         st = path.stat()
         return ("inode", st.st_dev, st.st_ino)
     except OSError:
-        return ("name", str(path.resolve()))
+        try:
+            return ("name", str(path.resolve()))
+        except (RuntimeError, OSError):  # a symlink loop: RuntimeError before Python 3.13, OSError since
+            raise BnfoldError("is a symbolic link loop", path) from None
 
 
 def is_skipped_folder(folder: Path) -> bool:
@@ -213,9 +216,10 @@ def models_reading(data_file: Path) -> List[Path]:
     models in its folder are read (weights not loaded) to find the ones that refer to it."""
     from .modelio import external_files, load_model
 
-    by_name = data_file.with_name(data_file.name[:-len(".data")])
-    if data_file.name.endswith(".onnx.data") and by_name.is_file():
-        return [by_name]
+    if data_file.name.endswith(".onnx.data"):
+        by_name = data_file.with_name(data_file.name[:-len(".data")])
+        if by_name.is_file():
+            return [by_name]
     target = data_file.resolve()
     found = []
     for candidate in sorted(data_file.parent.glob("*.onnx")):

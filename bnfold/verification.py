@@ -49,6 +49,7 @@ fraction of it ``used``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -509,18 +510,31 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
     ``validated`` skips bnfold's own checks of the files for callers that just made or checked them.
 
     Raises :class:`BnfoldError` when a model cannot be loaded or run, an option names something the
-    model lacks, the two models' inputs differ, nothing would be compared, or the providers asked for
-    are not usable.
+    model lacks, the two models' inputs differ, nothing would be compared, the providers asked for
+    are not usable, or a tolerance is not a finite number >= 0.
     """
     if inputs is not None and samples is not None:
         raise BnfoldError("--samples does not apply with --inputs: the file's arrays are the one sample compared")
     if samples is not None and samples < 1:
         raise BnfoldError(f"--samples {samples}: at least 1")
+    _check_tolerance("--rtol", rtol)
+    _check_tolerance("--atol", atol)
+    for name, tol in (output_tolerances or {}).items():
+        t = tol if isinstance(tol, Tolerance) else Tolerance(*tol)
+        _check_tolerance(f"--output-tol {name}: rtol", t.rtol)
+        _check_tolerance(f"--output-tol {name}: atol", t.atol)
     with _as_paths([reference, candidate], external_data_dir) as (ref_path, cand_path):
         return _verify(ref_path, cand_path, providers=providers, samples=2 if samples is None else samples,
                        seed=seed, dims=dict(dims or {}), shapes=dict(shapes or {}), inputs=inputs, rtol=rtol,
                        atol=atol, output_tolerances=dict(output_tolerances or {}), localize=localize,
                        validated=validated, exact_budget_s=exact_budget_s)
+
+
+def _check_tolerance(what: str, value: Optional[float]) -> None:
+    """A tolerance is a finite number >= 0: NaN compares false with every difference, so
+    ``rtol=nan`` passed any two models (the CLI refuses it; the library must too)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise BnfoldError(f"{what} {value}: a tolerance must be a finite number >= 0")
 
 
 def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed: int, dims: Dict[str, int],

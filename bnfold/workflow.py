@@ -238,12 +238,30 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                 else:
                     outcome = _outcome(model, Status.WRITTEN, output=str(target), report=data, warnings=warnings)
                 _COMMITTED[0] = outcome  # a Ctrl-C from here on cannot lose the fact that it was written
+            if opts.in_place:
+                for left in _data_left_behind(reads[1:], target):
+                    warnings.append(f"{left}: the external data {model} read before --in-place is read by no "
+                                    "model in its folder now; delete it if nothing else uses it")
             if interrupted:
                 raise InterruptedAfterWrite(outcome)
             return outcome
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _data_left_behind(read: Sequence[Path], target: Path) -> List[Path]:
+    """External data files an in-place fuse read that neither the replaced model nor any other
+    model beside them reads now (an export's ``m.data`` replaced by ``m.onnx.data``): named in
+    a warning, never deleted, as something outside that folder might still use them."""
+    from .modelio import external_files, load_model
+    from .paths import models_reading
+
+    try:
+        now = external_files(load_model(target, load_external=False), target.parent)
+        return [p for p in read if p.resolve() not in now and p.is_file() and not models_reading(p)]
+    except (BnfoldError, OSError):  # the output was written and verified: the hint is not worth failing for
+        return []
 
 
 class InterruptedAfterWrite(KeyboardInterrupt):

@@ -165,6 +165,51 @@ def test_an_out_dir_inside_the_searched_folder_is_not_searched_again(tmp_path):
     assert not (out / "deploy").exists()
 
 
+def test_an_out_dir_that_is_the_searched_folder_or_above_it_holds_inputs_not_earlier_outputs(tmp_path, monkeypatch):
+    """`fuse models --out-dir models` would replace each model by its fold: refused like `fuse m.onnx
+    --out-dir .`, not skipped as if the models were an earlier run's outputs (that exited 0 having done
+    nothing); `fuse models --out-dir .` writes beside the folder."""
+    src = corpus(tmp_path)
+    before = {p: p.read_bytes() for p in src.rglob("*.onnx")}
+    res = run("fuse", src, "--out-dir", src, "--no-verify")
+    assert res.exit_code == 2 and "output path is the input model" in res.stderr, res.output
+    assert {p: p.read_bytes() for p in src.rglob("*.onnx")} == before
+    monkeypatch.chdir(tmp_path)
+    res = run("fuse", "src", "--out-dir", ".", "--no-verify")
+    assert res.exit_code == 0, res.output
+    assert bn_count(onnx.load("a.onnx")) == 0 and bn_count(onnx.load("sub/b.onnx")) == 0
+    assert {p: p.read_bytes() for p in src.rglob("*.onnx")} == before
+
+
+def test_a_searched_folder_holding_only_earlier_outputs_is_refused(tmp_path):
+    src = tmp_path / "src"
+    (src / "deploy").mkdir(parents=True)
+    shutil.copy(MODELS / "mlp_bn1d.onnx", src / "deploy" / "b.onnx")
+    res = run("fuse", src, "--out-dir", src / "deploy", "--no-verify")
+    assert res.exit_code == 2 and "inside --out-dir" in res.stderr, res.output
+
+
+def test_report_and_junit_on_one_file_are_refused(tmp_path):
+    src = corpus(tmp_path)
+    for args in (("fuse", src, "--out-dir", tmp_path / "out", "--no-verify"), ("check", src)):
+        res = run(*args, "--report", tmp_path / "r", "--junit", tmp_path / "r")
+        assert res.exit_code == 2 and "name the same file" in res.stderr, res.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_report_inside_the_out_dir_that_fuse_creates(tmp_path):
+    """--out-dir is created when missing: a report inside it was refused ("report folder does not exist")."""
+    src = corpus(tmp_path)
+    out = tmp_path / "deploy" / "v1"
+    res = run("fuse", src, "--out-dir", out, "--no-verify", "--report", out / "report.json",
+              "--junit", out / "bnfold.xml")
+    assert res.exit_code == 0, res.output
+    assert [m["status"] for m in json.loads((out / "report.json").read_text())["models"]] == ["written"] * 2
+    assert ET.parse(out / "bnfold.xml").getroot().tag == "testsuites"
+    res = run("fuse", src, "--out-dir", tmp_path / "o2", "--no-verify", "--report", tmp_path / "o2" / "none" / "r")
+    assert res.exit_code == 2 and "does not exist" in res.stderr, res.output
+
+
 def test_force_in_place_is_refused_before_anything_is_read(tmp_path):
     model = tmp_path / "m.onnx"
     shutil.copy(MODELS / "mlp_bn1d.onnx", model)

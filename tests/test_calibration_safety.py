@@ -92,6 +92,46 @@ def test_batch_of_one_with_2d_activations_is_refused(work, args):
     assert snapshot(work) == before
 
 
+def test_fixed_batch_of_one_with_a_2d_head_names_the_op_to_leave_out(tmp_path):
+    """A model exported with batch 1 (as torch exports usually are) and a Gemm head: insert asks for
+    --batch-size 1, then the head's [1, C] output has m = 1. The refusal must not only repeat "use
+    --batch-size 2": it names the op, and leaving that op out works."""
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[1,2,3,3] x) => (float[1,4] y) {
+        c = Conv <kernel_shape = [1, 1]> (x, W)
+        f = Flatten (c)
+        y = Gemm <transB = 1> (f, G)
+    }""", W=rand(2, 2, 1, 1), G=rand(4, 18))
+    for node, name in zip(model.graph.node, ["conv", "flat", "head"]):
+        node.name = name
+    onnx.save(model, tmp_path / "one.onnx")
+    np.savez(tmp_path / "d.npz", x=rand(6, 2, 3, 3))
+    before = snapshot(tmp_path)
+    refused(cli("insert", tmp_path / "one.onnx", "--calibration", tmp_path / "d.npz", "--batch-size", "1",
+                "-o", tmp_path / "out.onnx"),
+            "one.onnx", "m = 1", "Gemm 'head'", "fixed at 1", "--exclude")
+    assert snapshot(tmp_path) == before
+    res = cli("insert", tmp_path / "one.onnx", "--calibration", tmp_path / "d.npz", "--batch-size", "1",
+              "--exclude", "head", "-o", tmp_path / "out.onnx")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5, True])
+@pytest.mark.parametrize("command", ["insert", "recalibrate"])
+def test_library_batch_size_that_is_not_a_count_is_refused_before_any_work(work, command, batch_size):
+    """The CLI's IntRange refuses these; the library let 0 through to ONNX Runtime ("cannot reshape
+    {0,10}") or to "m = 0"."""
+    from bnfold.errors import BnfoldError
+    from bnfold.insert import insert, recalibrate
+
+    data = [{"input": rand(8, 3, 32, 32)}]
+    with pytest.raises(BnfoldError, match="batch size .*at least 1"):
+        if command == "insert":
+            insert(work / "m.onnx", calibration=data, batch_size=batch_size)
+        else:
+            recalibrate(work / "m.onnx", data, batch_size=batch_size)
+
+
 def test_batch_of_one_with_spatial_activations_is_fine_where_nothing_normalises_per_batch(work):
     # m = N x H x W >= 2 even for one sample: measured as they are, or with final statistics upstream
     for args in (["recalibrate", "--exact"], ["insert", "--op", "Conv"]):
@@ -231,6 +271,28 @@ def test_empty_npz_is_named(work):
 def test_zero_sample_array_is_named(work):
     np.savez(work / "zero.npz", input=np.zeros((0, 3, 32, 32), np.float32))
     refused(cli("recalibrate", work / "m.onnx", "--calibration", work / "zero.npz"), "zero.npz", "no sample")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad crc", "bad deflate"])
+def test_a_damaged_npz_is_one_line_not_an_internal_error(work, damage):
+    """zipfile's BadZipFile (truncated, CRC mismatch) and zlib's error (savez_compressed) are not
+    OSError/ValueError: they came out as exit 3, "a bug in bnfold"."""
+    path = work / "bad.npz"
+    if damage == "bad deflate":
+        np.savez_compressed(path, input=rand(8, 3, 32, 32, seed=4))
+    else:
+        np.savez(path, input=rand(8, 3, 32, 32, seed=4))
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:200]
+    else:
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    before = snapshot(work)
+    refused(cli("insert", work / "m.onnx", "--calibration", path, "-o", work / "out.onnx"),
+            "bad.npz", "cannot be read as calibration data")
+    assert snapshot(work) == before
 
 
 def test_a_file_that_is_not_npz_gets_no_pickle_hint(work):

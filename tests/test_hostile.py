@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import onnx
@@ -278,6 +279,36 @@ def test_an_unreadable_model_is_one_line_for_every_command(workdir, monkeypatch,
     assert res.exit_code == 2 and res.stderr == "bnfold: error: m.onnx: cannot be read (Permission denied)\n"
     assert args[0] == "check" or res.stdout == ""  # check also shows its summary table
     assert files_under(workdir) == before
+
+
+@pytest.mark.parametrize("args", [
+    ("fuse", "{}"), ("inspect", "{}"), ("check", "{}"), ("verify", "m.onnx", "{}"), ("insert", "{}"),
+    ("recalibrate", "{}", "--calibration", "cal.npz"), ("fuse", "m.onnx", "-o", "{}", "--no-verify")])
+def test_a_symlink_loop_is_one_line_not_a_bug(workdir, args):
+    """A symlink loop raised RuntimeError from Path.resolve: exit 3, "a bug in bnfold"."""
+    os.symlink("x.onnx", workdir / "x.onnx")
+    before = files_under(workdir)
+    res = run(*(a.format("x.onnx") for a in args))
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("bnfold: error: x.onnx: ") and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "loop" in res.stderr
+    assert files_under(workdir) == before
+
+
+def test_a_model_read_from_a_pipe_still_works(workdir):
+    """Process substitution (`bnfold inspect <(curl ...)`) hands bnfold a pipe: it is read like a file."""
+    os.mkfifo(workdir / "p.onnx")
+    writer = threading.Thread(target=lambda: (workdir / "p.onnx").write_bytes((workdir / "m.onnx").read_bytes()))
+    writer.start()
+    res = run("inspect", workdir / "p.onnx")
+    writer.join()
+    assert res.exit_code == 0 and "13 -> 0" in res.output, res.output
+
+
+def test_external_data_behind_a_symlink_loop_is_refused(tmp_path):
+    path = with_external(tmp_path, "w.bin")
+    os.symlink("w.bin", tmp_path / "w.bin")
+    assert_refused(run("inspect", path), path, "symbolic link loop")
 
 
 def test_unreadable_verify_inputs_are_one_line(workdir, monkeypatch):

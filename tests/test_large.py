@@ -1,6 +1,7 @@
 """Models with external data: fold without loading everything, write external data safely."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +56,45 @@ def test_in_place_replaces_the_models_own_data(tmp_path):
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert bn_count(onnx.load(str(tmp_path / "m.onnx"))) == 0
+
+
+def test_in_place_names_the_data_file_it_leaves_unread(tmp_path):
+    """An export's data file not named <model>.data (m.bin) cannot be the output's: after --in-place no
+    model reads it. It is not deleted (something outside the folder may use it) but named in a warning,
+    unless another model beside it still reads it."""
+    make(tmp_path / "src.onnx")
+    onnx.save_model(onnx.load(str(tmp_path / "src.onnx")), str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.bin", size_threshold=1024)
+    shutil.copy(tmp_path / "m.onnx", tmp_path / "n.onnx")  # a second model reading the same m.bin
+    for p in (tmp_path / "src.onnx", tmp_path / "src.onnx.data"):
+        p.unlink()
+    header = (tmp_path / "m.onnx").read_bytes()
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "--in-place", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    assert "m.bin" not in res.stderr  # n.onnx still reads it
+    before = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "n.onnx").unlink()
+    (tmp_path / "m.onnx.data").unlink()
+    (tmp_path / "m.onnx").write_bytes(header)  # the export again, m.bin read by it alone
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "--in-place", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.bin").read_bytes() == before
+    lines = [ln for ln in res.stderr.splitlines() if "m.bin" in ln]
+    assert len(lines) == 1 and lines[0].startswith("bnfold: warning: ") and "read by no model" in lines[0], res.stderr
+
+
+def test_a_report_never_takes_the_name_of_the_outputs_external_data(tmp_path):
+    """`fuse m.onnx -o o.onnx --report o.onnx.data` exited 0 with o.onnx's weights replaced by the JSON
+    report (written after the model): refused before anything is written."""
+    make(tmp_path / "m.onnx")
+    before = snapshot(tmp_path)
+    for flag in ("--report", "--junit"):
+        for name in ("o.onnx.data", "o.onnx.1.data"):
+            res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                            flag, str(tmp_path / name)])
+            assert res.exit_code == 2 and "external data of" in res.stderr, res.output
+            assert snapshot(tmp_path) == before
 
 
 def test_chained_folds_on_external_weights(tmp_path):

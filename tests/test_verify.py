@@ -158,6 +158,20 @@ def test_error_must_exceed_both_tolerances(pair):
                   rtol=0.0).equivalent
 
 
+@pytest.mark.parametrize("kw", [dict(rtol=float("nan"), atol=float("nan")), dict(atol=float("inf")),
+                                dict(rtol=-1.0), dict(output_tolerances={"y": (float("nan"), 0.0)}),
+                                dict(output_tolerances={"y": Tolerance(None, float("nan"))})])
+def test_a_tolerance_that_is_not_a_finite_number_at_least_zero_is_refused(pair, kw):
+    """NaN compares false with every difference: verify(rtol=nan, atol=nan) called two different models
+    equivalent (the CLI refused such values; the library did not)."""
+    text = """<ir_version: 8, opset_import: ["" : 15]>
+    g (float[N,4] x) => (float[N,4] y) { y = Add (x, d) }"""
+    ref = pair(build(text, d=np.zeros(4, np.float32)), "ref.onnx")
+    cand = pair(build(text, d=np.full(4, 1.0, np.float32)), "cand.onnx")
+    with pytest.raises(BnfoldError, match="finite number >= 0"):
+        verify(ref, cand, providers="cpu", **kw)
+
+
 def test_dynamic_dims_and_shapes(pair):
     text = """<ir_version: 8, opset_import: ["" : 15]>
     g (float[batch,4,seq] x) => (float[batch,4,seq] y) { y = Relu (x) }"""

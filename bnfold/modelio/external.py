@@ -40,7 +40,10 @@ def check_external_data(model: ModelProto, path: PathLike) -> None:
             raise BnfoldError(f"tensor '{t.name}' has external data without a location", path)
         if os.path.isabs(loc) or ".." in Path(loc).parts or "\\" in loc:
             raise BnfoldError(f"{where} is absolute or contains '..': refused", path)
-        full = (base / loc).resolve()
+        try:
+            full = (base / loc).resolve()
+        except (RuntimeError, OSError):  # a symlink loop: RuntimeError before Python 3.13, OSError since
+            raise BnfoldError(f"{where} is a symbolic link loop", path) from None
         if base != full and base not in full.parents:
             raise BnfoldError(f"{where} resolves outside the model's folder: refused", path)
         if not full.is_file():

@@ -24,7 +24,8 @@ def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[Mode
     """Like :func:`load_model`, also saying whether the file used external data."""
     p = Path(path)
     if not p.exists():
-        raise BnfoldError("no such file", p)
+        raise BnfoldError("is a symbolic link to nothing (dangling or a loop)" if p.is_symlink() else "no such file",
+                          p)
     if p.is_dir():
         raise BnfoldError("is a directory, not an ONNX file", p)
     try:
