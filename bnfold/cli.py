@@ -639,7 +639,11 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary and command != "inspect":  # the CI commands
         _append_step_summary(Path(summary), github_summary(command, dicts))
-    if as_json and doc is not None:
+    if as_json and doc is None and single and dicts:
+        # a model that could not be read has no report: its outcome (as a batch lists it), so that a
+        # pipeline reading stdout as JSON gets the status and the error, not an empty string
+        click.echo(json.dumps(dicts[0], indent=2))
+    elif as_json and doc is not None:
         click.echo(json.dumps(doc, indent=2))
     elif not quiet and not as_json:
         if single:
@@ -897,9 +901,13 @@ def inspect(model: Path, allow_overridable: bool, reparameterize: bool, report_p
 
     t0 = time.perf_counter()
     _refuse_reports_over_inputs([report_path], [model])
-    data = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize).to_dict()
-    data["output"] = data["verification"] = None
-    report = Report([_outcome(model, Status.PASSED, report=data)])
+    try:
+        data = fuse_model(model, allow_overridable=allow_overridable, reparameterize=reparameterize).to_dict()
+    except BnfoldError as e:  # as fuse reports it: one line, and with --json the outcome on stdout
+        report = Report([_outcome(model, Status.UNUSABLE, exit_code=e.exit_code, error=str(e))])
+    else:
+        data["output"] = data["verification"] = None
+        report = Report([_outcome(model, Status.PASSED, report=data)])
     _finish("inspect", report, report_path, None, as_json, verbose, quiet, True, t0)
 
 

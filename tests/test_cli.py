@@ -291,3 +291,18 @@ def test_exclude_applies_to_models_named_explicitly(tmp_path):
     assert not skip.with_name("old.fused.onnx").exists()
     res = run("check", skip, "--exclude", "*.onnx")  # pre-commit handing over only excluded files
     assert res.exit_code == 0 and "all 1 model(s) named match --exclude; nothing to do" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["fuse", "inspect"])
+def test_json_on_an_unreadable_model_is_its_outcome(tmp_path, command):
+    """A pipeline that parses stdout as JSON gets the status and the error, not an empty string;
+    stderr keeps its one line."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    res = run(command, bad, "--json")
+    assert res.exit_code == 2
+    doc = json.loads(res.stdout)
+    assert doc["status"] == "unusable" and doc["exit_code"] == 2 and doc["report"] is None
+    assert str(bad) in doc["error"] and "not an ONNX model" in doc["error"]
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("bnfold: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
