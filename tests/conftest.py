@@ -143,3 +143,14 @@ def folds_completely(model: onnx.ModelProto):
     assert bn_count(result.to_model()) == 0 and not result.kept, [r.detail for r in result.records]
     assert_equivalent(model, result.to_model())
     return result
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Simulate a working CUDA provider: sessions asked for CUDA run on the CPU."""
+    from bnfold import runner
+
+    monkeypatch.setattr(runner, "cuda_status", lambda: (True, ""))
+    real = runner.provider_list
+    monkeypatch.setattr(runner, "provider_list", lambda p: real(runner.CPU))
+

@@ -268,14 +268,6 @@ def test_localize_names_the_first_divergent_tensor(pair):
 
 # -- providers ------------------------------------------------------------------------------
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """Simulate a working CUDA provider: sessions asked for CUDA run on the CPU."""
-    monkeypatch.setattr(runner, "cuda_status", lambda: (True, ""))
-    real = runner.provider_list
-    monkeypatch.setattr(runner, "provider_list", lambda p: real(runner.CPU))
-
-
 def test_auto_uses_cuda_when_it_works(fake_cuda, pair):
     ref = MODELS / "mlp_bn1d.onnx"
     report = verify(ref, pair(fuse(ref).to_model(), "f.onnx"))
