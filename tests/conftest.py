@@ -154,3 +154,21 @@ def fake_cuda(monkeypatch):
     real = runner.provider_list
     monkeypatch.setattr(runner, "provider_list", lambda p: real(runner.CPU))
 
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a subprocess a test sends SIGINT to: it reacts as under a terminal even when
+    this test run started with SIGINT ignored (a background job; some CI runners)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C raises KeyboardInterrupt in this process for the test, whatever the run inherited."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+

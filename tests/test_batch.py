@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from bnfold import cli
 from bnfold.cli import main
-from conftest import MODELS, ROOT, bn_count
+from conftest import MODELS, ROOT, bn_count, default_sigint
 
 
 def run(*args, env=None):
@@ -125,7 +125,8 @@ def test_ctrl_c_stops_a_parallel_batch_at_once_and_says_what_was_written(tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "bnfold", "fuse", *map(str, models), "--out-dir", str(out),
                              "--jobs", "2", "--dim", "N=128", "--report", str(tmp_path / "r.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))  # -m puts the cwd first on sys.path
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)),  # -m puts the cwd first on sys.path
+                            preexec_fn=default_sigint)
     while not (out / "a.onnx").exists() and proc.poll() is None:
         time.sleep(0.01)  # polling for the first output, not timing anything
     proc.send_signal(signal.SIGINT)

@@ -245,7 +245,7 @@ def test_check_names_a_missing_model_on_stderr(workdir):
 
 
 @pytest.mark.parametrize("command", ["insert", "recalibrate"])
-def test_ctrl_c_while_insert_or_recalibrate_renames_its_output_is_held(workdir, monkeypatch, command):
+def test_ctrl_c_while_insert_or_recalibrate_renames_its_output_is_held(workdir, monkeypatch, command, sigint_default):
     import signal
 
     real = write.StagedModel.commit
