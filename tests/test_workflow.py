@@ -280,7 +280,8 @@ def test_interrupt_says_what_was_written_and_leaves_no_temporaries(tmp_path, mon
     assert data["interrupted"] is True and data["exit_code"] == 130
 
 
-def test_ctrl_c_while_an_output_is_renamed_into_place_is_held_until_it_is_complete(tmp_path, monkeypatch):
+def test_ctrl_c_while_an_output_is_renamed_into_place_is_held_until_it_is_complete(tmp_path, monkeypatch,
+                                                                                  sigint_default):
     import signal
 
     from bnfold import modelio
