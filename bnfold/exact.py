@@ -13,8 +13,8 @@ runtime's rounding. Never imports the fold code.
   opset 15 uses batch statistics, i.e. training semantics).
 - :func:`perturbed` draws a copy of a weight moved at random within half an ulp of
   its own dtype: the rounding a correct rewrite of that weight is allowed;
-  :func:`float_initializers` says which weights (those a rewrite rounds: inputs of
-  Conv/Gemm/MatMul/BN and element-wise arithmetic only); :func:`moved_ulps` moves a
+  :func:`float_initializers` says which weights (those a rewrite rounds: read only by
+  compute nodes or element-wise affine ops, named by no op list); :func:`moved_ulps` moves a
   weight whole ulps in its own dtype, for the runtime-calibrated verdict.
 - :func:`estimate_seconds` predicts the cost of one evaluation from the model's
   multiply-accumulates, so callers can skip the pass on models too big for it.
