@@ -78,13 +78,13 @@ def subgraphs(node: NodeProto) -> Iterator[tuple]:
                 yield f"{a.name}[{i}]", g
 
 
-def _names_read(graph: GraphProto) -> Set[str]:
+def names_read(graph: GraphProto) -> Set[str]:
     """Every name read anywhere inside ``graph`` (over-approximates its free names)."""
     names: Set[str] = {o.name for o in graph.output}
     for node in graph.node:
         names.update(i for i in node.input if i)
         for _, g in subgraphs(node):
-            names |= _names_read(g)
+            names |= names_read(g)
     return names
 
 
@@ -185,7 +185,7 @@ class Scope:
                     self.producer[o] = node
             read = {i for i in node.input if i}
             for _, g in subgraphs(node):
-                read |= _names_read(g)
+                read |= names_read(g)
             for name in read:
                 self.consumers[name].append(node)
         self.removed: Set[int] = set()

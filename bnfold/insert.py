@@ -43,7 +43,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 from .calibration import (MOMENTUM_START, MOMENTUM_WARN_WEIGHT, Batch, ChannelStats, Chunk, Data,
                           Moments, check_batch_size, check_momentum, data_weight, iter_batches)
 from .errors import BnfoldError
-from .graph import Constant, ModelIndex, Scope, attr, is_default_domain
+from .graph import Constant, ModelIndex, Scope, attr, is_default_domain, names_read, subgraphs
 from .hosts import ACTIVATIONS, backward_rule, host_names
 from .reasons import Reason, Refusal
 
@@ -562,7 +562,8 @@ def _model_up_to(model: ModelProto, outputs: List[str]) -> ModelProto:
         if any(o in needed for o in n.output):
             keep.append(n)
             needed.update(n.input)
-            needed.update(_subgraph_reads(n))
+            for _, body in subgraphs(n):
+                needed |= names_read(body)
     probe = ModelProto()  # not a copy of the whole model: its weights are copied once, below, if needed
     probe.ir_version = model.ir_version
     probe.opset_import.extend(model.opset_import)
@@ -575,16 +576,6 @@ def _model_up_to(model: ModelProto, outputs: List[str]) -> ModelProto:
     g.sparse_initializer.extend(t for t in model.graph.sparse_initializer if t.values.name in needed)
     g.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
     return probe
-
-
-def _subgraph_reads(node: NodeProto) -> set:
-    names: set = set()
-    for a in node.attribute:
-        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            for n in g.node:
-                names.update(n.input)
-                names.update(_subgraph_reads(n))
-    return names
 
 
 def _ticker(progress: Progress, k: int, passes: int) -> Callable[[int], None]:
