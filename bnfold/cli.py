@@ -347,8 +347,7 @@ def render_verify(rep: dict, verbose: int = 0) -> str:
     if rt:
         lines.append(f"  runtime calibration: the reference rerun with {rt['weights']} weight tensors moved "
                      f"{rt['ulps']:g} ulp at random, {rt['draws']} draws; limit {rt['multiple']:g} x floor + "
-                     f"{rt['floor_ulps']:g} "
-                     f"output ulps ({rt['seconds']:.2f} s)")
+                     f"{rt['floor_ulps']:g} output ulps ({rt['seconds']:.2f} s)")
     head = ("comparison", "output", "method", "max abs", "max rel", "cosine", "fail", "atol", "rtol", "floor",
             "limit", "used", "worst at")
     rows = []

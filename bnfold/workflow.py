@@ -331,10 +331,9 @@ EXPORT_REASONS: Dict[str, str] = {
 
 def reason_counts(codes: Sequence[str]) -> str:
     """``["A", "B", "A"]`` as ``"A x2, B x1"`` (first-seen order)."""
-    order: Dict[str, int] = {}
-    for c in codes:
-        order[c] = order.get(c, 0) + 1
-    return ", ".join(f"{c} x{n}" for c, n in order.items())
+    from collections import Counter
+
+    return ", ".join(f"{c} x{n}" for c, n in Counter(codes).items())
 
 
 def _policy(model: Path, data: dict, opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
