@@ -87,8 +87,13 @@ def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
     """The values of ``t``, reading only its own bytes when it lives in external data."""
     if t.data_location != TensorProto.EXTERNAL:
         n = tensor_nbytes(t)
-        if t.HasField("raw_data") and n is not None and t.data_type not in PACKED_TYPES and len(t.raw_data) != n:
-            raise MalformedModelError(f"tensor '{t.name}' holds {len(t.raw_data)} bytes, its dims call for {n}")
+        if t.HasField("raw_data") and n is not None and t.data_type not in PACKED_TYPES:
+            raw = t.raw_data  # each access of the field copies its bytes: once is enough
+            if len(raw) != n:
+                raise MalformedModelError(f"tensor '{t.name}' holds {len(raw)} bytes, its dims call for {n}")
+            if sys.byteorder == "little" and not t.HasField("segment"):  # as numpy_helper.to_array: a read-only view
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+                return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
         try:
             return numpy_helper.to_array(t)
         except ValueError as e:  # typed data (float_data, ...) whose count does not match the dims
