@@ -80,17 +80,25 @@ def scale(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
 _BLOCK = 1 << 17
 
 
-def scale_round(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+def scale_round(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
     """``w * factor`` computed in float64 and rounded once to ``dtype``, block by block.
 
     Same result as ``round_to(scale(w, factor), dtype, what)`` without materialising
-    the float64 product of a large weight.
+    the float64 product of a large weight. ``out`` (of ``w``'s shape and ``dtype``), when
+    given, receives the values: a writer streaming many blocks reuses its buffers instead
+    of touching fresh memory for each.
     """
     w = np.asarray(w)
     factor = np.asarray(factor, dtype=FLOAT64)
-    out = np.empty(w.shape, dtype=dtype)
     if w.ndim == 0 or w.size <= _BLOCK:
-        return round_to(scale(w, factor), dtype, what)
+        small = round_to(scale(w, factor), dtype, what)
+        if out is None:
+            return small
+        out[...] = small
+        return out
+    if out is None:
+        out = np.empty(w.shape, dtype=dtype)
     rows = max(1, _BLOCK // max(1, w[0].size))
     per_row = factor.shape[0] != 1
     for i in range(0, w.shape[0], rows):

@@ -5,7 +5,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 
 from bnfold.cli import main
@@ -119,3 +121,68 @@ def test_chained_folds_on_external_weights(tmp_path):
     folded = onnx.load(str(tmp_path / "out.onnx"))
     assert bn_count(folded) == 0
     assert_equivalent(model, folded)
+
+
+def _external_model(tmp_path):
+    """Conv(W) -> BN, then Conv(U) with no BN after it: W is folded, U is copied untouched;
+    both live in external data."""
+    from conftest import bn_params, build, rand
+
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float[N,64,6,6] x) => (float[N,64,6,6] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, W)
+        d = BatchNormalization (c, s, b, m, v)
+        y = Conv <pads = [1, 1, 1, 1]> (d, U)
+    }""", W=rand(64, 64, 3, 3), U=rand(64, 64, 3, 3, seed=5), **bn_params(64, 1))
+    external = onnx.ModelProto()
+    external.CopyFrom(model)
+    onnx.save_model(external, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
+                    size_threshold=1024)
+    return model
+
+
+def _weights(path):
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def test_folded_external_weight_streams_through_reused_block_buffers(tmp_path, monkeypatch):
+    """Blocks of a few rows each, computed ahead of the writer into a handful of reused
+    buffers: every value must still be W x gamma / sqrt(var + eps) in float64, rounded once
+    (a buffer reused before its block was written would show here)."""
+    import bnfold.modelio.pending as pending
+
+    monkeypatch.setattr(pending, "BLOCK_BYTES", 3 * 64 * 9 * 4)  # 3 output channels per block: 22 blocks
+    model = _external_model(tmp_path)
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "-q"])
+    assert res.exit_code == 0, res.output
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    got = _weights(tmp_path / "out.onnx")
+    scale = w["s"].astype(np.float64) / np.sqrt(w["v"].astype(np.float64) + 1e-5)
+    expected = (w["W"].astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
+    folded = next(v for k, v in got.items() if v.shape == (64, 64, 3, 3) and k != "U")
+    np.testing.assert_array_equal(folded, expected)
+    np.testing.assert_array_equal(got["U"], w["U"])
+
+
+@pytest.mark.parametrize("kernel", ["works", "refused", "missing"])
+def test_untouched_external_tensor_is_copied_byte_for_byte(tmp_path, monkeypatch, kernel):
+    """The kernel's copy (os.copy_file_range) where the system allows it, the ordinary copy
+    where it refuses (another file system: EXDEV) or is missing: the same bytes either way."""
+    import errno
+    import os
+
+    if kernel == "refused":
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    elif kernel == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    model = _external_model(tmp_path)
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "-q"])
+    assert res.exit_code == 0, res.output
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert _weights(tmp_path / "out.onnx")["U"].tobytes() == original["U"].tobytes()
+    assert_equivalent(model, onnx.load(str(tmp_path / "out.onnx")))

@@ -148,3 +148,14 @@ def test_check_scale_fits_block_by_block(axis):
     s[:] = 1.5
     with pytest.raises(numerics.FoldOverflow):
         numerics.check_scale_fits(w, numerics.axis_factor(s, axis, 4), np.float16, "w")
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (300, 70, 3, 3)])  # one shot, and block by block
+def test_scale_round_into_a_given_buffer(shape):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=shape).astype(np.float32)
+    factor = numerics.axis_factor(rng.normal(size=shape[0]), 0, len(shape))
+    out = np.full(shape, np.nan, np.float32)
+    got = numerics.scale_round(w, factor, np.float32, "w", out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, (w.astype(np.float64) * factor).astype(np.float32))
