@@ -621,7 +621,6 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
             verbose: int, quiet: bool, single: bool, t0: float) -> None:
     """Reports (JSON, JUnit, GitHub step summary), rendering, annotations and the exit code
     (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
-    from .reports import github_summary, junit_for_outcomes
     from .workflow import Status
 
     outcomes = report.outcomes
@@ -634,9 +633,13 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     if report_path is not None and doc is not None:
         _write_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
     if junit_path is not None:
+        from .reports import junit_for_outcomes
+
         _write_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary and command != "inspect":  # the CI commands
+        from .reports import github_summary
+
         _append_step_summary(Path(summary), github_summary(command, dicts))
     if as_json and doc is None and single and dicts:
         # a model that could not be read has no report: its outcome (as a batch lists it), so that a
