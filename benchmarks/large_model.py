@@ -3,7 +3,7 @@
     python benchmarks/large_model.py [--layers 22] [--channels 2048]
 
 Targets (issue: production scale): peak RSS <= 3 x the largest tensor + 300 MB, and
-wall time <= 1.5 x copying the model's files. Prints the figures and writes
+wall time <= 1.5 x copying the model's files (median of the per-round ratios). Prints the figures and writes
 benchmarks/LARGE.md. The model is generated once into benchmarks/work/large/.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--channels", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="paired rounds (cp, then bnfold)")
     args = ap.parse_args()
     work = HERE / "work" / "large"
     src, out, copy = work / "src", work / "out", work / "copy"
@@ -46,16 +46,22 @@ def main() -> None:
     data_bytes = Path(str(model) + ".data").stat().st_size
     largest = args.channels * args.channels * 9 * 4
     copies, folds = [], []
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "bnfold")], check=True)
     for _ in range(args.repeat):
+        # each run starts with neither output on disk: the page cache they filled goes back first
+        for f in out.iterdir():
+            f.unlink()
         shutil.rmtree(copy)
         copy.mkdir()
         copies.append(timed(["cp", str(model), str(model) + ".data", str(copy)]))
-        for f in out.iterdir():
-            f.unlink()
+        shutil.rmtree(copy)
+        copy.mkdir()
         folds.append(timed([sys.executable, "-m", "bnfold", "fuse", str(model), "-o", str(out / "big.onnx"),
                             "--no-verify", "-q"]))
     copy_s = statistics.median(c[0] for c in copies)
     fold_s = statistics.median(f[0] for f in folds)
+    ratios = [f[0] / c[0] for f, c in zip(folds, copies)]  # paired: the copy and the fold of one round
+    ratio = statistics.median(ratios)
     rss = max(f[1] for f in folds)
     t = time.perf_counter()
     v = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(model), str(out / "big.onnx"), "--samples", "1",
@@ -65,14 +71,17 @@ def main() -> None:
     lines = [
         "# Large-model benchmark", "",
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores; "
-        f"`python benchmarks/large_model.py` (median of {args.repeat}).", "",
+        f"`python benchmarks/large_model.py` ({args.repeat} rounds, each `cp` of the model's files then "
+        "`bnfold fuse` of it, outputs removed between runs; times vary several-fold on this virtual machine as "
+        "writes fill fresh page cache, so the paired ratio is the figure).", "",
         f"Model: {args.layers} × (Conv {args.channels}→{args.channels} 3×3 + BN + ReLU), "
         f"{data_bytes / 2**30:.2f} GiB of external data, largest tensor {largest / 2**20:.0f} MiB.", "",
         "| measure | figure | target | met |", "|---|---|---|---|",
         f"| peak RSS of `bnfold fuse --no-verify` | {rss:.0f} MB | ≤ 3 × {largest / 2**20:.0f} + 300 = "
         f"{budget_rss:.0f} MB | {'yes' if rss <= budget_rss else 'no'} |",
-        f"| wall time of `bnfold fuse --no-verify` | {fold_s:.1f} s | ≤ 1.5 × copying the files "
-        f"({copy_s:.1f} s) = {1.5 * copy_s:.1f} s | {'yes' if fold_s <= 1.5 * copy_s else 'no'} |",
+        f"| wall time of `bnfold fuse --no-verify` / `cp` of the files, paired by round | {ratio:.2f}× "
+        f"(range {min(ratios):.2f}–{max(ratios):.2f}×; medians {fold_s:.1f} s and {copy_s:.1f} s) | ≤ 1.5× | "
+        f"{'yes' if ratio <= 1.5 else 'no'} |",
         f"| `bnfold verify` of the output (1 sample, CPU) | {verify_s:.1f} s, "
         f"{'equivalent' if v.returncode == 0 else 'NOT equivalent (exit %d)' % v.returncode} | — | — |",
     ]

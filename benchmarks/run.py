@@ -1,6 +1,6 @@
 """bnfold against the tools people use today, on the same models in one run.
 
-    python benchmarks/run.py [--repeat 3] [--only NAME ...] [--no-export]
+    python benchmarks/run.py [--repeat 5] [--only NAME ...] [--no-export]
 
 Writes benchmarks/RESULTS.md and prints the same tables. Needs the benchmark
 environment (benchmarks/requirements.txt); see the README's Benchmarks section.
@@ -150,6 +150,9 @@ def run(args) -> dict:
         subprocess.run([sys.executable, str(HERE / "export_models.py"), "--out", str(WORK / "models"), "--flat",
                         "--exporters", "torchscript", "--dtypes", "float32", "--side", "224", *RUN_ARCHS],
                        check=False)
+    # bnfold timed as an installed package runs: from bytecode (an editable install under
+    # PYTHONDONTWRITEBYTECODE would compile its modules in every process; the peers' are compiled)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "bnfold")], check=True)
     results = {"models": {}, "meta": {}}
     tmp = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
     for kind, path in corpus(args.only):
@@ -157,18 +160,27 @@ def run(args) -> dict:
         bn, nodes = counts(path)
         entry = {"kind": kind, "mb": path.stat().st_size / 2**20, "bn": bn, "nodes": nodes, "tools": {}}
         print(f"{name}: {entry['bn']} BN, {entry['mb']:.1f} MB", flush=True)
-        for tool, cmd in list(TOOLS.items()) + [("floor", FLOOR)]:
-            runs = []
-            out = tmp / f"{name}.{tool}.onnx"
-            for _ in range(args.repeat):
+        # rounds of every tool in turn: a slow spell of the machine hits all tools of a round alike,
+        # and each tool's ratio to bnfold is taken within a round (paired), then the median over rounds
+        cmds = list(TOOLS.items()) + [("floor", FLOOR)]
+        runs: dict = {tool: [] for tool, _ in cmds}
+        for _ in range(args.repeat):
+            for tool, cmd in cmds:
+                if runs[tool] and runs[tool][-1]["rc"] != 0:
+                    continue  # failed once: not retried
+                out = tmp / f"{name}.{tool}.onnx"
                 if out.exists():
                     out.unlink()
-                runs.append(timed(cmd, path, out))
-                if runs[-1]["rc"] != 0:
-                    break
-            res = {"wall": statistics.median(r["wall"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs),
-                   "rc": runs[-1]["rc"], "err": runs[-1]["err"]}
+                runs[tool].append(timed(cmd, path, out))
+        for tool, _ in cmds:
+            rs = runs[tool]
+            res = {"wall": statistics.median(r["wall"] for r in rs), "rss_mb": max(r["rss_mb"] for r in rs),
+                   "rc": rs[-1]["rc"], "err": rs[-1]["err"]}
+            paired = [r["wall"] / b["wall"] for r, b in zip(rs, runs["bnfold"]) if r["rc"] == 0 and b["rc"] == 0]
+            if paired:  # this tool's time / bnfold's, round by round
+                res["ratio"] = (statistics.median(paired), min(paired), max(paired), len(paired))
             if tool != "floor":
+                out = tmp / f"{name}.{tool}.onnx"
                 res.update(check_output(path, out) if res["rc"] == 0 else {"status": "crash", "bn": None,
                                                                               "why": res["err"]})
             entry["tools"][tool] = res
@@ -213,12 +225,20 @@ def versions() -> dict:
     return out
 
 
+def _ratio(tool: dict, digits: int = 2) -> str:
+    """A tool's paired time ratio to bnfold: median [lowest–highest] (the median alone with ``digits`` 1)."""
+    if "ratio" not in tool:
+        return "—"
+    med, lo, hi, _ = tool["ratio"]
+    return f"{med:.1f}×" if digits == 1 else f"{med:.2f}× [{lo:.2f}–{hi:.2f}]"
+
+
 def render(results: dict) -> str:
     tools = list(TOOLS)
     models = results["models"]
     meta = results["meta"]
     lines = ["# Benchmark results", "",
-             f"{meta['date']}, {meta['machine']}; median of {meta['repeat']} run(s) per tool and model. "
+             f"{meta['date']}, {meta['machine']}; {meta['repeat']} rounds per model, each running every tool once. "
              "Regenerate with `python benchmarks/run.py`.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
 
@@ -242,12 +262,20 @@ def render(results: dict) -> str:
             crash = sum(m["tools"][tool]["status"] == "crash" for m in models.values())
         if r50:
             t = r50["tools"][tool]
-            base = r50["tools"]["bnfold"]["wall"]
-            speed = f"{t['wall']:.2f} s", f"{t['wall'] / base:.2f}×", f"{t['rss_mb']:.0f} MB"
+            speed = f"{t['wall']:.2f} s", _ratio(t), f"{t['rss_mb']:.0f} MB"
         else:
             speed = ("—",) * 3
         label = "load+save floor" if tool == "floor" else tool
         lines.append(f"| {label} | {folded} | {wrong} | {invalid} | {crash} | " + " | ".join(speed) + " |")
+    lines += ["", "Times are medians over rounds; \"vs bnfold\" is the tool's time / bnfold's within each round (all "
+              "tools run in turn, each round), median [lowest–highest] over the rounds: above 1× bnfold is faster."]
+    if r50 and "ratio" in r50["tools"]["ort-basic"] and "ratio" in r50["tools"]["floor"]:
+        ort, floor = r50["tools"]["ort-basic"]["ratio"], r50["tools"]["floor"]["ratio"]
+        mem = r50["tools"]["bnfold"]["rss_mb"] / r50["tools"]["floor"]["rss_mb"]
+        lines += ["", f"ResNet-50: bnfold's time is {1 / ort[0]:.2f}× ONNX Runtime's offline optimisation "
+                  f"(ort-basic; {1 / ort[2]:.2f}–{1 / ort[1]:.2f}× over {ort[3]} rounds) and {1 / floor[0]:.2f}× "
+                  f"the onnx load+save floor ({1 / floor[2]:.2f}–{1 / floor[1]:.2f}×), with {mem:.2f}× the floor's "
+                  "peak memory."]
     lines += ["", f"`bnfold --help`: {meta['help_s']:.2f} s.", ""]
 
     lines += ["## Coverage and correctness", "",
@@ -268,12 +296,12 @@ def render(results: dict) -> str:
         lines.append(f"| {name} | {m['bn']} / {m['nodes']} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Speed and memory", "",
-              "Whole-process wall time of fold-and-save (seconds; ratio to bnfold) and peak RSS (MB). The floor is "
+              "Whole-process wall time of fold-and-save (seconds, median; paired ratio to bnfold, median over "
+              "rounds) and peak RSS (MB). The floor is "
               "`onnx.load` + `onnx.save` of the same model in a bare process.", "",
               "| model | MB | " + " | ".join(tools + ["floor"]) + " |", "|---|---" + "|---" * (len(tools) + 1) + "|"]
     for name, m in models.items():
-        base = m["tools"]["bnfold"]["wall"]
-        cells = [f"{m['tools'][t]['wall']:.2f} ({m['tools'][t]['wall'] / base:.1f}×), {m['tools'][t]['rss_mb']:.0f}"
+        cells = [f"{m['tools'][t]['wall']:.2f} ({_ratio(m['tools'][t], 1)}), {m['tools'][t]['rss_mb']:.0f}"
                  for t in tools + ["floor"]]
         lines.append(f"| {name} | {m['mb']:.1f} | " + " | ".join(cells) + " |")
 
@@ -304,7 +332,7 @@ def render(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Benchmark bnfold against its peers.")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds per model (each runs every tool once)")
     ap.add_argument("--only", nargs="*", help="model names (file stems) to run")
     ap.add_argument("--no-export", action="store_true", help="reuse benchmarks/work/models without re-exporting")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
