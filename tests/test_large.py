@@ -148,12 +148,23 @@ def _weights(path):
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
-def test_folded_external_weight_streams_through_reused_block_buffers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("buffers", ["memfd", "no memfd", "sendfile refused"])
+def test_folded_external_weight_streams_through_reused_block_buffers(tmp_path, monkeypatch, buffers):
     """Blocks of a few rows each, computed ahead of the writer into a handful of reused
-    buffers: every value must still be W x gamma / sqrt(var + eps) in float64, rounded once
-    (a buffer reused before its block was written would show here)."""
+    buffers (shared-memory files sent with sendfile; plain arrays where there is no memfd;
+    write() where sendfile fails): every value must still be W x gamma / sqrt(var + eps) in
+    float64, rounded once (a buffer reused before its block was written would show here)."""
+    import errno
+    import os
+
     import bnfold.modelio.pending as pending
 
+    if buffers == "no memfd":
+        monkeypatch.delattr(os, "memfd_create", raising=False)
+    elif buffers == "sendfile refused":
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        monkeypatch.setattr(os, "sendfile", refuse, raising=False)
     monkeypatch.setattr(pending, "BLOCK_BYTES", 3 * 64 * 9 * 4)  # 3 output channels per block: 22 blocks
     model = _external_model(tmp_path)
     res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "-q"])

@@ -7,12 +7,13 @@ is held whole in memory.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import sys
 import threading
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, Mapping, Optional, Union
+from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 from onnx import ModelProto, TensorProto
@@ -70,40 +71,128 @@ def write_external_data(model: ModelProto, data_file: BinaryIO, data_name: str,
     main_ids = {id(t) for t in main}
     others = [t for t in iter_tensors(model) if id(t) not in main_ids]
     offset = 0
-    for t in main + others:
-        pending = replacements.get(t.name) if id(t) in main_ids else None
-        rep = resolved(pending) if pending is not None else None
-        external = t.data_location == TensorProto.EXTERNAL
-        size = rep.nbytes if rep is not None else (tensor_nbytes(t) or 0) if external else inline_nbytes(t)
-        if size <= INLINE_BYTES:
-            if rep is not None or external:
-                set_tensor_data(t, as_array(rep) if rep is not None else read_tensor(t, base_dir))
-            continue
-        pad = (-offset) % ALIGN
-        data_file.write(b"\0" * pad)
-        offset += pad
-        start = offset
-        if isinstance(rep, ScaledTensor):
-            # compute the next blocks while this one is written, into PREFETCH + 2 reused buffers:
-            # the one being written, PREFETCH queued, one being computed
-            for block in _prefetched(rep.blocks(buffers=PREFETCH + 2), PREFETCH):
-                offset += write_array(data_file, block)
-        elif rep is not None:
-            offset += write_array(data_file, rep)
-        elif external:
-            offset += _copy_external(t, base_dir, data_file)
-        else:
-            raw = t.raw_data
-            data_file.write(raw)
-            offset += len(raw)
-        for f in ("raw_data", "external_data") + VALUE_FIELDS:
-            t.ClearField(f)
-        t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", data_name), ("offset", str(start)), ("length", str(offset - start))):
-            t.external_data.add(key=key, value=value)
+    with _BlockBuffers(PREFETCH + 2) as buffers:
+        for t in main + others:
+            pending = replacements.get(t.name) if id(t) in main_ids else None
+            rep = resolved(pending) if pending is not None else None
+            external = t.data_location == TensorProto.EXTERNAL
+            size = rep.nbytes if rep is not None else (tensor_nbytes(t) or 0) if external else inline_nbytes(t)
+            if size <= INLINE_BYTES:
+                if rep is not None or external:
+                    set_tensor_data(t, as_array(rep) if rep is not None else read_tensor(t, base_dir))
+                continue
+            pad = (-offset) % ALIGN
+            data_file.write(b"\0" * pad)
+            offset += pad
+            start = offset
+            if isinstance(rep, ScaledTensor):
+                # compute the next blocks while this one is written, into PREFETCH + 2 reused buffers:
+                # the one being written, PREFETCH queued, one being computed
+                row_bytes = rep.nbytes // max(1, rep.shape[0]) if rep.shape else rep.nbytes
+                views = buffers.views(rep.dtype, rep.block_rows() * row_bytes)
+                for block in _prefetched(rep.blocks(outs=views), PREFETCH):
+                    offset += buffers.write(data_file, block)
+            elif rep is not None:
+                offset += write_array(data_file, rep)
+            elif external:
+                offset += _copy_external(t, base_dir, data_file)
+            else:
+                raw = t.raw_data
+                data_file.write(raw)
+                offset += len(raw)
+            for f in ("raw_data", "external_data") + VALUE_FIELDS:
+                t.ClearField(f)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(offset - start))):
+                t.external_data.add(key=key, value=value)
 
 
 PREFETCH = 2  # blocks computed ahead of the writer
+
+
+class _BlockBuffers:
+    """``count`` reused output buffers for streamed blocks, and how a block in one reaches the
+    output file. Where the system has ``memfd_create`` and ``sendfile`` (Linux) each buffer is a
+    shared-memory file and a block goes out with ``os.sendfile``, a copy inside the kernel like
+    ``cp``'s; elsewhere, or if the kernel refuses, plain arrays and ``write()``. On the 2-core
+    virtual machine of the benchmarks ``write()`` of 3 GB from a process's memory took 0.9-7.4 s
+    (median 2.2 s over 6 runs), ``sendfile`` from a memfd 1.3-3.9 s (median 1.5 s), ``cp`` 1.0-1.5 s."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.nbytes = 0
+        self._maps: List[mmap.mmap] = []
+        self._fds: Dict[int, int] = {}  # buffer address -> its memfd
+        self._plain: List[np.ndarray] = []
+
+    def __enter__(self) -> "_BlockBuffers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def views(self, dtype: np.dtype, nbytes: int) -> List[np.ndarray]:
+        """``count`` flat arrays of ``dtype`` holding at least ``nbytes`` each."""
+        if nbytes > self.nbytes:
+            self.close()
+            self.nbytes = max(nbytes, ALIGN)
+            for _ in range(self.count):
+                self._add(self.nbytes)
+        n = self.nbytes // np.dtype(dtype).itemsize
+        if self._plain:
+            return [b.view(dtype)[:n] for b in self._plain]
+        return [np.frombuffer(m, dtype=dtype, count=n) for m in self._maps]
+
+    def _add(self, nbytes: int) -> None:
+        if not self._plain and hasattr(os, "memfd_create") and hasattr(os, "sendfile"):
+            try:
+                fd = os.memfd_create("bnfold-block")
+                os.ftruncate(fd, nbytes)
+                m = mmap.mmap(fd, nbytes)
+            except OSError:
+                pass
+            else:
+                self._maps.append(m)
+                self._fds[np.frombuffer(m, np.uint8).ctypes.data] = fd
+                return
+        if self._maps:  # one kind for all buffers
+            self.close()
+            self.nbytes = nbytes
+            for _ in range(self.count):
+                self._plain.append(np.empty(nbytes, np.uint8))
+            return
+        self._plain.append(np.empty(nbytes, np.uint8))
+
+    def write(self, f: BinaryIO, block: np.ndarray) -> int:
+        """Append ``block`` (a view at the start of one of the buffers) to ``f``."""
+        fd = self._fds.get(block.ctypes.data) if sys.byteorder == "little" else None
+        if fd is None or not block.flags.c_contiguous:
+            return write_array(f, block)
+        f.flush()
+        out = f.fileno()
+        done = 0
+        try:
+            while done < block.nbytes:
+                sent = os.sendfile(out, fd, done, block.nbytes - done)
+                if sent == 0:
+                    break
+                done += sent
+        except OSError:
+            pass
+        f.seek(os.lseek(out, 0, os.SEEK_CUR))  # the file object learns where sendfile left the file
+        if done < block.nbytes:  # the kernel refused (or stopped): the rest by write()
+            f.write(block.reshape(-1).view(np.uint8)[done:].data)
+        return int(block.nbytes)
+
+    def close(self) -> None:
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view is still alive: the map goes with it
+                pass
+        for fd in self._fds.values():
+            os.close(fd)
+        self._maps, self._fds, self._plain, self.nbytes = [], {}, [], 0
 
 
 def _prefetched(blocks: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:

@@ -13,14 +13,14 @@ A :data:`PendingValue` is one of
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from ..errors import MalformedModelError, PathLike
-from .tensors import external_offset, external_path, read_tensor
+from .tensors import external_view, read_tensor
 
 
 BLOCK_BYTES = 1 << 24  # source bytes per block of a ScaledTensor
@@ -40,36 +40,42 @@ class ScaledTensor:
 
         return scale_round(read_tensor(self.source, self.base_dir), self.factor, self.dtype, "the folded weight")
 
-    def blocks(self, block_bytes: Optional[int] = None, buffers: Optional[int] = None) -> Iterator[np.ndarray]:
-        """The folded values, a block of leading-axis rows at a time (read into one reused buffer).
+    def block_rows(self, block_bytes: Optional[int] = None) -> int:
+        """Leading-axis rows per block of :meth:`blocks`."""
+        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
+        if not self.shape:
+            return 1
+        row = int(np.prod(self.shape[1:]))
+        return max(1, min((block_bytes or BLOCK_BYTES) // max(1, row * src_dtype.itemsize), self.shape[0]))
 
-        With ``buffers`` the blocks are computed into that many output arrays in turn, so a
-        block stays valid until ``buffers - 1`` more have been produced: a writer that keeps
-        at most that many in flight touches the same memory throughout, where fresh arrays
-        cost a page fault and a zeroed page per 4 KiB (a quarter of a 3 GB fold's time)."""
+    def blocks(self, block_bytes: Optional[int] = None, outs: Sequence[np.ndarray] = ()) -> Iterator[np.ndarray]:
+        """The folded values, a block of leading-axis rows at a time, read from a memory map of
+        the source (no copy of it in this process).
+
+        With ``outs`` (flat arrays of ``dtype``, each of at least a block's size) the blocks are
+        computed into them in turn, so a block stays valid until ``len(outs) - 1`` more have been
+        produced: a writer that keeps at most that many in flight touches the same memory
+        throughout, where fresh arrays cost a page fault and a zeroed page per 4 KiB (a quarter of
+        a 3 GB fold's time)."""
         from ..numerics import scale_round
 
         shape = self.shape
         if len(shape) == 0 or 0 in shape:
             yield self.materialize()
             return
-        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
+        try:
+            source = external_view(self.source, self.base_dir)
+        except ValueError:  # the data file is shorter than the tensor (it changed since it was checked)
+            raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early") from None
         row = int(np.prod(shape[1:]))
-        rows = max(1, (block_bytes or BLOCK_BYTES) // max(1, row * src_dtype.itemsize))
+        rows = self.block_rows(block_bytes)
         per_row = self.factor.ndim == len(shape) and self.factor.shape[0] != 1
-        buf = np.empty(min(rows, shape[0]) * row, src_dtype)
-        outs = [np.empty(min(rows, shape[0]) * row, self.dtype) for _ in range(buffers or 0)]
-        with open(external_path(self.source, self.base_dir), "rb") as f:
-            f.seek(external_offset(self.source))
-            for k, i in enumerate(range(0, shape[0], rows)):
-                n = min(rows, shape[0] - i)
-                view = buf[:n * row]
-                if f.readinto(view.data.cast("B")) != view.nbytes:
-                    raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early")
-                f_block = self.factor[i:i + n] if per_row else self.factor
-                block_shape = (n,) + tuple(shape[1:])
-                out = outs[k % len(outs)][:n * row].reshape(block_shape) if outs else None
-                yield scale_round(view.reshape(block_shape), f_block, self.dtype, "the folded weight", out=out)
+        for k, i in enumerate(range(0, shape[0], rows)):
+            n = min(rows, shape[0] - i)
+            f_block = self.factor[i:i + n] if per_row else self.factor
+            block_shape = (n,) + tuple(shape[1:])
+            out = outs[k % len(outs)][:n * row].reshape(block_shape) if outs else None
+            yield scale_round(source[i:i + n], f_block, self.dtype, "the folded weight", out=out)
 
 
 PendingValue = Union[np.ndarray, ScaledTensor, Callable[[], np.ndarray]]
