@@ -49,6 +49,7 @@ fraction of it ``used``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -756,39 +757,45 @@ def _runtime_calibration(ref_path: str, out_names: Sequence[str], feeds_list: Se
     max|reference output| on that provider (non-float outputs: the largest fraction of elements changed).
     """
     import onnx
-    from onnx import numpy_helper
 
     from . import exact
-    from .modelio import load_model
+    from .modelio import load_model, read_tensor, stage_model
 
     t = time.perf_counter()
     check = RuntimeCheck(why)
-    model = load_model(ref_path)
-    targets = exact.float_initializers(model)
-    check.weights = len(targets)
-    check.multiple = (RUNTIME_MULTIPLE_FULL if targets and all(_fraction(a.dtype) == RUNTIME_FRACTION
-                                                               for _, a in targets) else RUNTIME_MULTIPLE)
-    weight_bytes = sum(len(tp.raw_data) or tp.ByteSize() for tp in model.graph.initializer)
+    model = load_model(ref_path, load_external=False)  # external weights stay on disk, read one at a time
+    base_dir = os.path.dirname(os.path.abspath(ref_path))
     by_name = {tp.name: tp for tp in model.graph.initializer}
+    targets = exact.float_initializer_names(model)
+    fractions = {n: _fraction(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(by_name[n].data_type))) for n in targets}
+    check.weights = len(targets)
+    check.multiple = (RUNTIME_MULTIPLE_FULL if targets and all(f == RUNTIME_FRACTION for f in fractions.values())
+                      else RUNTIME_MULTIPLE)
     refs = {p: results[(ref_path, p)] for p in use}
     scales = {p: {o: _scale_of([s[o] for s in refs[p]]) or 1.0 for o in out_names} for p in use}
     floors: Dict[str, Dict[str, float]] = {runner.PROVIDER_NAMES[p]: {o: 0.0 for o in out_names} for p in use}
     elements = sum(np.size(s[o]) for s in refs[use[0]] for o in out_names if _is_float(np.asarray(s[o]).dtype))
-    small = elements < RUNTIME_SMALL_OUTPUT and sum(a.size for _, a in targets) <= RUNTIME_SMALL_MODEL
+    values = sum(int(np.prod(by_name[n].dims)) for n in targets)
+    small = elements < RUNTIME_SMALL_OUTPUT and values <= RUNTIME_SMALL_MODEL
     check.draws = (RUNTIME_DRAWS_SMALL if small else RUNTIME_DRAWS) if targets else 0
     tmp = tempfile.mkdtemp(prefix="bnfold-runtime-calibration-")
     try:
         for d in range(check.draws):
             rng = np.random.default_rng(RUNTIME_SEED + d)
-            for name, arr in targets:
-                by_name[name].CopyFrom(numpy_helper.from_array(
-                    exact.moved_ulps(arr, rng, RUNTIME_ULPS, _fraction(arr.dtype)), name))
+
+            def moved(name: str, rng: np.random.Generator = rng) -> np.ndarray:
+                return exact.moved_ulps(np.asarray(read_tensor(by_name[name], base_dir)), rng, RUNTIME_ULPS,
+                                        fractions[name])
+
+            # the perturbed copy is written a tensor at a time (the writer asks for the values in
+            # initializer order, the order the draws were always taken in), beside external data if
+            # the reference has some or passes protobuf's 2 GB: memory holds one weight, not the model
+            draw = onnx.ModelProto()
+            draw.CopyFrom(model)
             path = os.path.join(tmp, f"perturbed{d}.onnx")
-            if weight_bytes > 2**31 - 2**26:  # protobuf's 2 GB limit: weights beside it
-                onnx.save_model(model, path, save_as_external_data=True, location=f"perturbed{d}.data")
-            else:
-                with open(path, "wb") as f:
-                    f.write(model.SerializeToString())
+            stage_model(draw, path, replacements={n: functools.partial(moved, n) for n in targets},
+                        base_dir=base_dir).commit()
+            del draw
             for p in use:
                 r = get(path, p)
                 try:
@@ -800,6 +807,8 @@ def _runtime_calibration(ref_path: str, out_names: Sequence[str], feeds_list: Se
                     for k, sample in enumerate(got):
                         move = _move(sample[o], refs[p][k][o], scales[p][o])
                         floors[prov][o] = max(floors[prov][o], move)
+            for f in os.listdir(tmp):  # this draw's files: the next is written beside nothing
+                os.remove(os.path.join(tmp, f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     check.floors = floors
@@ -866,12 +875,14 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], dtypes:
     ``dtypes``: each output's dtype in the models themselves (its ulp sets the output floor);
     ``out_elements``: float output elements of that sample."""
     from . import exact
-    from .modelio import load_model
+    from .modelio import load_model, uses_external_data
 
     if budget_s <= 0:
         return ExactCheck(False, None, why="turned off"), {}, {}
     shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
-    ref_m, cand_m = load_model(ref_path), load_model(cand_path)
+    # the estimate needs shapes only: external weights are read if the pass runs
+    # (a 3 GB model: 21 s of reading and copying for an estimate that ruled the pass out)
+    ref_m, cand_m = load_model(ref_path, load_external=False), load_model(cand_path, load_external=False)
     est = max(exact.estimate_seconds(ref_m, shapes).seconds, exact.estimate_seconds(cand_m, shapes).seconds)
     # a costly model with large outputs (whose maximum over many elements is a stable floor) takes fewer draws
     draws = PERTURBATIONS_LARGE if est > COSTLY_EVALUATION_S and out_elements >= RUNTIME_SMALL_OUTPUT else PERTURBATIONS
@@ -882,6 +893,10 @@ def _exact_pass(ref_path: str, cand_path: str, out_names: Sequence[str], dtypes:
         check.why = f"estimated {estimated:.0f} s for {runs} float64 runs, over the {budget_s:g} s budget"
         return check, {}, {}
     t = time.perf_counter()
+    if uses_external_data(ref_m):
+        ref_m = load_model(ref_path)
+    if uses_external_data(cand_m):
+        cand_m = load_model(cand_path)
     cand_names = [o for o in out_names if o in {x.name for x in cand_m.graph.output}]
     try:
         ref_ev, cand_ev = exact.evaluator(ref_m), exact.evaluator(cand_m)

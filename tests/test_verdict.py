@@ -497,3 +497,25 @@ def test_runtime_noise_floor_covers_every_sample(tmp_path, monkeypatch):
     assert dev[1] > 1.2 * dev[0], dev  # the case this test is about: sample 1 the noisier
     floor = next(o.floor for o in report.comparisons[0].outputs if o.name == "y")
     assert floor == pytest.approx(max(dev), rel=1e-2)  # float64 in another evaluation order
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_one_ulp_moves_equal_nextafter(dtype):
+    """The runtime calibration's 1-ulp moves (integer steps on the bits) against np.nextafter
+    itself, specials included: +-0, +-inf, NaN, the largest finite value (kept: its move up
+    would overflow), the smallest subnormals."""
+    from bnfold import exact
+
+    info = np.finfo(dtype)
+    tiny = np.nextafter(dtype(0), dtype(1))
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, info.max, -info.max, tiny, -tiny, 1.0, -1.0, 2.0, -0.5],
+                        dtype)
+    # more values than one piece of moved_ulps: the pieces must draw as one call would
+    arr = np.concatenate([specials, np.random.default_rng(3).normal(0, 100, 3_000_001).astype(dtype)])
+    got = exact.moved_ulps(arr, np.random.default_rng(7))
+    down = np.random.default_rng(7).random(arr.shape, dtype=np.float32) < 0.5
+    want = np.nextafter(arr, np.where(down, -np.inf, np.inf).astype(dtype))
+    overflow = ~np.isfinite(want) & np.isfinite(arr)
+    want[overflow] = arr[overflow]
+    assert got.dtype == arr.dtype
+    np.testing.assert_array_equal(got.view(f"u{arr.itemsize}"), want.view(f"u{arr.itemsize}"))
