@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--channels", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=5, help="paired rounds (cp, then bnfold)")
+    ap.add_argument("--repeat", type=int, default=6, help="paired rounds (cp and bnfold, alternating which goes first)")
     args = ap.parse_args()
     work = HERE / "work" / "large"
     src, out, copy = work / "src", work / "out", work / "copy"
@@ -47,17 +47,25 @@ def main() -> None:
     largest = args.channels * args.channels * 9 * 4
     copies, folds = [], []
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "bnfold")], check=True)
-    for _ in range(args.repeat):
-        # each run starts with neither output on disk: the page cache they filled goes back first
-        for f in out.iterdir():
-            f.unlink()
+
+    def run_copy() -> None:
         shutil.rmtree(copy)
         copy.mkdir()
         copies.append(timed(["cp", str(model), str(model) + ".data", str(copy)]))
-        shutil.rmtree(copy)
+        shutil.rmtree(copy)  # its page cache goes back before the next run
         copy.mkdir()
+
+    def run_fold() -> None:
+        for f in out.iterdir():
+            f.unlink()
         folds.append(timed([sys.executable, "-m", "bnfold", "fuse", str(model), "-o", str(out / "big.onnx"),
                             "--no-verify", "-q"]))
+
+    for k in range(args.repeat):
+        # the order alternates: on this virtual machine the first large write after a pause runs
+        # up to 10x slower than the next (the host backs freshly reused memory again), whatever writes
+        for run_one in ((run_copy, run_fold) if k % 2 == 0 else (run_fold, run_copy)):
+            run_one()
     copy_s = statistics.median(c[0] for c in copies)
     fold_s = statistics.median(f[0] for f in folds)
     ratios = [f[0] / c[0] for f, c in zip(folds, copies)]  # paired: the copy and the fold of one round
@@ -71,9 +79,9 @@ def main() -> None:
     lines = [
         "# Large-model benchmark", "",
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores; "
-        f"`python benchmarks/large_model.py` ({args.repeat} rounds, each `cp` of the model's files then "
-        "`bnfold fuse` of it, outputs removed between runs; times vary several-fold on this virtual machine as "
-        "writes fill fresh page cache, so the paired ratio is the figure).", "",
+        f"`python benchmarks/large_model.py` ({args.repeat} rounds, each a `cp` of the model's files and a "
+        "`bnfold fuse` of it, in alternating order, outputs removed between runs; on this virtual machine a "
+        "large write's time varies up to 10× with the host's memory state, so the paired ratio is the figure).", "",
         f"Model: {args.layers} × (Conv {args.channels}→{args.channels} 3×3 + BN + ReLU), "
         f"{data_bytes / 2**30:.2f} GiB of external data, largest tensor {largest / 2**20:.0f} MiB.", "",
         "| measure | figure | target | met |", "|---|---|---|---|",
