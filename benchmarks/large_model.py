@@ -93,6 +93,10 @@ def main() -> None:
         f"| `bnfold verify` of the output (1 sample, CPU) | {verify_s:.1f} s, "
         f"{'equivalent' if v.returncode == 0 else 'NOT equivalent (exit %d)' % v.returncode} | — | — |",
     ]
+    lines += ["", "Per round (which of the two ran first alternates):", "",
+              "| round | first | `cp` s | `bnfold fuse` s | ratio |", "|---|---|---|---|---|"]
+    for k, (c, f) in enumerate(zip(copies, folds)):
+        lines.append(f"| {k + 1} | {'cp' if k % 2 == 0 else 'bnfold'} | {c[0]:.1f} | {f[0]:.1f} | {f[0] / c[0]:.2f}× |")
     text = "\n".join(lines) + "\n"
     (HERE / "LARGE.md").write_text(text)
     print(text)
