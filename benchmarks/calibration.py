@@ -17,7 +17,9 @@ Differences between the default and the exact statistics, over every channel of 
 the largest |mean_default - mean_exact| / sigma_exact, the largest relative variance
 difference |var_default - var_exact| / var_exact and its 99th percentile, and the largest
 |var_default - var_exact| / (var_exact + epsilon), the change of the BN's denominator
-sqrt(var + epsilon) that the outputs see (x2).
+sqrt(var + epsilon) that the outputs see (x2). For scale, the same differences between the exact
+method on these samples and on another draw of as many (seed 1): how far the statistics themselves
+move with the data.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def main() -> None:
           "plain excludes its session creation); exact: one run, against the plain runs just before and after it")
     print("model | BNs | plain ORT samples/s | default samples/s (cost) | exact samples/s (cost, passes) | "
           "insert --calibration samples/s (cost) | default vs exact: max |dmean|/sigma | max rel dvar (p99) | "
-          "max dvar/(var+eps)")
+          "max dvar/(var+eps) | exact on other samples vs exact: max |dmean|/sigma | max rel dvar (p99)")
     for arch in args.models:
         path = find(args.corpus, arch)
         model = load_model(path)
@@ -104,7 +106,7 @@ def main() -> None:
         def cost(k: int) -> str:
             return f"{np.median(r[:, k] / r[:, 0]):.2f}x; {np.median(r[:, k + 1] / r[:, 1]):.2f}x"
 
-        exact_text, diffs = "-", (float("nan"),) * 4
+        exact_text, diffs, spread = "-", (float("nan"),) * 4, (float("nan"),) * 4
         if not args.no_exact:
             before, _, _ = timed(plain_pass)
             t_exact, _, exact = timed(lambda pr: recalibrate(model, data, batch_size=args.batch_size, exact=True,
@@ -113,9 +115,15 @@ def main() -> None:
             exact_text = (f"{rate(n, t_exact):.0f} ({t_exact / ((before + after) / 2):.1f}x, "
                           f"{exact.calibration.passes} passes)")
             diffs = difference(fast.model, exact.model)
+            # the exact method's own spread: the same method on another draw of as many samples
+            rng1 = np.random.default_rng(1)
+            other = [{inp.name: rng1.normal(size=(args.batch_size,) + shape).astype(np.float32)}
+                     for _ in range(args.samples // args.batch_size)]
+            spread = difference(recalibrate(model, other, batch_size=args.batch_size, exact=True).model,
+                                exact.model)
         print(f"{arch} | {len(fast.recalibrated)} | {plain:.0f} | {rate(n, r[:, 2].min()):.0f} ({cost(2)}) | "
               f"{exact_text} | {rate(n, r[:, 4].min()):.0f} ({cost(4)}) | {diffs[0]:.2e} | {diffs[1]:.2e} "
-              f"({diffs[2]:.1e}) | {diffs[3]:.2e}", flush=True)
+              f"({diffs[2]:.1e}) | {diffs[3]:.2e} | {spread[0]:.2e} | {spread[1]:.2e} ({spread[2]:.1e})", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -928,13 +928,14 @@ def calibration_options(fn):
         click.option("--exact", is_flag=True,
                      help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
                           "the data per dependency wave (17 for resnet18, 52 for mobilenetv2), each over the part "
-                          "of the model it needs; measured at batch 32 on 64x64 input: 9x plain inference on "
-                          "resnet18, 24-47x on resnet50, efficientnet-b0 and mobilenetv2. By default: one pass in "
+                          "of the model it needs; measured at batch 32 on 64x64 input: 10x plain inference on "
+                          "resnet18, 26-42x on resnet50, efficientnet-b0 and mobilenetv2. By default: one pass in "
                           "which every BN normalises with its current batch statistics (torch's update_bn, AdaBN), "
-                          "1.3-2.6x plain once started. The two differ by upstream batch noise: means by up to 1.8% "
+                          "1.1-3.3x plain once started. The two differ by upstream batch noise: means by up to 1.8% "
                           "of sigma and variances by 4.2% on resnet18; 5.7-6.8% and 22-38% on resnet50, "
                           "mobilenetv2 and efficientnet-b0 (mobilenetv2: 3.3% and 10% at batch 128; 0.9% and 4.2% "
-                          "at 224x224, where late feature maps have 7x7 positions, not 2x2). Worth its "
+                          "at 224x224, where late feature maps have 7x7 positions, not 2x2); the exact method on "
+                          "another 256 samples moves them 2-5x as far. Worth its "
                           "cost for deep or depthwise-separable networks whose last feature maps hold few values "
                           "per channel per batch, for small batches, or to get the statistics the final model "
                           "itself would measure. insert --mode preserve is exact either way."),
