@@ -95,13 +95,21 @@ class Runner:
     def __init__(self, python: str, pythonpath: Path, timeout: int, verify_args: Sequence[str] = ()):
         self.python, self.timeout, self.verify_args = python, timeout, list(verify_args)
         self.env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1")
+        # run from the snapshot: `python -m` puts the working folder first on sys.path, so started
+        # from a checkout it would import that checkout's bnfold, not the snapshot under test
+        self.cwd = str(pythonpath)
+        found = subprocess.run([python, "-c", "import bnfold; print(bnfold.__file__)"], capture_output=True,
+                               text=True, env=self.env, cwd=self.cwd).stdout.strip()
+        if not Path(found).resolve().is_relative_to(Path(pythonpath).resolve()):
+            raise SystemExit(f"{python} imports bnfold from {found or 'nowhere'}, not from the snapshot "
+                             f"{pythonpath}: uninstall the editable bnfold from that environment")
 
     def bnfold(self, *args: str) -> dict:
         """Run ``python -m bnfold ARGS --json``; return rc, wall, the parsed JSON (or None), stderr tail."""
         t = time.perf_counter()
         try:
             p = subprocess.run([self.python, "-m", "bnfold", *args, "--json"], capture_output=True, text=True,
-                               env=self.env, timeout=self.timeout)
+                               env=self.env, cwd=self.cwd, timeout=self.timeout)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired:
             rc, out, err = "timeout", "", f"timed out after {self.timeout} s"
@@ -116,7 +124,8 @@ class Runner:
     def bare(self, ref: Path, cand: Path, inputs: dict, samples: int) -> dict:
         t = time.perf_counter()
         p = subprocess.run([self.python, __file__, "--_bare", str(ref), str(cand), json.dumps(inputs),
-                            str(samples)], capture_output=True, text=True, env=self.env, timeout=self.timeout)
+                            str(samples)], capture_output=True, text=True, env=self.env, cwd=self.cwd,
+                           timeout=self.timeout)
         if p.returncode != 0:
             return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300]}
         d = json.loads(p.stdout)
@@ -539,6 +548,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=HERE / "work" / "verdicts.json")
     args = ap.parse_args()
 
+    args.corpus = args.corpus.resolve()  # the runs start in the snapshot folder
     if (args.corpus / "manifest.json").exists():
         manifest = json.loads((args.corpus / "manifest.json").read_text())
     else:  # an export still running: the architectures finished so far
