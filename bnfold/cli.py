@@ -79,6 +79,8 @@ def handle_errors(fn):
             _fail("interrupted; no model was written", EXIT_INTERRUPTED)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors: click prints them and exits 2
+        except BrokenPipeError:
+            _reader_gone()
         except Exception as e:  # a bug in bnfold: never a traceback by default, never exit 1
             from .workflow import internal_error_message
 
@@ -87,6 +89,20 @@ def handle_errors(fn):
             _fail(internal_error_message(e), EXIT_INTERNAL)
 
     return wrapper
+
+
+EXIT_SIGPIPE = 128 + 13  # the status a shell shows for a process that SIGPIPE ended
+
+
+def _reader_gone() -> None:
+    """Standard output's reader went away (``bnfold fuse m.onnx | head -1``): stop quietly, as a
+    command ended by SIGPIPE does, instead of calling it a bug. Outputs already written stay."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_SIGPIPE)
 
 
 def _human_size(n: float) -> str:
@@ -176,6 +192,8 @@ class _Bnfold(click.Group):
         except click.Abort:  # Ctrl-C before a command ran (handle_errors takes it inside one)
             click.echo("bnfold: interrupted; no model was written", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:  # e.g. `bnfold --help | head -1`
+            _reader_gone()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

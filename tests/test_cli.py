@@ -306,3 +306,19 @@ def test_json_on_an_unreadable_model_is_its_outcome(tmp_path, command):
     assert str(bad) in doc["error"] and "not an ONNX model" in doc["error"]
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("bnfold: error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`bnfold fuse m.onnx | head -1`: standard output's reader goes away. The model is still
+    written; bnfold stops as a command ended by SIGPIPE does (status 141), with no bug report."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.fused.onnx"
+    p = subprocess.Popen([sys.executable, "-m", "bnfold", "fuse", str(ROOT / "models" / "resnet_mini.onnx"), "-o",
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before bnfold prints anything
+    err = p.stderr.read().decode()
+    assert p.wait() == 141, err
+    assert err == ""
+    assert out.exists()
