@@ -62,10 +62,41 @@ def check_output(target: PathLike, reads: Iterable[PathLike], *, what: str = "ou
 
     ``allowed`` lists files that may be replaced on purpose (``--in-place``: the model itself).
     """
+    refuse_special(target, what)
     allowed = list(allowed)
     for r in reads:
         if same_file(target, r) and not any(same_file(target, a) for a in allowed):
             raise BnfoldError(f"{what} path is {r}, a file the input reads; refusing to replace it", target)
+
+
+def refuse_special(target: PathLike, what: str = "output") -> None:
+    """Refuse (exit 2) a ``target`` that exists and is not a regular file or a folder (folders
+    have their own message): a device (``-o /dev/null``), a FIFO, a socket, or a link to one
+    (``/dev/stdout``). Outputs are written to a temporary file renamed into place, which
+    would replace the device node itself."""
+    import stat
+
+    if os.path.islink(target):
+        chain: List[str] = []
+        p = os.fspath(target)
+        while os.path.islink(p) and len(chain) < 40:
+            p = os.path.join(os.path.dirname(p), os.readlink(p))
+            chain.append(p)
+        if any(os.path.normpath(c).startswith(("/proc/", "/dev/fd/")) for c in chain):
+            # /dev/stdout and friends: renaming onto the link would replace the system's link
+            raise BnfoldError(f"{what} path is a link to an open file descriptor; bnfold writes a temporary "
+                              "file and renames it into place, which would replace the link: give the path "
+                              "of a regular file", target)
+    try:
+        mode = os.stat(target).st_mode  # through links: to a device, FIFO or socket
+    except OSError:
+        return  # not there (or not reachable: writing it will say so)
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise BnfoldError(f"{what} path is {kind}; bnfold writes a temporary file and renames it into place, "
+                      "which would replace it: give the path of a regular file", target)
 
 
 def probe_writable(target: PathLike, what: str = "report") -> None:
@@ -103,6 +134,7 @@ def check_model_output(target: PathLike, reads: Sequence[PathLike], *, in_place:
     check_output(target, reads)
     if external_data and model is not None:
         data = Path(target).with_name(Path(target).name + ".data")
+        refuse_special(data, "external data")
         if same_file(data, model):
             raise BnfoldError(f"its external data would be written to {data}, the input model; "
                               "choose another output name", target)

@@ -15,7 +15,7 @@ from onnx import TensorProto
 
 from bnfold.modelio import load, write
 from bnfold.cli import main
-from conftest import MODELS
+from conftest import MODELS, ROOT
 
 
 def run(*args):
@@ -322,3 +322,48 @@ def test_unreadable_verify_inputs_are_one_line(workdir, monkeypatch):
     monkeypatch.setattr(inputs, "open", denied, raising=False)
     line = usage_refused(run("verify", "m.onnx", "m.onnx", "--inputs", "in.npz"))
     assert line == "bnfold: error: in.npz: cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "fd link", "fifo report", "fifo data"])
+def test_outputs_onto_special_files_are_refused_and_left_alone(tmp_path, kind):
+    """-o or --report onto a FIFO, or onto a link to an open file descriptor (as /dev/stdout is),
+    or a FIFO where the output's external data would go: the temporary-file-and-rename write
+    would replace the node itself, so each is refused (exit 2, one line) and stays as it was."""
+    import os
+    import stat
+
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+
+    node = tmp_path / ("out.onnx.data" if kind == "fifo data" else "node")
+    if kind == "fd link":
+        os.symlink("/proc/self/fd/1", node)
+    else:
+        os.mkfifo(node)
+    model = str(ROOT / "models" / "resnet_mini.onnx")
+    if kind == "fifo report":
+        args = ["fuse", model, "-o", str(tmp_path / "m.onnx"), "--report", str(node), "-q"]
+    elif kind == "fifo data":  # a model with external data writes <output>.data
+        import onnx
+
+        from conftest import bn_params, build, rand
+
+        m = build("""<ir_version: 8, opset_import: ["" : 15]>
+        g (float[N,64,6,6] x) => (float[N,64,6,6] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, W)
+            y = BatchNormalization (c, s, b, m, v)
+        }""", W=rand(64, 64, 3, 3), **bn_params(64, 1))
+        (tmp_path / "src").mkdir()
+        onnx.save_model(m, str(tmp_path / "src" / "m.onnx"), save_as_external_data=True, location="m.bin",
+                        size_threshold=1024)
+        args = ["fuse", str(tmp_path / "src" / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "-q"]
+    else:
+        args = ["fuse", model, "-o", str(node), "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert "renames it into place" in res.stderr and "Traceback" not in res.output
+    if kind == "fd link":
+        assert os.path.islink(node) and os.readlink(node) == "/proc/self/fd/1"
+    else:
+        assert stat.S_ISFIFO(os.lstat(node).st_mode)

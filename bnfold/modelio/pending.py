@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import MalformedModelError, PathLike
-from .tensors import external_view, read_tensor
+from .tensors import external_offset, external_path, read_tensor
 
 
 BLOCK_BYTES = 1 << 24  # source bytes per block of a ScaledTensor
@@ -49,8 +49,8 @@ class ScaledTensor:
         return max(1, min((block_bytes or BLOCK_BYTES) // max(1, row * src_dtype.itemsize), self.shape[0]))
 
     def blocks(self, block_bytes: Optional[int] = None, outs: Sequence[np.ndarray] = ()) -> Iterator[np.ndarray]:
-        """The folded values, a block of leading-axis rows at a time, read from a memory map of
-        the source (no copy of it in this process).
+        """The folded values, a block of leading-axis rows at a time, read into one reused buffer
+        (not a memory map: a data file cut short while it is read must give an error, not SIGBUS).
 
         With ``outs`` (flat arrays of ``dtype``, each of at least a block's size) the blocks are
         computed into them in turn, so a block stays valid until ``len(outs) - 1`` more have been
@@ -63,19 +63,22 @@ class ScaledTensor:
         if len(shape) == 0 or 0 in shape:
             yield self.materialize()
             return
-        try:
-            source = external_view(self.source, self.base_dir)
-        except ValueError:  # the data file is shorter than the tensor (it changed since it was checked)
-            raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early") from None
+        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
         row = int(np.prod(shape[1:]))
         rows = self.block_rows(block_bytes)
         per_row = self.factor.ndim == len(shape) and self.factor.shape[0] != 1
-        for k, i in enumerate(range(0, shape[0], rows)):
-            n = min(rows, shape[0] - i)
-            f_block = self.factor[i:i + n] if per_row else self.factor
-            block_shape = (n,) + tuple(shape[1:])
-            out = outs[k % len(outs)][:n * row].reshape(block_shape) if outs else None
-            yield scale_round(source[i:i + n], f_block, self.dtype, "the folded weight", out=out)
+        buf = np.empty(rows * row, src_dtype)
+        with open(external_path(self.source, self.base_dir), "rb") as f:
+            f.seek(external_offset(self.source))
+            for k, i in enumerate(range(0, shape[0], rows)):
+                n = min(rows, shape[0] - i)
+                view = buf[:n * row]
+                if f.readinto(view.data.cast("B")) != view.nbytes:
+                    raise MalformedModelError(f"external data of tensor '{self.source.name}' ends early")
+                f_block = self.factor[i:i + n] if per_row else self.factor
+                block_shape = (n,) + tuple(shape[1:])
+                out = outs[k % len(outs)][:n * row].reshape(block_shape) if outs else None
+                yield scale_round(view.reshape(block_shape), f_block, self.dtype, "the folded weight", out=out)
 
 
 PendingValue = Union[np.ndarray, ScaledTensor, Callable[[], np.ndarray]]

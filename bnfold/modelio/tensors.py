@@ -107,7 +107,11 @@ def external_view(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
     shape = tuple(t.dims)
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(external_path(t, base_dir), dtype=dtype, mode="r", offset=external_offset(t), shape=shape)
+    try:
+        return np.memmap(external_path(t, base_dir), dtype=dtype, mode="r", offset=external_offset(t), shape=shape)
+    except ValueError:  # shorter than when it was checked at load: it changed while bnfold ran
+        raise MalformedModelError(f"external data of tensor '{t.name}' ends early (its file changed while bnfold "
+                                  "read it)") from None
 
 
 def external_files(model: ModelProto, base_dir: Optional[PathLike]) -> Set[Path]:
