@@ -367,3 +367,32 @@ def test_outputs_onto_special_files_are_refused_and_left_alone(tmp_path, kind):
         assert os.path.islink(node) and os.readlink(node) == "/proc/self/fd/1"
     else:
         assert stat.S_ISFIFO(os.lstat(node).st_mode)
+
+
+def test_a_model_from_a_pipe_is_refused_when_it_must_be_read_twice(tmp_path):
+    """fuse with verification reads the model again to verify it, which a pipe cannot give: one
+    line and exit 2 before reading anything; with --no-verify the pipe is folded."""
+    import os
+    import threading
+
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+
+    fifo = tmp_path / "model.pipe"
+    os.mkfifo(fifo)
+    data = (ROOT / "models" / "resnet_mini.onnx").read_bytes()
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    res = CliRunner().invoke(main, ["fuse", str(fifo), "-o", str(tmp_path / "a.onnx"), "-q"])
+    assert res.exit_code == 2 and "pipe cannot give" in res.stderr, res.output
+    assert not (tmp_path / "a.onnx").exists()
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    res = CliRunner().invoke(main, ["fuse", str(fifo), "-o", str(tmp_path / "b.onnx"), "-q", "--no-verify"])
+    writer.join(timeout=30)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b.onnx").exists()
