@@ -74,8 +74,6 @@ def refuse_special(target: PathLike, what: str = "output") -> None:
     have their own message): a device (``-o /dev/null``), a FIFO, a socket, or a link to one
     (``/dev/stdout``). Outputs are written to a temporary file renamed into place, which
     would replace the device node itself."""
-    import stat
-
     if os.path.islink(target):
         chain: List[str] = []
         p = os.fspath(target)
@@ -87,16 +85,25 @@ def refuse_special(target: PathLike, what: str = "output") -> None:
             raise BnfoldError(f"{what} path is a link to an open file descriptor; bnfold writes a temporary "
                               "file and renames it into place, which would replace the link: give the path "
                               "of a regular file", target)
+    kind = special_kind(target)
+    if kind is not None:
+        raise BnfoldError(f"{what} path is {kind}; bnfold writes a temporary file and renames it into place, "
+                          "which would replace it: give the path of a regular file", target)
+
+
+def special_kind(path: PathLike) -> Optional[str]:
+    """What ``path`` is (followed through links) when it exists and is neither a regular file nor a
+    folder: "a FIFO (named pipe)", "a socket", "a device"; None otherwise (also when it is not there)."""
+    import stat
+
     try:
-        mode = os.stat(target).st_mode  # through links: to a device, FIFO or socket
+        mode = os.stat(path).st_mode
     except OSError:
-        return  # not there (or not reachable: writing it will say so)
+        return None
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+        return None
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    raise BnfoldError(f"{what} path is {kind}; bnfold writes a temporary file and renames it into place, "
-                      "which would replace it: give the path of a regular file", target)
 
 
 def probe_writable(target: PathLike, what: str = "report") -> None:

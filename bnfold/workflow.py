@@ -187,26 +187,15 @@ def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> F
     return outcome
 
 
-def _is_stream(path: Path) -> bool:
-    """A FIFO, socket or device (``/dev/stdin``, ``<(cmd)``): readable once."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False  # loading it says what is wrong
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
 def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
     from .fold import fuse as fuse_model
     from .modelio import external_files
-    from .paths import check_model_output
+    from .paths import check_model_output, special_kind
 
     if target is not None and not opts.in_place:
         # before any work: the obvious case
         check_model_output(target, [model], external_data=False, hint="; use --in-place to overwrite it")
-    if opts.verify is not False and _is_stream(model):
+    if opts.verify is not False and special_kind(model) is not None:  # a pipe (/dev/stdin, <(cmd)): read once
         raise BnfoldError("is a pipe or device, not a file: verification reads the model a second time, which a "
                           "pipe cannot give; save it to a file first (or fold it with fuse --no-verify)", model)
     result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
