@@ -165,7 +165,7 @@ def moved_ulps(arr: np.ndarray, rng: np.random.Generator, ulps: float = 1.0, fra
 def _moved(arr: np.ndarray, rng: np.random.Generator, ulps: float, fraction: float) -> np.ndarray:
     u = rng.random(arr.shape, dtype=np.float32)
     if ulps == 1.0 and fraction >= 1.0 and arr.dtype in _BITS:
-        return _next_representable(np.asarray(arr), u < 0.5)
+        return _next_representable(arr, u < 0.5)
     down, up = u < fraction / 2, (u >= fraction / 2) & (u < fraction)
     if ulps == 1.0 and arr.dtype in (np.float16, np.float32, np.float64):
         inf = np.asarray(np.inf, arr.dtype)
@@ -188,8 +188,9 @@ _BITS = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32, np.dtyp
 
 def _next_representable(arr: np.ndarray, down: np.ndarray) -> np.ndarray:
     """``np.nextafter(arr, -inf where down else +inf)``, finite values that would overflow kept,
-    on the integer view of the bits: a step is +-1 on the magnitude (6x faster than nextafter:
-    a 3 GB model's runtime calibration spent 46 s here)."""
+    on the integer view of the bits: a step is +-1 on the magnitude (about twice as fast as
+    nextafter here: 50M float32 values in 0.5-1.0 s against 1.1-2.0 s; a 3 GB model's runtime
+    calibration spent 46 s in moved_ulps)."""
     shape = arr.shape
     arr, down = arr.reshape(-1), np.asarray(down).reshape(-1)  # a 0-d array too: bits assignable
     ints: Any = _BITS[arr.dtype]

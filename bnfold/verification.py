@@ -789,8 +789,7 @@ def _runtime_calibration(ref_path: str, out_names: Sequence[str], feeds_list: Se
             rng = np.random.default_rng(RUNTIME_SEED + d)
 
             def moved(name: str, rng: np.random.Generator = rng) -> np.ndarray:
-                return exact.moved_ulps(np.asarray(read_tensor(by_name[name], base_dir)), rng, RUNTIME_ULPS,
-                                        fractions[name])
+                return exact.moved_ulps(read_tensor(by_name[name], base_dir), rng, RUNTIME_ULPS, fractions[name])
 
             # the perturbed copy is written a tensor at a time (the writer asks for the values in
             # initializer order, the order the draws were always taken in), beside external data if

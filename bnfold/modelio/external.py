@@ -88,8 +88,7 @@ def write_external_data(model: ModelProto, data_file: BinaryIO, data_name: str,
             if isinstance(rep, ScaledTensor):
                 # compute the next blocks while this one is written, into PREFETCH + 2 reused buffers:
                 # the one being written, PREFETCH queued, one being computed
-                row_bytes = rep.nbytes // max(1, rep.shape[0]) if rep.shape else rep.nbytes
-                views = buffers.views(rep.dtype, rep.block_rows() * row_bytes)
+                views = buffers.views(rep.dtype, rep.block_nbytes())
                 for block in _prefetched(rep.blocks(outs=views), PREFETCH):
                     offset += buffers.write(data_file, block)
             elif rep is not None:
@@ -116,7 +115,8 @@ class _BlockBuffers:
     shared-memory file and a block goes out with ``os.sendfile``, a copy inside the kernel like
     ``cp``'s; elsewhere, or if the kernel refuses, plain arrays and ``write()``. On the 2-core
     virtual machine of the benchmarks ``write()`` of 3 GB from a process's memory took 0.9-7.4 s
-    (median 2.2 s over 6 runs), ``sendfile`` from a memfd 1.3-3.9 s (median 1.5 s), ``cp`` 1.0-1.5 s."""
+    (median 2.2 s over 6 runs), ``sendfile`` from a memfd 1.3-3.9 s (median 1.5 s), and
+    ``copy_file_range`` (the call ``cp`` makes) 0.9-1.5 s."""
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -135,33 +135,32 @@ class _BlockBuffers:
         """``count`` flat arrays of ``dtype`` holding at least ``nbytes`` each."""
         if nbytes > self.nbytes:
             self.close()
-            self.nbytes = max(nbytes, ALIGN)
-            for _ in range(self.count):
-                self._add(self.nbytes)
+            self._allocate(max(nbytes, ALIGN))
         n = self.nbytes // np.dtype(dtype).itemsize
         if self._plain:
             return [b.view(dtype)[:n] for b in self._plain]
         return [np.frombuffer(m, dtype=dtype, count=n) for m in self._maps]
 
-    def _add(self, nbytes: int) -> None:
-        if not self._plain and hasattr(os, "memfd_create") and hasattr(os, "sendfile"):
+    def _allocate(self, nbytes: int) -> None:
+        """All ``count`` buffers of one kind: shared memory where it can be made, else plain arrays."""
+        self.nbytes = nbytes
+        if hasattr(os, "memfd_create") and hasattr(os, "sendfile"):
             try:
-                fd = os.memfd_create("bnfold-block")
-                os.ftruncate(fd, nbytes)
-                m = mmap.mmap(fd, nbytes)
-            except OSError:
-                pass
-            else:
-                self._maps.append(m)
-                self._fds[np.frombuffer(m, np.uint8).ctypes.data] = fd
+                for _ in range(self.count):
+                    fd = os.memfd_create("bnfold-block")
+                    try:
+                        os.ftruncate(fd, nbytes)
+                        m = mmap.mmap(fd, nbytes)
+                    except OSError:
+                        os.close(fd)
+                        raise
+                    self._maps.append(m)
+                    self._fds[np.frombuffer(m, np.uint8).ctypes.data] = fd
                 return
-        if self._maps:  # one kind for all buffers
-            self.close()
-            self.nbytes = nbytes
-            for _ in range(self.count):
-                self._plain.append(np.empty(nbytes, np.uint8))
-            return
-        self._plain.append(np.empty(nbytes, np.uint8))
+            except OSError:
+                self.close()
+                self.nbytes = nbytes
+        self._plain = [np.empty(nbytes, np.uint8) for _ in range(self.count)]
 
     def write(self, f: BinaryIO, block: np.ndarray) -> int:
         """Append ``block`` (a view at the start of one of the buffers) to ``f``."""
@@ -280,6 +279,5 @@ def _kernel_copy(src: BinaryIO, offset: int, out: BinaryIO, length: int) -> int:
             left -= n
     except OSError:
         pass  # EXDEV, ENOSYS, EINVAL...: the rest goes the ordinary way
-    os.lseek(dst, position + length - left, os.SEEK_SET)
-    out.seek(position + length - left)
+    out.seek(position + length - left)  # the file object's position, and the file's, after the copy
     return left

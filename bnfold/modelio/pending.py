@@ -42,11 +42,16 @@ class ScaledTensor:
 
     def block_rows(self, block_bytes: Optional[int] = None) -> int:
         """Leading-axis rows per block of :meth:`blocks`."""
-        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
         if not self.shape:
             return 1
+        src_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.source.data_type))
         row = int(np.prod(self.shape[1:]))
         return max(1, min((block_bytes or BLOCK_BYTES) // max(1, row * src_dtype.itemsize), self.shape[0]))
+
+    def block_nbytes(self, block_bytes: Optional[int] = None) -> int:
+        """Bytes of the largest block :meth:`blocks` yields (the size its ``outs`` need)."""
+        return self.block_rows(block_bytes) * int(np.prod(self.shape[1:])) * self.dtype.itemsize if self.shape \
+            else self.nbytes
 
     def blocks(self, block_bytes: Optional[int] = None, outs: Sequence[np.ndarray] = ()) -> Iterator[np.ndarray]:
         """The folded values, a block of leading-axis rows at a time, read into one reused buffer
