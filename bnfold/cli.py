@@ -178,6 +178,15 @@ class _Bnfold(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if args is not None:  # called from Python (a test runner): exit as usual
+            return self._main(args, prog_name, complete_var, **extra)
+        try:
+            self._main(args, prog_name, complete_var, **extra)
+        except SystemExit as e:
+            _end_process(e.code)
+        raise AssertionError("unreachable: _main always exits")
+
+    def _main(self, args, prog_name, complete_var, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `bnfold`: the help is the answer
@@ -195,6 +204,54 @@ class _Bnfold(click.Group):
         except BrokenPipeError:  # e.g. `bnfold --help | head -1`
             _reader_gone()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _end_process(code: object) -> None:
+    """End this ``bnfold`` process with ``code`` (as ``sys.exit`` would take it), without the
+    interpreter's teardown when nothing is left for it to do: freeing every module and the
+    model's objects one by one took 0.06 s of a 0.5 s fold. Standard streams are flushed and
+    the ONNX Runtime worker stopped first; with another thread, a child process, a pending
+    finalizer or multiprocessing in use, the ordinary exit runs its handlers instead."""
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    if not isinstance(code, (int, type(None))):
+        print(code, file=sys.stderr)
+    runner = sys.modules.get("bnfold.runner")
+    if runner is not None:
+        runner.shutdown_worker()
+    if not _nothing_to_tear_down():
+        sys.exit(status)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        status = EXIT_SIGPIPE  # as _reader_gone: the reader left before the last lines
+    except (OSError, ValueError):
+        pass
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    os._exit(status)
+
+
+def _nothing_to_tear_down() -> bool:
+    """True when exiting without the interpreter's teardown loses nothing: one thread, no child
+    process, no live ``weakref.finalize`` (temporary folders), no multiprocessing state."""
+    import threading
+    import weakref
+
+    if threading.active_count() != 1 or "multiprocessing" in sys.modules:
+        return False
+    if any(info.atexit for info in getattr(weakref.finalize, "_registry", {}).values()):
+        return False
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True  # no child at all
+    except (AttributeError, OSError):  # no waitid (not Linux/macOS): keep the ordinary exit
+        return False
+    return False  # a child exists (running or not yet reaped)
 
 
 def _command_path(ctx: Optional[click.Context]) -> str:

@@ -170,6 +170,29 @@ def test_help_and_module_entry_point():
     assert proc.returncode == 0 and "bnfold" in proc.stdout
 
 
+def test_the_command_delivers_all_its_output_and_status_through_pipes(tmp_path):
+    """The bnfold process skips the interpreter's teardown when it can (os._exit): what it
+    printed must still arrive whole, with the command's exit code, and its ONNX Runtime
+    worker must be gone with it."""
+    import json
+
+    model = ROOT / "models" / "resnet_mini.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "fuse", str(model), "-o", str(tmp_path / "f.onnx"),
+                           "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # block-buffered into a pipe: every byte must be flushed
+    assert report["verification"]["equivalent"] is True and report["folded"] == 13
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "fuse", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("no such file"), proc.stderr
+    unique = tmp_path / "only-this-test.onnx"  # the worker is forked: its command line is bnfold's
+    unique.write_bytes(model.read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(unique), str(unique), "-q"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert str(unique) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
 def test_help_does_not_import_onnx_or_onnxruntime():
     code = ("import sys; from click.testing import CliRunner; from bnfold.cli import main; "
             "CliRunner().invoke(main, ['fuse', '--help']); "
