@@ -45,7 +45,7 @@ from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_at
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
 from .modelio.pending import PendingValue, as_array
-from .modelio.tensors import external_files, iter_tensors, set_tensor_data, tensor_nbytes
+from .modelio.tensors import external_files, in_model_file, iter_tensors, read_tensor, set_tensor_data, tensor_nbytes
 from .reasons import Reason, Refusal
 
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ class FuseResult:
                 if value is not None:
                     set_tensor_data(t, as_array(value))
             self._replacements = {}
+        for t in self._model.graph.initializer:  # weights left in the model file at load
+            if in_model_file(t):
+                set_tensor_data(t, read_tensor(t, self.base_dir))
         if self._external_unloaded:  # bring the untouched external tensors in too
             from onnx.external_data_helper import load_external_data_for_model
 
@@ -240,7 +243,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
 
         source = os.fspath(model_or_path)
         # external data stays on disk: only the tensors a fold touches are read
-        model, external = load_model_info(source, load_external=False)
+        model, external = load_model_info(source, load_external=False, leave_weights=True)
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)

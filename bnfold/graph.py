@@ -21,7 +21,7 @@ from onnx import AttributeProto, GraphProto, FunctionProto, ModelProto, NodeProt
 
 from .errors import MalformedModelError
 from .modelio.pending import PendingValue, ScaledTensor, as_array
-from .modelio.tensors import read_tensor, set_tensor_data
+from .modelio.tensors import in_data_file, read_tensor, set_tensor_data
 from .reasons import Reason, Refusal
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -314,7 +314,7 @@ class Scope:
                     and (factor is not None or tuple(current.tensor.dims) == as_array(value).shape)):
                 # Recorded, not written: replacing a field's bytes inside a loaded protobuf keeps the
                 # old bytes alive in its arena. Main-graph initializers are written straight to disk.
-                if factor is not None and current.tensor.data_location == TensorProto.EXTERNAL:
+                if factor is not None and in_data_file(current.tensor):
                     prev = self.index.pending.get(id(current.tensor))
                     if prev is not None and isinstance(prev[1], ScaledTensor):
                         factor = prev[1].factor * factor

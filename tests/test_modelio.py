@@ -45,7 +45,7 @@ def test_failed_write_keeps_old_output_and_leaves_no_temporary(tmp_path, monkeyp
     out.write_bytes(b"old output")
     model = onnx.load(str(MODELS / "mlp_bn1d.onnx"))
 
-    def disk_full(model, f, replacements=None):
+    def disk_full(model, f, replacements=None, base_dir=None):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -60,7 +60,7 @@ def test_interrupted_write_leaves_no_temporary(tmp_path, monkeypatch):
     out = tmp_path / "out.onnx"
     model = onnx.load(str(MODELS / "mlp_bn1d.onnx"))
 
-    def interrupted(model, f, replacements=None):
+    def interrupted(model, f, replacements=None, base_dir=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stream, "write_model", interrupted)
@@ -182,3 +182,93 @@ def test_replaced_report_keeps_its_mode(tmp_path):
     report.chmod(0o600)
     modelio.write_bytes_atomic(report, b'{"new": 1}\n')
     assert report.read_bytes() == b'{"new": 1}\n' and mode(report) == 0o600
+
+
+def big_weights_model() -> onnx.ModelProto:
+    """``odd_model`` plus weights large enough to be left in the file at load (float32,
+    float16), and one as large in a typed field (parsed as usual)."""
+    m = odd_model()
+    rng = np.random.default_rng(0)
+    m.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal((64, 80)).astype(np.float32), "big"),
+        numpy_helper.from_array(rng.standard_normal((100, 90)).astype(np.float16), "big_half"),
+        helper.make_tensor("big_typed", TensorProto.FLOAT, [5000], np.arange(5000, dtype=np.float32)),
+    ])
+    return m
+
+
+def test_weights_left_in_the_model_file_read_and_write_back_as_onnx_reads_them(tmp_path):
+    from bnfold.modelio.load import load_model_info
+    from bnfold.modelio.tensors import in_model_file
+
+    path = tmp_path / "m.onnx"
+    onnx.save(big_weights_model(), str(path))
+    reference = onnx.load(str(path))
+    loaded, external = load_model_info(path, load_external=False, leave_weights=True)
+    assert not external
+    assert sorted(t.name for t in loaded.graph.initializer if in_model_file(t)) == ["big", "big_half"]
+    values = {t.name: modelio.read_tensor(t, tmp_path) for t in loaded.graph.initializer}
+    for t in reference.graph.initializer:
+        np.testing.assert_array_equal(values[t.name], numpy_helper.to_array(t))
+        assert values[t.name].dtype == numpy_helper.to_array(t).dtype
+    modelio.stage_model(loaded, tmp_path / "inline.onnx", base_dir=tmp_path).commit()
+    assert onnx.load(str(tmp_path / "inline.onnx")) == reference  # back inline, field for field
+    loaded, _ = load_model_info(path, load_external=False, leave_weights=True)
+    modelio.stage_model(loaded, tmp_path / "ext.onnx", external_data=True, base_dir=tmp_path).commit()
+    split = onnx.load(str(tmp_path / "ext.onnx"))  # onnx reads the new .data file
+    for a, b in zip(split.graph.initializer, reference.graph.initializer):
+        assert a.name == b.name
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_fold_of_a_file_equals_fold_of_the_same_model_in_memory(tmp_path):
+    path = MODELS / "resnet_mini.onnx"
+    from_file, in_memory = fuse(path), fuse(onnx.load(str(path)))
+    from_file.save(tmp_path / "a.onnx")
+    in_memory.save(tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    model = fuse(path).to_model()  # self-contained: every weight back inline
+    assert not any(t.external_data or t.data_location for t in model.graph.initializer)
+    assert model == onnx.load(str(tmp_path / "b.onnx"))
+
+
+@pytest.mark.parametrize("change", ["rewritten", "replaced", "truncated"])
+def test_a_model_file_changed_before_its_weights_are_copied_is_an_error_not_a_mix(tmp_path, change):
+    import os
+
+    path = tmp_path / "m.onnx"
+    onnx.save(big_weights_model(), str(path))
+    result = fuse(path)  # no BN: every large weight is copied from the file when saved
+    other = big_weights_model()
+    other.graph.initializer[-3].raw_data = np.zeros((64, 80), np.float32).tobytes()  # same size, new values
+    if change == "rewritten":
+        with open(path, "r+b") as f:
+            f.write(other.SerializeToString())
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a coarse clock would not show it
+    elif change == "replaced":
+        (tmp_path / "new").write_bytes(other.SerializeToString())
+        os.replace(tmp_path / "new", path)
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    with pytest.raises(BnfoldError, match="changed while bnfold read it"):
+        result.save(tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_splitting_falls_back_to_a_whole_parse_for_unusual_layouts():
+    from bnfold.modelio.stream import split_weights
+
+    data = big_weights_model().SerializeToString()
+    skeleton, left_out = split_weights(memoryview(data), 1 << 14)
+    assert [k for k, _, _ in left_out] == [6, 7]  # "big", "big_half": the initializers' positions
+    parsed = onnx.ModelProto.FromString(skeleton)
+    for k, offset, length in left_out:
+        parsed.graph.initializer[k].raw_data = data[offset:offset + length]
+    assert parsed == big_weights_model()
+    twice = data + onnx.ModelProto(graph=onnx.GraphProto(name="x")).SerializeToString()  # the graph field again
+    assert split_weights(memoryview(twice), 1 << 14) is None
+    assert split_weights(memoryview(data), 1 << 30) is None  # nothing that large
+    with pytest.raises((ValueError, IndexError)):
+        split_weights(memoryview(b"\xff\xff\xff"), 1)

@@ -20,8 +20,8 @@ from onnx import ModelProto, TensorProto
 
 from ..errors import BnfoldError, MalformedModelError, PathLike
 from .pending import PendingValue, ScaledTensor, as_array, resolved
-from .tensors import (VALUE_FIELDS, external_info, external_offset, external_path, inline_nbytes, iter_tensors,
-                      read_tensor, set_tensor_data, tensor_nbytes)
+from .tensors import (VALUE_FIELDS, external_info, external_offset, in_data_file, inline_nbytes, iter_tensors,
+                      open_tensor_file, read_tensor, set_tensor_data, tensor_nbytes)
 
 ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
 INLINE_BYTES = 1024  # smaller tensors stay in the model (runtimes read shapes from them)
@@ -32,7 +32,7 @@ def check_external_data(model: ModelProto, path: PathLike) -> None:
     base = Path(path).parent.resolve()
     sizes: Dict[Path, int] = {}
     for t in iter_tensors(model):
-        if t.data_location != TensorProto.EXTERNAL:
+        if not in_data_file(t):
             continue
         info = external_info(t)
         loc = info.get("location", "")
@@ -94,7 +94,7 @@ def write_external_data(model: ModelProto, data_file: BinaryIO, data_name: str,
             elif rep is not None:
                 offset += write_array(data_file, rep)
             elif external:
-                offset += _copy_external(t, base_dir, data_file)
+                offset += copy_external(t, base_dir, data_file)
             else:
                 raw = t.raw_data
                 data_file.write(raw)
@@ -241,13 +241,13 @@ def write_array(f: BinaryIO, value: np.ndarray) -> int:
     return int(arr.nbytes)
 
 
-def _copy_external(t: TensorProto, base_dir: Optional[PathLike], out: BinaryIO) -> int:
-    """Copy ``t``'s bytes from its data file to the end of ``out``: in the kernel
-    (``os.copy_file_range``, no copy through this process) where the system allows it,
-    else in 16 MiB chunks."""
+def copy_external(t: TensorProto, base_dir: Optional[PathLike], out: BinaryIO) -> int:
+    """Copy ``t``'s bytes from its data file (or the model file it was left in) to the end of
+    ``out``: in the kernel (``os.copy_file_range``, no copy through this process) where the
+    system allows it, else in 16 MiB chunks."""
     info = external_info(t)
     length = int(info["length"]) if info.get("length") else (tensor_nbytes(t) or 0)
-    with open(external_path(t, base_dir), "rb") as src:
+    with open_tensor_file(t, base_dir) as src:
         offset = external_offset(t)
         left = _kernel_copy(src, offset, out, length)
         src.seek(offset + length - left)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+import sys
 from pathlib import Path
-from typing import BinaryIO, Iterator, Tuple, Union
+from typing import BinaryIO, Iterator, List, Tuple, Union
 
 import onnx
 from onnx import ModelProto, TensorProto
@@ -13,8 +15,8 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from ..errors import BnfoldError, PathLike
 from .external import check_external_data
-from .stream import copy_except
-from .tensors import tensor_nbytes, uses_external_data
+from .stream import copy_except, split_weights
+from .tensors import IN_MODEL_FILE, PACKED_TYPES, file_identity, tensor_nbytes, uses_external_data
 
 
 def load_model(path: PathLike, *, load_external: bool = True) -> ModelProto:
@@ -22,8 +24,20 @@ def load_model(path: PathLike, *, load_external: bool = True) -> ModelProto:
     return load_model_info(path, load_external=load_external)[0]
 
 
-def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[ModelProto, bool]:
-    """Like :func:`load_model`, also saying whether the file used external data."""
+# Inline weights from this size are left in the file by load_model_info(leave_weights=True).
+LEAVE_MIN_BYTES = 1 << 14
+
+
+def load_model_info(path: PathLike, *, load_external: bool = True, leave_weights: bool = False
+                    ) -> Tuple[ModelProto, bool]:
+    """Like :func:`load_model`, also saying whether the file used external data.
+
+    With ``leave_weights`` (and ``load_external`` false) the main graph's large inline weights
+    are not parsed: each becomes a reference to its bytes in the model file
+    (:func:`~bnfold.modelio.tensors.in_model_file`), which :func:`~bnfold.modelio.tensors.read_tensor`
+    reads and the writer copies back inline, checking first that the file is still the one
+    loaded. A fold then touches each weight's bytes once instead of copying them through
+    protobuf twice (resnet50: parse 0.06 s -> ~0.01 s)."""
     p = Path(path)
     if not p.exists():
         raise BnfoldError("is a symbolic link to nothing (dangling or a loop)" if p.is_symlink() else "no such file",
@@ -36,7 +50,18 @@ def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[Mode
             if not len(data):
                 raise BnfoldError("is empty, not an ONNX model", p)
             try:
-                model.ParseFromString(data)
+                split = None
+                if leave_weights and not load_external and isinstance(data, memoryview) \
+                        and sys.byteorder == "little":
+                    try:
+                        split = split_weights(data, LEAVE_MIN_BYTES)
+                    except (ValueError, IndexError):  # not plain protobuf: protobuf's parser decides
+                        split = None
+                model.ParseFromString(data if split is None else split[0])
+                if split is not None and isinstance(data, memoryview):
+                    _leave_in_file(model, split[1], data, p, file_identity(os.fstat(f.fileno())))
+            except BnfoldError:
+                raise
             except Exception:  # protobuf's DecodeError and friends: any parse failure means "not ONNX"
                 raise BnfoldError("is not an ONNX model (it does not parse as ONNX protobuf: truncated or another "
                                   "format?)", p) from None
@@ -55,6 +80,23 @@ def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[Mode
         except Exception as e:  # onnx raises several types for unreadable data; all are the input's fault
             raise BnfoldError(f"cannot read its external data ({e})", p) from None
     return model, external
+
+
+def _leave_in_file(model: ModelProto, left_out: List[Tuple[int, int, int]], data: memoryview, path: Path,
+                   identity: str) -> None:
+    """Point each initializer whose raw_data :func:`split_weights` left out at its bytes in the
+    model file; one whose size does not follow from its dims gets its bytes back inline (its
+    fold then reports the mismatch, as for any inline tensor)."""
+    initializers = model.graph.initializer
+    for k, offset, length in left_out:
+        t = initializers[k]
+        if t.data_type in PACKED_TYPES or tensor_nbytes(t) != length:
+            t.raw_data = bytes(data[offset:offset + length])
+            continue
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length)),
+                           (IN_MODEL_FILE, identity)):
+            t.external_data.add(key=key, value=value)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,9 @@ Every place that reads or replaces a weight's values goes through here, so the r
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Set
@@ -20,6 +23,9 @@ PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
                                        ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}
 # The typed value fields of a TensorProto, besides raw_data and string_data.
 VALUE_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+# external_data key of a weight left in the model file itself when it was loaded (see
+# load_model_info's in_place_weights): its value identifies the file as it was then.
+IN_MODEL_FILE = "bnfold:in-model-file"
 
 
 def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
@@ -83,8 +89,41 @@ def external_offset(t: TensorProto) -> int:
     return int(external_info(t).get("offset", 0) or 0)
 
 
+def in_model_file(t: TensorProto) -> bool:
+    """True for an inline weight whose bytes were left in the model file at load (they are
+    read from there, checked to be the same file, when needed; written back inline)."""
+    return t.data_location == TensorProto.EXTERNAL and any(e.key == IN_MODEL_FILE for e in t.external_data)
+
+
+def in_data_file(t: TensorProto) -> bool:
+    """True for a tensor in a separate external data file (not :func:`in_model_file`)."""
+    return t.data_location == TensorProto.EXTERNAL and not in_model_file(t)
+
+
+def file_identity(st: os.stat_result) -> str:
+    """What :func:`open_tensor_file` compares to tell that a file is the one that was loaded."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def open_tensor_file(t: TensorProto, base_dir: Optional[PathLike]) -> Iterator[io.BufferedReader]:
+    """The file holding ``t``'s external bytes, open for reading. For a weight left in the
+    model file, the file must still be the one loaded (same inode, size and modification
+    time, before and after the read): a model replaced or rewritten meanwhile is an error,
+    never a mix of old structure and new weights."""
+    mark = external_info(t).get(IN_MODEL_FILE)
+    with open(external_path(t, base_dir), "rb") as f:
+        if mark is not None and file_identity(os.fstat(f.fileno())) != mark:
+            raise MalformedModelError("the model file changed while bnfold read it")
+        yield f
+        if mark is not None and file_identity(os.fstat(f.fileno())) != mark:
+            raise MalformedModelError("the model file changed while bnfold read it")
+
+
 def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
     """The values of ``t``, reading only its own bytes when it lives in external data."""
+    if in_model_file(t):
+        return _read_from_model_file(t, base_dir)
     if t.data_location != TensorProto.EXTERNAL:
         n = tensor_nbytes(t)
         if t.HasField("raw_data") and n is not None and t.data_type not in PACKED_TYPES:
@@ -99,6 +138,19 @@ def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
         except ValueError as e:  # typed data (float_data, ...) whose count does not match the dims
             raise MalformedModelError(f"tensor '{t.name}' data does not match its dims ({e})") from None
     return external_view(t, base_dir)  # read-only map: pages are read as they are used
+
+
+def _read_from_model_file(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
+    """A weight left in the model file: read (not mapped: a file cut short must give an error,
+    not SIGBUS) into a read-only array, as inline weights are."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    out = np.empty(tuple(t.dims), dtype)
+    with open_tensor_file(t, base_dir) as f:
+        f.seek(external_offset(t))
+        if f.readinto(out.data.cast("B")) != out.nbytes:
+            raise MalformedModelError(f"tensor '{t.name}' ends early (the model file changed while bnfold read it)")
+    out.flags.writeable = False
+    return out
 
 
 def external_view(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
@@ -117,11 +169,13 @@ def external_view(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
 def external_files(model: ModelProto, base_dir: Optional[PathLike]) -> Set[Path]:
     """The external data files ``model`` refers to, resolved against ``base_dir``."""
     return {(Path(base_dir or ".") / external_info(t).get("location", "")).resolve()
-            for t in iter_tensors(model) if t.data_location == TensorProto.EXTERNAL}
+            for t in iter_tensors(model) if in_data_file(t)}
 
 
 def uses_external_data(model: ModelProto) -> bool:
-    return any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(model))
+    """Whether ``model`` keeps tensors in external data files (weights left in the model file
+    at load do not count: they are written back inline)."""
+    return any(in_data_file(t) for t in iter_tensors(model))
 
 
 def set_tensor_data(tensor: TensorProto, value: np.ndarray) -> None:

@@ -173,7 +173,7 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
             # Atomic against interruption and write errors (temporary file, then rename); no
             # fsync: a power-loss barrier would cost ~10% of a fold and the input is never touched.
             with open(os.path.join(tmpdir, p.name), "wb") as f:
-                stream.write_model(model, f, replacements)
+                stream.write_model(model, f, replacements, base_dir)
             files = (p.name,)
         if model_mode is not None:
             modes[p.name] = model_mode
