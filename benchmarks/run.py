@@ -169,13 +169,17 @@ def run(args) -> dict:
         # and each tool's ratio to bnfold is taken within a round (paired), then the median over rounds
         cmds = list(TOOLS.items()) + [("floor", FLOOR)]
         runs: dict = {tool: [] for tool, _ in cmds}
-        for _ in range(args.repeat):
-            for tool, cmd in cmds:
+        for r in range(args.repeat):
+            # the order rotates each round and every run starts with the disk's pending writes done
+            # (os.sync, untimed): here a run that followed another tool's 100 MB write paid for its
+            # writeback, up to 2x on resnet50, whichever tool it was
+            for tool, cmd in cmds[r % len(cmds):] + cmds[:r % len(cmds)]:
                 if runs[tool] and runs[tool][-1]["rc"] != 0:
                     continue  # failed once: not retried
                 out = tmp / f"{name}.{tool}.onnx"
                 if out.exists():
                     out.unlink()
+                os.sync()
                 runs[tool].append(timed(cmd, path, out))
         for tool, _ in cmds:
             rs = runs[tool]
@@ -243,7 +247,8 @@ def render(results: dict) -> str:
     models = results["models"]
     meta = results["meta"]
     lines = ["# Benchmark results", "",
-             f"{meta['date']}, {meta['machine']}; {meta['repeat']} rounds per model, each running every tool once. "
+             f"{meta['date']}, {meta['machine']}; {meta['repeat']} rounds per model, each running every tool once "
+             "(the order rotating by one tool per round; each run starts after `os.sync()`, untimed). "
              "Regenerate with `python benchmarks/run.py`.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
 
