@@ -203,6 +203,14 @@ class _Bnfold(click.Group):
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # e.g. `bnfold --help | head -1`
             _reader_gone()
+        except SystemExit as e:
+            # click catches a broken pipe itself (while printing --help or --version), wraps the
+            # standard streams so that the final flush stays quiet, and exits 1: a command whose
+            # reader left ends as SIGPIPE would end it, as the commands themselves do
+            pacified = getattr(click.utils, "_PacifyFlushWrapper", None)
+            if e.code == 1 and pacified is not None and isinstance(sys.stdout, pacified):
+                _reader_gone()
+            raise
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

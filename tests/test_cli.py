@@ -345,3 +345,21 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     assert p.wait() == 141, err
     assert err == ""
     assert out.exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["fuse", "--help"]])
+def test_help_and_version_into_a_closed_pipe_end_as_sigpipe_would(args):
+    """`bnfold --help | true`: click catches the broken pipe itself and exited 1 (a failure
+    to a script); now 141 and nothing on stderr, as the commands."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: every write fails
+    try:
+        p = subprocess.run([sys.executable, "-m", "bnfold", *args], stdout=write, stderr=subprocess.PIPE,
+                           timeout=60)
+    finally:
+        os.close(write)
+    assert p.returncode == 141 and p.stderr == b"", p.stderr
