@@ -501,7 +501,10 @@ def _collect(paths: Sequence[Path], exclude: Sequence[str] = ()) -> list:
         if p.is_dir():
             found = find_models(p, exclude)
             if not found:
-                raise BnfoldError("folder holds no *.onnx file (outside skipped and excluded folders)", p)
+                outputs = len(find_models(p, exclude, outputs=True))
+                raise BnfoldError("folder holds no *.onnx file (outside skipped and excluded folders)" if not outputs
+                                  else f"folder holds only bnfold outputs ({outputs} *.fused.onnx file(s), skipped "
+                                       "when a folder is searched): name them to include them", p)
             models.extend((q, p) for q in found)
         elif p.name.endswith(".data") and p.is_file():  # external data: check the model(s) reading it
             owners = models_reading(p)
@@ -836,7 +839,8 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
     Inputs are never modified unless --in-place is given, and no output may replace
     a file an input reads; outputs are written atomically.
 
-    MODELS may be files or folders (searched for *.onnx). With several, one failure
+    MODELS may be files or folders (searched for *.onnx, skipping bnfold's own *.fused.onnx
+    outputs: name one to include it). With several, one failure
     does not stop the rest, a summary table ends the run, and the exit code is the
     worst of them.
     """

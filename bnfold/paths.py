@@ -210,9 +210,10 @@ def is_skipped_folder(folder: Path) -> bool:
             or (folder / "pyvenv.cfg").is_file())
 
 
-def find_models(root: Path, exclude: Sequence[str] = ()) -> List[Path]:
-    """The ``*.onnx`` files under ``root`` (sorted), skipping ``*.fused.onnx`` outputs, the
-    folders :func:`is_skipped_folder` names and anything matching an ``exclude`` glob.
+def find_models(root: Path, exclude: Sequence[str] = (), outputs: bool = False) -> List[Path]:
+    """The ``*.onnx`` files under ``root`` (sorted), skipping ``*.fused.onnx`` outputs (or only
+    those, with ``outputs``), the folders :func:`is_skipped_folder` names and anything matching
+    an ``exclude`` glob.
 
     A glob is matched against the path relative to ``root`` (``/``-separated) and against
     each of its parts, so ``--exclude 'legacy'`` and ``--exclude 'legacy/*.onnx'`` both work.
@@ -228,7 +229,7 @@ def find_models(root: Path, exclude: Sequence[str] = ()) -> List[Path]:
             kept.append(d)
         dirs[:] = kept
         for f in sorted(files):
-            if not f.endswith(".onnx") or f.endswith(".fused.onnx"):
+            if not f.endswith(".onnx") or f.endswith(".fused.onnx") != outputs:
                 continue
             p = here / f
             if not _excluded(p.relative_to(root), exclude):

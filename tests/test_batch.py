@@ -190,6 +190,14 @@ def test_a_searched_folder_holding_only_earlier_outputs_is_refused(tmp_path):
     assert res.exit_code == 2 and "inside --out-dir" in res.stderr, res.output
 
 
+def test_a_folder_of_fused_outputs_only_says_so_and_how_to_include_them(tmp_path):
+    shutil.copy(MODELS / "mlp_bn1d.onnx", tmp_path / "a.fused.onnx")
+    res = run("check", tmp_path)
+    assert res.exit_code == 2 and "only bnfold outputs (1 *.fused.onnx" in res.stderr, res.output
+    assert "name them" in res.stderr and res.stderr.count("\n") == 1
+    assert run("check", tmp_path / "a.fused.onnx").exit_code == 0  # named: checked
+
+
 def test_report_and_junit_on_one_file_are_refused(tmp_path):
     src = corpus(tmp_path)
     for args in (("fuse", src, "--out-dir", tmp_path / "out", "--no-verify"), ("check", src)):
