@@ -76,7 +76,9 @@ def handle_errors(fn):
         except BnfoldError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; no model was written", EXIT_INTERRUPTED)
+            # only the commands that write models say none was (verify, inspect and check write none)
+            _fail("interrupted; no model was written" if fn.__name__ in ("fuse", "insert", "recalibrate")
+                  else "interrupted", EXIT_INTERRUPTED)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors: click prints them and exits 2
         except BrokenPipeError:
@@ -199,7 +201,7 @@ class _Bnfold(click.Group):
             click.echo(f"bnfold: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:  # Ctrl-C before a command ran (handle_errors takes it inside one)
-            click.echo("bnfold: interrupted; no model was written", err=True)
+            click.echo("bnfold: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:  # e.g. `bnfold --help | head -1`
             _reader_gone()

@@ -363,3 +363,24 @@ def test_help_and_version_into_a_closed_pipe_end_as_sigpipe_would(args):
     finally:
         os.close(write)
     assert p.returncode == 141 and p.stderr == b"", p.stderr
+
+
+@pytest.mark.parametrize("command, says", [("verify", "bnfold: error: interrupted\n"),
+                                           ("inspect", "bnfold: error: interrupted\n"),
+                                           ("fuse", "bnfold: error: interrupted; no model was written\n")])
+def test_ctrl_c_says_no_model_was_written_only_where_one_could_have_been(command, says, monkeypatch):
+    import bnfold.workflow
+    import bnfold.verification
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bnfold.verification, "verify", stop)
+    monkeypatch.setattr(bnfold.workflow, "run_batch", stop)
+    monkeypatch.setattr(bnfold.workflow, "inspect_file", stop, raising=False)
+    import bnfold.fold
+    monkeypatch.setattr(bnfold.fold, "fuse", stop)
+    model = MODELS / "resnet_mini.onnx"
+    args = {"verify": [model, model], "inspect": [model], "fuse": [model, "--no-verify"]}[command]
+    res = run(command, *args)
+    assert res.exit_code == 130 and res.stderr == says, res.output
