@@ -71,8 +71,10 @@ def conv_input_factor(s: np.ndarray, shape: Tuple[int, ...], group: int) -> np.n
 
 
 def scale(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """``w * factor`` in float64 (``factor`` broadcasts against ``w``)."""
-    return np.multiply(w, factor, dtype=FLOAT64)
+    """``w * factor`` in float64 (``factor`` broadcasts against ``w``). Non-finite weights stay
+    non-finite without a warning (inf x 0 is NaN, as ONNX Runtime would compute it)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.multiply(w, factor, dtype=FLOAT64)
 
 
 # Elements per block in scale_round: big enough to amortise numpy's call overhead,
@@ -116,14 +118,23 @@ def check_scale_fits(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: s
     if w.size == 0:
         return
     axes = tuple(i for i in range(w.ndim) if i >= factor.ndim or factor.shape[i] == 1)
-    # block by block along axis 0, so max and min read each block from cache
+    # block by block along axis 0, so max and min read each block from cache. Only finite weights
+    # can overflow (NaN and inf stay what they are): a NaN or inf must not hide the largest finite one
     rows = max(1, (_BLOCK << 2) // max(1, w[0].size)) if w.ndim else 1
     peaks = []
     for i in range(0, w.shape[0] if w.ndim else 1, rows):
         block = w[i:i + rows] if w.ndim else w
-        peaks.append(np.maximum(np.max(block, axis=axes, keepdims=True), -np.min(block, axis=axes, keepdims=True)))
+        peak = _largest_magnitude(block, axes)
+        if not np.isfinite(peak).all():  # rare (corrupt or special data): again without the non-finite
+            peak = _largest_magnitude(np.where(np.isfinite(block), block, 0), axes)
+        peaks.append(peak)
     peak = np.maximum.reduce(peaks) if (0 in axes or not w.ndim) else np.concatenate(peaks, axis=0)
-    round_to(np.multiply(peak, np.abs(factor), dtype=FLOAT64), dtype, what)
+    round_to(scale(peak, np.abs(factor)), dtype, what)
+
+
+def _largest_magnitude(block: np.ndarray, axes: Tuple[int, ...]) -> np.ndarray:
+    """max |block| over ``axes`` (NaN skipped), from one max and one min (no |block| copy)."""
+    return np.fmax(np.fmax.reduce(block, axis=axes, keepdims=True), -np.fmin.reduce(block, axis=axes, keepdims=True))
 
 
 def conv_input_shift(w: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:

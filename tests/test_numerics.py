@@ -123,6 +123,8 @@ def test_blockwise_overflow_is_refused():
 def test_check_scale_fits_agrees_with_computing_the_product(seed, dtype):
     rng = np.random.default_rng(seed)
     w = (rng.normal(size=(6, 3, 2)) * 10.0 ** rng.uniform(0, 4)).astype(dtype)
+    specials = rng.random(w.shape) < rng.choice([0.0, 0.2])  # NaN and inf among the weights, in some draws
+    w[specials] = rng.choice(np.array([np.nan, np.inf, -np.inf], dtype), size=int(specials.sum()))
     axis = int(rng.integers(0, 3))
     s = 10.0 ** rng.uniform(-2, 36 if dtype == np.float32 else 4, size=w.shape[axis])
     factor = numerics.axis_factor(s, axis, 3)
@@ -136,6 +138,15 @@ def test_check_scale_fits_agrees_with_computing_the_product(seed, dtype):
         assert fits
     except numerics.FoldOverflow:
         assert not fits
+
+
+def test_a_nan_weight_does_not_hide_an_overflowing_one():
+    w = np.array([[np.nan, 3e38], [1.0, 2.0]], np.float32)  # corrupt data: NaN beside a finite peak
+    factor = numerics.axis_factor(np.array([2.0, 1.0]), 0, 2)
+    with pytest.raises(numerics.FoldOverflow):
+        numerics.scale_round(w, factor, np.float32, "w")
+    with pytest.raises(numerics.FoldOverflow):
+        numerics.check_scale_fits(w, factor, np.float32, "w")
 
 
 @pytest.mark.parametrize("axis", [0, 1, 3])
