@@ -45,7 +45,8 @@ from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_at
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
 from .modelio.pending import PendingValue, as_array
-from .modelio.tensors import external_files, in_model_file, iter_tensors, read_tensor, set_tensor_data, tensor_nbytes
+from .modelio.tensors import (external_files, file_identity, in_model_file, iter_tensors, read_tensor,
+                              set_tensor_data, tensor_nbytes)
 from .reasons import Reason, Refusal
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ class FuseResult:
         self.source = source
         self.source_external_data = source_external_data
         """Whether the source file kept its weights in external data."""
+        self.source_identity: Optional[str] = None
+        """The source file's identity as it was read (:func:`bnfold.modelio.tensors.file_identity`)."""
         self._external_unloaded = source_external_data  # untouched tensors still on disk
         self.base_dir = base_dir
         self.merges = merges or []
@@ -163,6 +166,16 @@ class FuseResult:
         avoid = () if overwriting_source else external_files(self._model, self.base_dir)
         return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
                            base_dir=self.base_dir, avoid=avoid, source=self.source)
+
+    def source_unchanged(self) -> bool:
+        """Whether the source file is still the one that was read (True when there is none to
+        compare: a model given in memory, a pipe)."""
+        if self.source is None or self.source_identity is None:
+            return True
+        try:
+            return file_identity(os.stat(self.source)) == self.source_identity
+        except OSError:  # removed
+            return False
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
@@ -234,16 +247,16 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     :mod:`bnfold.reparam`). Returns the folded model and a record per BN; nothing is
     written to disk.
     """
-    source = None
+    source = identity = None
     external = False
     if isinstance(model_or_path, ModelProto):
         model = model_or_path if inplace else copy.deepcopy(model_or_path)
     else:
-        from .modelio.load import load_model_info
+        from .modelio.load import load_source
 
         source = os.fspath(model_or_path)
         # external data stays on disk: only the tensors a fold touches are read
-        model, external = load_model_info(source, load_external=False, leave_weights=True)
+        model, external, identity = load_source(source, load_external=False, leave_weights=True)
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
@@ -262,8 +275,10 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records, merges)
-    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
-                      unmerged, decomposed)
+    result = FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
+                        unmerged, decomposed)
+    result.source_identity = identity
+    return result
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:

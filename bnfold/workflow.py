@@ -218,11 +218,18 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         with staging_cm as staged:
             result.release_model()  # written: free it before ONNX Runtime loads both models
             report = None
-            if opts.verify is not False and result.folded:
-                report = _verify_staged(model, Path(staged.path), opts, warnings)
-                if report is not None:
-                    report.candidate = str(target) if target is not None else f"{model} (folded in memory)"
-                    data["verification"] = report.to_dict()
+            try:
+                if opts.verify is not False and result.folded:
+                    report = _verify_staged(model, Path(staged.path), opts, warnings)
+                    if report is not None:
+                        report.candidate = str(target) if target is not None else f"{model} (folded in memory)"
+                        data["verification"] = report.to_dict()
+            except BnfoldError:
+                _check_unchanged(model, result)  # a model replaced mid-run explains a failure better
+                raise
+            # the fold, and its verdict, are of the file as it was read: if it was replaced or rewritten
+            # since (a new export), writing or passing the fold would put the old model in its place
+            _check_unchanged(model, result)
             failed = report is not None and not report.equivalent
             if failed and not opts.force:
                 error = (f"{target}: not written: the folded model is not equivalent to {model} "
@@ -251,6 +258,13 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_unchanged(model: Path, result) -> None:
+    from .modelio.tensors import CHANGED
+
+    if not result.source_unchanged():
+        raise BnfoldError(CHANGED, model)
 
 
 def _data_left_behind(read: Sequence[Path], target: Path) -> List[Path]:

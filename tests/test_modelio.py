@@ -232,7 +232,7 @@ def test_fold_of_a_file_equals_fold_of_the_same_model_in_memory(tmp_path):
     assert model == onnx.load(str(tmp_path / "b.onnx"))
 
 
-@pytest.mark.parametrize("change", ["rewritten", "replaced", "truncated"])
+@pytest.mark.parametrize("change", ["rewritten", "replaced", "truncated", "removed"])
 def test_a_model_file_changed_before_its_weights_are_copied_is_an_error_not_a_mix(tmp_path, change):
     import os
 
@@ -249,12 +249,15 @@ def test_a_model_file_changed_before_its_weights_are_copied_is_an_error_not_a_mi
     elif change == "replaced":
         (tmp_path / "new").write_bytes(other.SerializeToString())
         os.replace(tmp_path / "new", path)
-    else:
+    elif change == "truncated":
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size // 2)
-    with pytest.raises(BnfoldError, match="changed while bnfold read it"):
+    else:
+        path.unlink()
+    with pytest.raises(BnfoldError, match="changed while bnfold read it") as e:
         result.save(tmp_path / "out.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert e.value.path == str(path)  # the input that changed, not the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if change == "removed" else ["m.onnx"])
 
 
 def test_splitting_falls_back_to_a_whole_parse_for_unusual_layouts():

@@ -472,3 +472,43 @@ def test_require_folded_policy_is_explained_in_check_help():
         assert code in text
     assert "BNs kept for other reasons cannot be folded exactly and pass" in text
     assert "lists each model's kept BNs by reason code" in text
+
+
+# -- the input changing while bnfold works on it -----------------------------------------------
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten", "removed"])
+@pytest.mark.parametrize("mode", [["--in-place"], ["-o", "OUT"], ["CHECK"]])
+def test_a_model_changed_during_verification_is_refused_and_never_overwritten(tmp_path, monkeypatch, how, mode):
+    """A new export landing while its previous version is folded: the fold and its verdict are
+    of the old file, so nothing is written (--in-place would have replaced the new model with
+    the old one's fold) and the error says what happened, not 'not equivalent'."""
+    from bnfold import workflow
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "resnet_mini.onnx", path)
+    newer = onnx.load(str(path))
+    newer.doc_string = "the newer export"
+    verify_staged = workflow._verify_staged
+
+    def change_then_verify(*args, **kwargs):
+        if how == "replaced":
+            onnx.save(newer, str(tmp_path / "new.onnx"))
+            os.replace(tmp_path / "new.onnx", path)
+        elif how == "rewritten":
+            onnx.save(newer, str(path))
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        else:
+            path.unlink()
+        return verify_staged(*args, **kwargs)
+
+    monkeypatch.setattr(workflow, "_verify_staged", change_then_verify)
+    args = ["check", path] if mode == ["CHECK"] else ["fuse", path] + [tmp_path / "out.onnx" if a == "OUT" else a
+                                                                      for a in mode]
+    res = run(*args)
+    assert res.exit_code == 2 and "changed while bnfold read it" in res.output and str(path) in res.output, res.output
+    assert "not equivalent" not in res.output
+    assert not (tmp_path / "out.onnx").exists()
+    if how != "removed":
+        assert onnx.load(str(path)).doc_string == "the newer export"  # the new model stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if how == "removed" else ["m.onnx"])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Tuple, Union
+from typing import BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import onnx
 from onnx import ModelProto, TensorProto
@@ -28,9 +29,17 @@ def load_model(path: PathLike, *, load_external: bool = True) -> ModelProto:
 LEAVE_MIN_BYTES = 1 << 14
 
 
-def load_model_info(path: PathLike, *, load_external: bool = True, leave_weights: bool = False
-                    ) -> Tuple[ModelProto, bool]:
-    """Like :func:`load_model`, also saying whether the file used external data.
+def load_model_info(path: PathLike, *, load_external: bool = True) -> Tuple[ModelProto, bool]:
+    """Like :func:`load_model`, also saying whether the file used external data."""
+    model, external, _ = load_source(path, load_external=load_external)
+    return model, external
+
+
+def load_source(path: PathLike, *, load_external: bool = True, leave_weights: bool = False
+                ) -> Tuple[ModelProto, bool, Optional[str]]:
+    """Like :func:`load_model_info`, also giving the file's identity as it was read
+    (:func:`~bnfold.modelio.tensors.file_identity`; None for a pipe): compared again before an
+    output replaces or is judged against the file, it tells that the file changed meanwhile.
 
     With ``leave_weights`` (and ``load_external`` false) the main graph's large inline weights
     are not parsed: each becomes a reference to its bytes in the model file
@@ -45,21 +54,24 @@ def load_model_info(path: PathLike, *, load_external: bool = True, leave_weights
     if p.is_dir():
         raise BnfoldError("is a directory, not an ONNX file", p)
     model = ModelProto()
+    identity = None
     try:
         with open(p, "rb") as f, _contents(f) as data:
+            st = os.fstat(f.fileno())
+            identity = file_identity(st) if stat.S_ISREG(st.st_mode) else None
             if not len(data):
                 raise BnfoldError("is empty, not an ONNX model", p)
             try:
                 split = None
                 if leave_weights and not load_external and isinstance(data, memoryview) \
-                        and sys.byteorder == "little":
+                        and identity is not None and sys.byteorder == "little":
                     try:
                         split = split_weights(data, LEAVE_MIN_BYTES)
                     except (ValueError, IndexError):  # not plain protobuf: protobuf's parser decides
                         split = None
                 model.ParseFromString(data if split is None else split[0])
-                if split is not None and isinstance(data, memoryview):
-                    _leave_in_file(model, split[1], data, p, file_identity(os.fstat(f.fileno())))
+                if split is not None and isinstance(data, memoryview) and identity is not None:
+                    _leave_in_file(model, split[1], data, p, identity)
             except BnfoldError:
                 raise
             except Exception:  # protobuf's DecodeError and friends: any parse failure means "not ONNX"
@@ -79,7 +91,7 @@ def load_model_info(path: PathLike, *, load_external: bool = True, leave_weights
             load_external_data_for_model(model, str(p.parent))
         except Exception as e:  # onnx raises several types for unreadable data; all are the input's fault
             raise BnfoldError(f"cannot read its external data ({e})", p) from None
-    return model, external
+    return model, external, identity
 
 
 def _leave_in_file(model: ModelProto, left_out: List[Tuple[int, int, int]], data: memoryview, path: Path,

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
-from ..errors import MalformedModelError, PathLike
+from ..errors import BnfoldError, MalformedModelError, PathLike
 
 # Sub-byte and string types: their raw_data length does not follow from dims x itemsize.
 PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
@@ -105,19 +105,37 @@ def file_identity(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+CHANGED = "changed while bnfold read it (replaced, rewritten or removed); nothing was written"
+
+
 @contextlib.contextmanager
 def open_tensor_file(t: TensorProto, base_dir: Optional[PathLike]) -> Iterator[io.BufferedReader]:
     """The file holding ``t``'s external bytes, open for reading. For a weight left in the
     model file, the file must still be the one loaded (same inode, size and modification
-    time, before and after the read): a model replaced or rewritten meanwhile is an error,
-    never a mix of old structure and new weights."""
+    time, before and after the read): a model replaced, rewritten or removed meanwhile is an
+    error naming it (:class:`BnfoldError`, not a fold's reason), never a mix of old structure
+    and new weights."""
     mark = external_info(t).get(IN_MODEL_FILE)
-    with open(external_path(t, base_dir), "rb") as f:
-        if mark is not None and file_identity(os.fstat(f.fileno())) != mark:
-            raise MalformedModelError("the model file changed while bnfold read it")
-        yield f
-        if mark is not None and file_identity(os.fstat(f.fileno())) != mark:
-            raise MalformedModelError("the model file changed while bnfold read it")
+    path = external_path(t, base_dir)
+    if mark is None:
+        with open(path, "rb") as f:
+            yield f
+        return
+    try:
+        f = open(path, "rb")
+    except OSError:
+        raise BnfoldError(CHANGED, path) from None
+    with f:
+        if file_identity(os.fstat(f.fileno())) != mark:
+            raise BnfoldError(CHANGED, path)
+        try:
+            yield f
+        except MalformedModelError:  # a short read: because the file changed, if it did
+            if file_identity(os.fstat(f.fileno())) != mark:
+                raise BnfoldError(CHANGED, path) from None
+            raise
+        if file_identity(os.fstat(f.fileno())) != mark:
+            raise BnfoldError(CHANGED, path)
 
 
 def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
@@ -148,7 +166,7 @@ def _read_from_model_file(t: TensorProto, base_dir: Optional[PathLike]) -> np.nd
     with open_tensor_file(t, base_dir) as f:
         f.seek(external_offset(t))
         if f.readinto(out.data.cast("B")) != out.nbytes:
-            raise MalformedModelError(f"tensor '{t.name}' ends early (the model file changed while bnfold read it)")
+            raise BnfoldError(CHANGED, external_path(t, base_dir))
     out.flags.writeable = False
     return out
 
