@@ -99,11 +99,13 @@ EXIT_SIGPIPE = 128 + 13  # the status a shell shows for a process that SIGPIPE e
 def _reader_gone() -> None:
     """Standard output's reader went away (``bnfold fuse m.onnx | head -1``): stop quietly, as a
     command ended by SIGPIPE does, instead of calling it a bug. Outputs already written stay."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
-    except (OSError, ValueError):
-        pass
+    for stream in (sys.stdout, sys.stderr):  # the interpreter's final flush must not fail again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
     sys.exit(EXIT_SIGPIPE)
 
 
@@ -183,7 +185,10 @@ class _Bnfold(click.Group):
         if args is not None:  # called from Python (a test runner): exit as usual
             return self._main(args, prog_name, complete_var, **extra)
         try:
-            self._main(args, prog_name, complete_var, **extra)
+            try:
+                self._main(args, prog_name, complete_var, **extra)
+            except BrokenPipeError:  # an error message written into a closed pipe (`bnfold x 2>&1 | true`)
+                _reader_gone()
         except SystemExit as e:
             _end_process(e.code)
         raise AssertionError("unreachable: _main always exits")

@@ -264,7 +264,7 @@ def _check_unchanged(model: Path, result) -> None:
     from .modelio.tensors import CHANGED
 
     if not result.source_unchanged():
-        raise BnfoldError(CHANGED, model)
+        raise BnfoldError(f"{CHANGED}; nothing was written", model)
 
 
 def _data_left_behind(read: Sequence[Path], target: Path) -> List[Path]:

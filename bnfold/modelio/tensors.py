@@ -105,7 +105,7 @@ def file_identity(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
-CHANGED = "changed while bnfold read it (replaced, rewritten or removed); nothing was written"
+CHANGED = "changed while bnfold read it (replaced, rewritten or removed)"
 
 
 @contextlib.contextmanager
