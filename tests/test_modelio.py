@@ -198,13 +198,13 @@ def big_weights_model() -> onnx.ModelProto:
 
 
 def test_weights_left_in_the_model_file_read_and_write_back_as_onnx_reads_them(tmp_path):
-    from bnfold.modelio.load import load_model_info
+    from bnfold.modelio.load import load_source
     from bnfold.modelio.tensors import in_model_file
 
     path = tmp_path / "m.onnx"
     onnx.save(big_weights_model(), str(path))
     reference = onnx.load(str(path))
-    loaded, external = load_model_info(path, load_external=False, leave_weights=True)
+    loaded, external, _ = load_source(path, load_external=False, leave_weights=True)
     assert not external
     assert sorted(t.name for t in loaded.graph.initializer if in_model_file(t)) == ["big", "big_half"]
     values = {t.name: modelio.read_tensor(t, tmp_path) for t in loaded.graph.initializer}
@@ -213,7 +213,7 @@ def test_weights_left_in_the_model_file_read_and_write_back_as_onnx_reads_them(t
         assert values[t.name].dtype == numpy_helper.to_array(t).dtype
     modelio.stage_model(loaded, tmp_path / "inline.onnx", base_dir=tmp_path).commit()
     assert onnx.load(str(tmp_path / "inline.onnx")) == reference  # back inline, field for field
-    loaded, _ = load_model_info(path, load_external=False, leave_weights=True)
+    loaded, _, _ = load_source(path, load_external=False, leave_weights=True)
     modelio.stage_model(loaded, tmp_path / "ext.onnx", external_data=True, base_dir=tmp_path).commit()
     split = onnx.load(str(tmp_path / "ext.onnx"))  # onnx reads the new .data file
     for a, b in zip(split.graph.initializer, reference.graph.initializer):

@@ -25,7 +25,7 @@ def load_model(path: PathLike, *, load_external: bool = True) -> ModelProto:
     return load_model_info(path, load_external=load_external)[0]
 
 
-# Inline weights from this size are left in the file by load_model_info(leave_weights=True).
+# Inline weights from this size are left in the file by load_source(leave_weights=True).
 LEAVE_MIN_BYTES = 1 << 14
 
 

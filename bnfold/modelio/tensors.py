@@ -24,7 +24,7 @@ PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
 # The typed value fields of a TensorProto, besides raw_data and string_data.
 VALUE_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 # external_data key of a weight left in the model file itself when it was loaded (see
-# load_model_info's in_place_weights): its value identifies the file as it was then.
+# load.load_source's leave_weights): its value identifies the file as it was then.
 IN_MODEL_FILE = "bnfold:in-model-file"
 
 
