@@ -100,17 +100,20 @@ def check_output(original: Path, out: Path) -> dict:
         report = verify(original, out, providers="cpu", samples=2)
     except BnfoldError as e:
         return {"status": "invalid", "bn": bn, "nodes": nodes, "why": str(e)[:120]}
-    if not report.equivalent and report.exact is not None and report.exact.ran and not report.exact.equivalent:
+    if report.equivalent:
+        return {"status": "ok", "bn": bn, "nodes": nodes}
+    outputs = [o for c in report.comparisons for o in c.outputs]
+    worst = max(outputs, key=lambda o: o.fail_fraction) if outputs else None
+    if worst is not None and worst.worst is not None and any(isinstance(v, float) and v != v
+                                                             for v in worst.worst.values()):
+        return {"status": "wrong", "bn": bn, "nodes": nodes, "why": "NaN"}  # the plainest account first
+    if report.exact is not None and report.exact.ran and not report.exact.equivalent:
         # refused by the float64 check: the output's float64 value moved more than rounding the
         # weights once (to nearest) can move it, though the runtime comparison may pass
         used = max(o.used for o in report.exact.outputs)
         return {"status": "wrong", "bn": bn, "nodes": nodes, "why": f"float64 check: {used:.0%} of its limit"}
-    if not report.equivalent:
-        worst = max((o for c in report.comparisons for o in c.outputs), key=lambda o: o.fail_fraction)
-        nan = worst.worst is not None and any(isinstance(v, float) and v != v for v in worst.worst.values())
-        return {"status": "wrong", "bn": bn, "nodes": nodes,
-                "why": "NaN" if nan else f"{worst.fail_fraction:.0%} of elements off"}
-    return {"status": "ok", "bn": bn, "nodes": nodes}
+    return {"status": "wrong", "bn": bn, "nodes": nodes,
+            "why": f"{worst.fail_fraction:.0%} of elements off" if worst is not None else "not equivalent"}
 
 
 def latency(path: Path, runs: int = 20, optimize: bool = False) -> float:
