@@ -72,8 +72,6 @@ def load_source(path: PathLike, *, load_external: bool = True, leave_weights: bo
                 model.ParseFromString(data if split is None else split[0])
                 if split is not None and isinstance(data, memoryview) and identity is not None:
                     _leave_in_file(model, split[1], data, p, identity)
-            except BnfoldError:
-                raise
             except Exception:  # protobuf's DecodeError and friends: any parse failure means "not ONNX"
                 raise BnfoldError("is not an ONNX model (it does not parse as ONNX protobuf: truncated or another "
                                   "format?)", p) from None

@@ -101,7 +101,8 @@ def in_data_file(t: TensorProto) -> bool:
 
 
 def file_identity(st: os.stat_result) -> str:
-    """What :func:`open_tensor_file` compares to tell that a file is the one that was loaded."""
+    """A file's device, inode, size and modification time: what tells that a file is still the
+    one that was loaded (:func:`open_tensor_file`, ``FuseResult.source_unchanged``)."""
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
