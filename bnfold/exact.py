@@ -217,18 +217,26 @@ def _next_representable(arr: np.ndarray, down: np.ndarray) -> np.ndarray:
     return out.reshape(shape)
 
 
+# Weights and activations may hold NaN and inf (corrupt data, a model that computes them): they
+# propagate as in ONNX Runtime and the verdicts handle them; numpy's warnings about them would
+# only be noise on the user's terminal.
+_QUIET = dict(invalid="ignore", over="ignore", divide="ignore")
+
+
 def half_ulp(arr: np.ndarray) -> np.ndarray:
     """Half the spacing of ``arr``'s own dtype at each value, in float64."""
-    if arr.dtype.name == "bfloat16":  # 8 significant bits
-        a = np.abs(arr.astype(np.float64))
-        exp = np.floor(np.log2(np.where(a > 0, a, 2.0 ** -126)))
-        return 0.5 * 2.0 ** (np.maximum(exp, -126) - 7)
-    return 0.5 * np.abs(np.spacing(arr)).astype(np.float64)
+    with np.errstate(**_QUIET):
+        if arr.dtype.name == "bfloat16":  # 8 significant bits
+            a = np.abs(arr.astype(np.float64))
+            exp = np.floor(np.log2(np.where(a > 0, a, 2.0 ** -126)))
+            return 0.5 * 2.0 ** (np.maximum(exp, -126) - 7)
+        return 0.5 * np.abs(np.spacing(arr)).astype(np.float64)
 
 
 def perturbed(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``arr`` in float64, each value moved uniformly within half an ulp of its own dtype."""
-    return arr.astype(np.float64) + rng.uniform(-1.0, 1.0, arr.shape) * half_ulp(arr)
+    with np.errstate(**_QUIET):
+        return arr.astype(np.float64) + rng.uniform(-1.0, 1.0, arr.shape) * half_ulp(arr)
 
 
 def _bn_class():
@@ -407,9 +415,10 @@ class Float64Evaluator:
         """Turn the evaluator's floating-point initializer arrays into float64 (exact: every
         float dtype converts to float64 without rounding)."""
         inits = self.evaluator.rt_inits_
-        for name, v in inits.items():
-            if isinstance(v, np.ndarray) and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
-                inits[name] = v.astype(np.float64)
+        with np.errstate(**_QUIET):
+            for name, v in inits.items():
+                if isinstance(v, np.ndarray) and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
+                    inits[name] = v.astype(np.float64)
 
     def run_perturbed(self, originals: Sequence[Tuple[str, np.ndarray]], rng: np.random.Generator,
                       names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
@@ -427,16 +436,18 @@ class Float64Evaluator:
             inits.update(saved)
 
     def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        feeds64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
-                   for k, v in feeds.items()}
-        return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, feeds64)]
+        with np.errstate(**_QUIET):
+            feeds64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
+                       for k, v in feeds.items()}
+            return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, feeds64)]
 
 
 class OwnDtypeEvaluator(Float64Evaluator):
     """The model as it is (no upcast) under onnx.reference with inference BN: for ORT's missing kernels."""
 
     def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, dict(feeds))]
+        with np.errstate(**_QUIET):
+            return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, dict(feeds))]
 
 
 def evaluator(model: onnx.ModelProto, already_float64: bool = False) -> Float64Evaluator:

@@ -414,8 +414,10 @@ def _bn_affine(scope: Scope, bn: NodeProto) -> Union[Tuple[np.ndarray, np.ndarra
         return Refusal(Reason.INVALID_PARAMETERS,
                        f"its parameters are not 1-D vectors of one length (shapes {sorted(shapes)})")
     eps = float(attr(bn, "epsilon", 1e-5))
-    var = params[3].astype(np.float64)
-    if not all(np.isfinite(p.astype(np.float64)).all() for p in params) or not (var + eps > 0).all():
+    with np.errstate(invalid="ignore"):  # a signalling NaN (corrupt data) warns as it is cast: it is refused below
+        var = params[3].astype(np.float64)
+        finite = all(np.isfinite(p.astype(np.float64)).all() for p in params)
+    if not finite or not (var + eps > 0).all():
         return Refusal(Reason.INVALID_PARAMETERS, "its parameters hold non-finite values or var + epsilon <= 0")
     return numerics.bn_affine(params[0], params[1], params[2], var, eps)
 

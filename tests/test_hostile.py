@@ -397,3 +397,37 @@ def test_a_model_from_a_pipe_is_refused_when_it_must_be_read_twice(tmp_path):
     writer.join(timeout=30)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_corrupt_weights_give_reasons_and_no_numpy_warnings(tmp_path, external):
+    """Random bytes in a weights file hold signalling NaNs, infs and huge values: each BN they
+    touch is kept with its reason (never exit 3) and numpy's RuntimeWarnings do not reach the
+    user's terminal (they came from casts, spacing and sqrt of those values)."""
+    import warnings
+
+    from onnx import numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = onnx.load(str(MODELS / "resnet_mini.onnx"))
+    rng = np.random.default_rng(0)
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT and len(t.raw_data) > 256:
+            bits = rng.integers(0, 2**32, size=len(t.raw_data) // 4, dtype=np.uint32)
+            bits[:4] = [0x7FA00000, 0xFFA00001, 0x7F800000, 0x7F7FFFFF]  # sNaN, -sNaN, inf, max float32
+            t.raw_data = bits.tobytes()
+        elif t.name.endswith("running_var") or "var" in t.name:
+            arr = numpy_helper.to_array(t).copy()
+            arr.view(np.uint32)[0] = 0x7FA00000  # a signalling NaN variance
+            t.raw_data = arr.tobytes()
+    if external:
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run("fuse", path, "-o", tmp_path / "out.onnx")
+        res_inspect = run("inspect", path)
+    assert res.exit_code in (0, 1) and res_inspect.exit_code == 0, res.output + res_inspect.output
+    assert "INVALID_PARAMETERS" in res_inspect.output or "OVERFLOW" in res_inspect.output, res_inspect.output
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
