@@ -220,12 +220,13 @@ def _next_representable(arr: np.ndarray, down: np.ndarray) -> np.ndarray:
 # Weights and activations may hold NaN and inf (corrupt data, a model that computes them): they
 # propagate as in ONNX Runtime and the verdicts handle them; numpy's warnings about them would
 # only be noise on the user's terminal.
-_QUIET = dict(invalid="ignore", over="ignore", divide="ignore")
+def _quiet() -> np.errstate:
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
 
 def half_ulp(arr: np.ndarray) -> np.ndarray:
     """Half the spacing of ``arr``'s own dtype at each value, in float64."""
-    with np.errstate(**_QUIET):
+    with _quiet():
         if arr.dtype.name == "bfloat16":  # 8 significant bits
             a = np.abs(arr.astype(np.float64))
             exp = np.floor(np.log2(np.where(a > 0, a, 2.0 ** -126)))
@@ -235,7 +236,7 @@ def half_ulp(arr: np.ndarray) -> np.ndarray:
 
 def perturbed(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``arr`` in float64, each value moved uniformly within half an ulp of its own dtype."""
-    with np.errstate(**_QUIET):
+    with _quiet():
         return arr.astype(np.float64) + rng.uniform(-1.0, 1.0, arr.shape) * half_ulp(arr)
 
 
@@ -415,7 +416,7 @@ class Float64Evaluator:
         """Turn the evaluator's floating-point initializer arrays into float64 (exact: every
         float dtype converts to float64 without rounding)."""
         inits = self.evaluator.rt_inits_
-        with np.errstate(**_QUIET):
+        with _quiet():
             for name, v in inits.items():
                 if isinstance(v, np.ndarray) and (v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
                     inits[name] = v.astype(np.float64)
@@ -436,7 +437,7 @@ class Float64Evaluator:
             inits.update(saved)
 
     def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        with np.errstate(**_QUIET):
+        with _quiet():
             feeds64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
                        for k, v in feeds.items()}
             return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, feeds64)]
@@ -446,7 +447,7 @@ class OwnDtypeEvaluator(Float64Evaluator):
     """The model as it is (no upcast) under onnx.reference with inference BN: for ORT's missing kernels."""
 
     def run(self, names: Optional[Sequence[str]], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        with np.errstate(**_QUIET):
+        with _quiet():
             return [np.asarray(v) for v in self.evaluator.run(list(names) if names else None, dict(feeds))]
 
 
