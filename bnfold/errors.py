@@ -11,6 +11,10 @@ from typing import Optional, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+CHANGED = "changed while bnfold read it (replaced, rewritten or removed)"
+"""The message for an input file that is no longer the one bnfold loaded (see modelio.tensors.file_identity)."""
+
+
 class BnfoldError(Exception):
     """A problem with the user's input or environment, not a bug in bnfold."""
 

@@ -30,17 +30,18 @@ function ``bnfold.fuse`` once imported.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from onnx import ModelProto, NodeProto
 
 from . import __version__, numerics
-from .errors import MalformedModelError
+from .errors import CHANGED, BnfoldError, MalformedModelError
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
@@ -164,8 +165,9 @@ class FuseResult:
             raise ValueError("the model was released (release_model) after saving")
         overwriting_source = self.source is not None and Path(path).resolve() == Path(self.source).resolve()
         avoid = () if overwriting_source else external_files(self._model, self.base_dir)
-        return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
-                           base_dir=self.base_dir, avoid=avoid, source=self.source)
+        with _source_named(self.source):
+            return stage_model(self._model, path, external_data=external_data, replacements=self._replacements,
+                               base_dir=self.base_dir, avoid=avoid, source=self.source)
 
     def source_unchanged(self) -> bool:
         """Whether the source file is still the one that was read (True when there is none to
@@ -260,7 +262,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
-    folds, decomposed = _fold_all(index)
+    with _source_named(source):
+        folds, decomposed = _fold_all(index)
     merges: List[Merge] = []
     unmerged = None
     if reparameterize:
@@ -279,6 +282,18 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
                         unmerged, decomposed)
     result.source_identity = identity
     return result
+
+
+@contextlib.contextmanager
+def _source_named(source: Optional[str]) -> Iterator[None]:
+    """A weight read from the model file found the file changed: say so naming the model as the
+    caller gave it (the reader knows only the absolute path it opened)."""
+    try:
+        yield
+    except BnfoldError as e:
+        if source is None or e.message != CHANGED:
+            raise
+        raise BnfoldError(CHANGED, source) from None
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:

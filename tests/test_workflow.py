@@ -508,6 +508,7 @@ def test_a_model_changed_during_verification_is_refused_and_never_overwritten(tm
     res = run(*args)
     assert res.exit_code == 2 and "changed while bnfold read it" in res.output and str(path) in res.output, res.output
     assert "not equivalent" not in res.output
+    assert ("nothing was written" in res.output) == (mode != ["CHECK"])  # check never writes a model
     assert not (tmp_path / "out.onnx").exists()
     if how != "removed":
         assert onnx.load(str(path)).doc_string == "the newer export"  # the new model stays

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
-from ..errors import BnfoldError, MalformedModelError, PathLike
+from ..errors import CHANGED, BnfoldError, MalformedModelError, PathLike
 
 # Sub-byte and string types: their raw_data length does not follow from dims x itemsize.
 PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
@@ -104,9 +104,6 @@ def file_identity(st: os.stat_result) -> str:
     """A file's device, inode, size and modification time: what tells that a file is still the
     one that was loaded (:func:`open_tensor_file`, ``FuseResult.source_unchanged``)."""
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-CHANGED = "changed while bnfold read it (replaced, rewritten or removed)"
 
 
 @contextlib.contextmanager
