@@ -872,6 +872,7 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
             raise BnfoldError("output folder is not a folder", out_dir)
         pairs = []
+        created: List[Path] = []  # folders made for the outputs (removed again if left empty)
         for model, root in found:
             if in_place:
                 target = model
@@ -887,6 +888,7 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                                     created=out_dir)
         if out_dir is not None:  # only now, when nothing is refused: a missing --out-dir is created
             for _, target in pairs:
+                created += [d for d in (target.parent, *target.parent.parents) if not d.exists()]
                 try:
                     target.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
@@ -896,8 +898,15 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
     opts = _options(allow_overridable, reparameterize, verify_opts, in_place=in_place, verify=do_verify,
                     force=force)
     single = len(models) == 1 and len(pairs) == 1 and not models[0].is_dir()
-    report = _run(pairs, opts, jobs, quiet, single)
-    _finish("fuse", report, report_path, junit_path, as_json, verbose, quiet, single, t0)
+    try:
+        report = _run(pairs, opts, jobs, quiet, single)
+        _finish("fuse", report, report_path, junit_path, as_json, verbose, quiet, single, t0)
+    finally:  # folders made for outputs that were never written (a failure, Ctrl-C) do not stay behind
+        for d in sorted(set(created), key=lambda d: len(d.parts), reverse=True):
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                pass
 
 
 @main.command(context_settings=CONTEXT)

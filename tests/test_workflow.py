@@ -237,6 +237,24 @@ def test_missing_out_dir_is_created(model, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "new" / "deeper" / "net.onnx").exists()
 
 
+@pytest.mark.parametrize("how", ["unusable", "interrupted"])
+def test_an_out_dir_made_for_outputs_never_written_does_not_stay(model, tmp_path, monkeypatch, how):
+    from bnfold import workflow
+
+    if how == "unusable":
+        model.write_bytes(b"not onnx")
+    else:
+        def ctrl_c(*a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(workflow, "run_one", ctrl_c)
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    res = run("fuse", model, "--out-dir", existing / "new" / "deeper", "--no-verify")
+    assert res.exit_code == (2 if how == "unusable" else 130), res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "net.onnx"]
+    assert list(existing.iterdir()) == []  # the folders bnfold made are gone; the one that was there stays
+
+
 # -- F: overridable parameters under --require-folded ------------------------------------------
 
 def test_require_folded_fails_bns_kept_only_as_overridable(tmp_path):
