@@ -342,6 +342,22 @@ def _compare(name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray],
     return r
 
 
+def _non_finite_notes(runs: Sequence[Mapping[str, np.ndarray]], out_names: Sequence[str]) -> List[str]:
+    """A note per float output that is NaN or inf in the reference: the candidate matching it
+    there passes, which says nothing about the values the model should have computed."""
+    notes = []
+    for o in out_names:
+        values = [np.asarray(run[o]) for run in runs if o in run]
+        if not values or not _is_float(values[0].dtype):
+            continue
+        total = sum(v.size for v in values)
+        bad = total - sum(int(np.isfinite(v.astype(np.float64)).sum()) for v in values)
+        if bad:
+            notes.append(f"output {o}: {bad / total:.0%} of the reference's values are NaN or inf; the candidate "
+                         "matches them there, which checks nothing about them (corrupt weights or inputs?)")
+    return notes
+
+
 def parse_providers(spec: str) -> Tuple[List[str], List[dict]]:
     """``auto|cpu|cuda|cpu,cuda`` into the providers to use and the skipped ones (with why)."""
     parts = [p.strip().lower() for p in spec.split(",") if p.strip()]
@@ -614,6 +630,8 @@ def _verify(ref_path: str, cand_path: str, *, providers: str, samples: int, seed
     exact_out: Dict[str, Tuple[np.ndarray, np.ndarray, float]] = {}
     ref64_more: Dict[str, List[np.ndarray]] = {}
     runtime_check: Optional[RuntimeCheck] = None
+    if use and (ref_path, use[0]) in results:  # "max abs 0" between two NaN outputs must not read as a clean pass
+        notes.extend(_non_finite_notes(results[(ref_path, use[0])], out_names))
     t_cal = time.perf_counter()
     if not fixed_all and any(o not in explicit for o in out_names):
         first = results[(ref_path, use[0])][0]

@@ -341,3 +341,20 @@ def test_scalar_inputs(pair):
     # the two default samples take both branches: a candidate wrong in one branch only fails
     cand = pair(build(text.replace("b = Neg (s)", "b = Relu (s)")), "cand.onnx")
     assert not verify(ref, cand, providers="cpu").equivalent
+
+
+def test_outputs_that_are_nan_in_both_models_pass_with_a_note_saying_so(tmp_path):
+    """Two models that both compute NaN 'match' (max abs 0): the report must say that this
+    checked nothing about those values, not read as a clean pass."""
+    model = onnx.load(str(MODELS / "mlp_bn1d.onnx"))
+    t = next(t for t in model.graph.initializer if t.name == "fc1.weight")
+    w = numpy_helper.to_array(t).copy()
+    w[:] = np.nan
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, str(path))
+    report = verify(path, path, providers="cpu", samples=1)
+    assert report.equivalent
+    assert any("100% of the reference's values are NaN or inf" in n for n in report.notes), report.notes
+    clean = verify(MODELS / "mlp_bn1d.onnx", MODELS / "mlp_bn1d.onnx", providers="cpu", samples=1)
+    assert not any("NaN or inf" in n for n in clean.notes), clean.notes
