@@ -214,9 +214,10 @@ class _Bnfold(click.Group):
             # click catches a broken pipe itself (while printing --help or --version), wraps the
             # standard streams so that the final flush stays quiet, and exits 1: a command whose
             # reader left ends as SIGPIPE would end it, as the commands themselves do
-            pacified = tuple(getattr(click.utils, name) for name in ("_PacifyFlushWrapper", "PacifyFlushWrapper")
-                             if hasattr(click.utils, name))  # click 8.5 renamed it
-            if e.code == 1 and pacified and isinstance(sys.stdout, pacified):
+            # click 8.5 renamed it (the old name warns there): the old one only where the new is missing
+            pacified = getattr(click.utils, "_PacifyFlushWrapper", None) or getattr(click.utils, "PacifyFlushWrapper",
+                                                                                 None)
+            if e.code == 1 and pacified is not None and isinstance(sys.stdout, pacified):
                 _reader_gone()
             raise
         sys.exit(rv if isinstance(rv, int) else 0)
