@@ -11,10 +11,6 @@ from typing import Optional, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-CHANGED = "changed while bnfold read it (replaced, rewritten or removed)"
-"""The message for an input file that is no longer the one bnfold loaded (see modelio.tensors.file_identity)."""
-
-
 class BnfoldError(Exception):
     """A problem with the user's input or environment, not a bug in bnfold."""
 
@@ -27,6 +23,16 @@ class BnfoldError(Exception):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SourceChangedError(BnfoldError):
+    """An input file is no longer the one bnfold loaded: replaced, rewritten or removed while
+    bnfold worked on it (see ``modelio.tensors.file_identity``). ``nothing_written`` adds that no
+    output was written, for the commands that write one."""
+
+    def __init__(self, path: PathLike, nothing_written: bool = False) -> None:
+        super().__init__("changed while bnfold read it (replaced, rewritten or removed)"
+                         + ("; nothing was written" if nothing_written else ""), path)
 
 
 class MissingDependencyError(BnfoldError):

@@ -41,7 +41,7 @@ import numpy as np
 from onnx import ModelProto, NodeProto
 
 from . import __version__, numerics
-from .errors import CHANGED, BnfoldError, MalformedModelError
+from .errors import MalformedModelError, SourceChangedError
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
@@ -107,7 +107,7 @@ class FuseResult:
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
                  base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None,
-                 decomposed: Optional[List[BNRecord]] = None) -> None:
+                 decomposed: Optional[List[BNRecord]] = None, source_identity: Optional[str] = None) -> None:
         self._model = model
         self._released = False
         self._replacements = replacements
@@ -117,7 +117,7 @@ class FuseResult:
         self.source = source
         self.source_external_data = source_external_data
         """Whether the source file kept its weights in external data."""
-        self.source_identity: Optional[str] = None
+        self.source_identity = source_identity
         """The source file's identity as it was read (:func:`bnfold.modelio.tensors.file_identity`)."""
         self._external_unloaded = source_external_data  # untouched tensors still on disk
         self.base_dir = base_dir
@@ -278,10 +278,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         replacements = index.take_replacements()  # before finish(), which may copy nodes
         index.finish()
         _stamp(model, records, merges)
-    result = FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
-                        unmerged, decomposed)
-    result.source_identity = identity
-    return result
+    return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
+                      unmerged, decomposed, source_identity=identity)
 
 
 @contextlib.contextmanager
@@ -290,10 +288,10 @@ def _source_named(source: Optional[str]) -> Iterator[None]:
     caller gave it (the reader knows only the absolute path it opened)."""
     try:
         yield
-    except BnfoldError as e:
-        if source is None or e.message != CHANGED:
+    except SourceChangedError:
+        if source is None:
             raise
-        raise BnfoldError(CHANGED, source) from None
+        raise SourceChangedError(source) from None
 
 
 def _absorbed(record: BNRecord, merge) -> BNRecord:

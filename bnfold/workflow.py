@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
-from .errors import CHANGED, BnfoldError, MissingDependencyError, PathLike
+from .errors import BnfoldError, MissingDependencyError, PathLike, SourceChangedError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -177,8 +177,8 @@ def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> F
     try:
         outcome = _run_one(model, target, opts, warnings)
     except BnfoldError as e:
-        if e.message == CHANGED and target is not None:  # fuse: say that no output replaced anything
-            e = BnfoldError(f"{CHANGED}; nothing was written", model)
+        if isinstance(e, SourceChangedError) and target is not None:  # fuse: say no output replaced anything
+            e = SourceChangedError(model, nothing_written=True)
         outcome = _outcome(model, Status.UNUSABLE, exit_code=e.exit_code, error=str(e), warnings=warnings)
     except KeyboardInterrupt:
         raise
@@ -264,7 +264,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
 
 def _check_unchanged(model: Path, result) -> None:
     if not result.source_unchanged():
-        raise BnfoldError(CHANGED, model)
+        raise SourceChangedError(model)
 
 
 def _data_left_behind(read: Sequence[Path], target: Path) -> List[Path]:

@@ -68,11 +68,11 @@ def load_source(path: PathLike, *, load_external: bool = True, leave_weights: bo
                     try:
                         split = split_weights(data, LEAVE_MIN_BYTES)
                     except (ValueError, IndexError):  # not plain protobuf: protobuf's parser decides
-                        split = None
-                if split is not None and isinstance(data, memoryview) and identity is not None:
-                    model.ParseFromString(split[0])
-                    _leave_in_file(model, split[1], data, p, identity)
-                else:  # parsed from a copy, never from the map (see _contents)
+                        pass
+                    if split is not None:
+                        model.ParseFromString(split[0])
+                        _leave_in_file(model, split[1], data, p, identity)
+                if split is None:  # parsed from a copy, never from the map (see _contents)
                     model.ParseFromString(data if isinstance(data, bytes) else bytes(data))
             except Exception:  # protobuf's DecodeError and friends: any parse failure means "not ONNX"
                 raise BnfoldError("is not an ONNX model (it does not parse as ONNX protobuf: truncated or another "

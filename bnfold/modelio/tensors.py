@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
 
-from ..errors import CHANGED, BnfoldError, MalformedModelError, PathLike
+from ..errors import MalformedModelError, PathLike, SourceChangedError
 
 # Sub-byte and string types: their raw_data length does not follow from dims x itemsize.
 PACKED_TYPES = {TensorProto.STRING} | {getattr(TensorProto, n) for n in
@@ -111,8 +111,8 @@ def open_tensor_file(t: TensorProto, base_dir: Optional[PathLike]) -> Iterator[i
     """The file holding ``t``'s external bytes, open for reading. For a weight left in the
     model file, the file must still be the one loaded (same inode, size and modification
     time, before and after the read): a model replaced, rewritten or removed meanwhile is an
-    error naming it (:class:`BnfoldError`, not a fold's reason), never a mix of old structure
-    and new weights."""
+    error naming it (:class:`~bnfold.errors.SourceChangedError`, not a fold's reason), never a
+    mix of old structure and new weights."""
     mark = external_info(t).get(IN_MODEL_FILE)
     path = external_path(t, base_dir)
     if mark is None:
@@ -122,18 +122,20 @@ def open_tensor_file(t: TensorProto, base_dir: Optional[PathLike]) -> Iterator[i
     try:
         f = open(path, "rb")
     except OSError:
-        raise BnfoldError(CHANGED, path) from None
-    with f:
+        raise SourceChangedError(path) from None
+
+    def still_loaded() -> None:
         if file_identity(os.fstat(f.fileno())) != mark:
-            raise BnfoldError(CHANGED, path)
+            raise SourceChangedError(path)
+
+    with f:
+        still_loaded()
         try:
             yield f
         except MalformedModelError:  # a short read: because the file changed, if it did
-            if file_identity(os.fstat(f.fileno())) != mark:
-                raise BnfoldError(CHANGED, path) from None
+            still_loaded()
             raise
-        if file_identity(os.fstat(f.fileno())) != mark:
-            raise BnfoldError(CHANGED, path)
+        still_loaded()
 
 
 def read_tensor(t: TensorProto, base_dir: Optional[PathLike]) -> np.ndarray:
@@ -164,7 +166,7 @@ def _read_from_model_file(t: TensorProto, base_dir: Optional[PathLike]) -> np.nd
     with open_tensor_file(t, base_dir) as f:
         f.seek(external_offset(t))
         if f.readinto(out.data.cast("B")) != out.nbytes:
-            raise BnfoldError(CHANGED, external_path(t, base_dir))
+            raise SourceChangedError(external_path(t, base_dir))
     out.flags.writeable = False
     return out
 
