@@ -45,7 +45,7 @@ from .errors import MalformedModelError, SourceChangedError
 from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_attribute_refs, is_default_domain
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
-from .modelio.pending import PendingValue, as_array
+from .modelio.pending import PendingValue, as_array, scale_checked
 from .modelio.tensors import (external_files, file_identity, in_model_file, iter_tensors, read_tensor,
                               set_tensor_data, tensor_nbytes)
 from .reasons import Reason, Refusal
@@ -239,7 +239,7 @@ def count(model: ModelProto) -> ModelStats:
 
 
 def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_overridable: bool = False,
-         reparameterize: bool = False, inplace: bool = False) -> FuseResult:
+         reparameterize: bool = False, inplace: bool = False, defer_range_checks: bool = False) -> FuseResult:
     """Fold every foldable inference-mode BatchNormalization of a model.
 
     ``model_or_path`` is a ``ModelProto`` (copied unless ``inplace``) or a path.
@@ -248,6 +248,13 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     parallel linear branches (RepVGG, MobileOne) into single Convs (see
     :mod:`bnfold.reparam`). Returns the folded model and a record per BN; nothing is
     written to disk.
+
+    ``defer_range_checks`` is for a caller that writes the result at once (the workflow does):
+    a fold into a weight in an external data file is not checked to fit the weight's dtype
+    before it is recorded, sparing a read of the weight; writing it then raises
+    :class:`~bnfold.numerics.DeferredOverflow` if one does not fit, and the caller folds
+    again without deferring, which refuses that fold with its reason. Without it the records
+    are final.
     """
     source = identity = None
     external = False
@@ -261,7 +268,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         model, external, identity = load_source(source, load_external=False, leave_weights=True)
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
-    index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir)
+    index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir,
+                       defer_range_checks=defer_range_checks)
     with _source_named(source):
         folds, decomposed = _fold_all(index)
     merges: List[Merge] = []
@@ -735,13 +743,16 @@ def _host_weight(scope: Scope, path: _Path) -> Union[np.ndarray, Refusal]:
     return w.value
 
 
-def _scaled_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> PendingValue:
+def _scaled_weight(scope: Scope, w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> PendingValue:
     """``w * factor`` rounded once, or raise FoldOverflow. A weight mapped from external data
-    is only checked here (without computing the product); its values come later, computed
-    block by block as the output is written, unless something needs them as an array."""
+    is only checked here (without computing the product), or not even that when the index
+    defers range checks to the write; its values come later, computed block by block as the
+    output is written, unless something needs them as an array."""
     if isinstance(w, np.memmap):
-        numerics.check_scale_fits(w, factor, dtype, "the folded weight")
-        return lambda: numerics.scale_round(w, factor, dtype, "the folded weight")
+        checked = not scope.index.defer_range_checks
+        if checked:
+            numerics.check_scale_fits(w, factor, dtype, "the folded weight")
+        return lambda: scale_checked(w, factor, dtype, checked)
     return numerics.scale_round(w, factor, dtype, "the folded weight")
 
 
@@ -784,7 +795,7 @@ def _plan_into_host(scope: Scope, path: _Path, s: np.ndarray, t: np.ndarray, wan
     new_host_bias = new_add = None
     try:
         factor = rule.weight_factor(host, w_val, s)
-        new_w = _scaled_weight(w_val, factor, dtype)
+        new_w = _scaled_weight(scope, w_val, factor, dtype)
         if add_bias is not None:  # the Add carries the shift; the host's own bias is only scaled
             vec, store = add_bias
             new_add = numerics.round_to(numerics.fold_bias(vec, s, t), dtype, "the folded bias").reshape(store)
@@ -998,7 +1009,7 @@ def _fold_forward(scope: Scope, bn: NodeProto, s: np.ndarray, t: np.ndarray) -> 
     dtype = w_val.dtype
     try:
         factor, b64 = rule.forward_fold(nxt, w_val, bias, s, t)
-        new_w = _scaled_weight(w_val, factor, dtype)
+        new_w = _scaled_weight(scope, w_val, factor, dtype)
         new_b = numerics.round_to(b64, dtype, "the folded bias")
     except numerics.FoldOverflow as e:
         return Refusal(Reason.OVERFLOW, f"folding into {nxt.op_type} '{scope.label_of(nxt)}': {e}")

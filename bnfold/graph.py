@@ -319,7 +319,8 @@ class Scope:
                     if prev is not None and isinstance(prev[1], ScaledTensor):
                         factor = prev[1].factor * factor
                     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(current.tensor.data_type))
-                    value = ScaledTensor(current.tensor, self.index.base_dir, factor, dtype)
+                    value = ScaledTensor(current.tensor, self.index.base_dir, factor, dtype,
+                                         checked=not self.index.defer_range_checks)
                 elif not isinstance(value, ScaledTensor):
                     value = as_array(value)
                 self.index.pending[id(current.tensor)] = (current.tensor, value)
@@ -359,9 +360,13 @@ class Scope:
 class ModelIndex:
     """All scopes of a model plus the model-wide use counts and name table."""
 
-    def __init__(self, model: ModelProto, allow_overridable: bool = False, base_dir: Optional[str] = None) -> None:
+    def __init__(self, model: ModelProto, allow_overridable: bool = False, base_dir: Optional[str] = None,
+                 defer_range_checks: bool = False) -> None:
         self.model = model
         self.base_dir = base_dir  # where external data lives
+        # folds of weights in external data files are not checked to fit their dtype until written
+        # (fuse(defer_range_checks=True)): one read of those weights instead of two
+        self.defer_range_checks = defer_range_checks
         self.allow_overridable = allow_overridable
         self.default_opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
         self.refs: Counter = Counter()

@@ -27,6 +27,12 @@ class FoldOverflow(ValueError):
         self.max_abs = max_abs
 
 
+class DeferredOverflow(Exception):
+    """A fold whose range check was left to the write (``fuse(defer_range_checks=True)``) does
+    not fit its dtype after all: the fold's records are wrong, and the caller folds again with
+    the checks made up front (which refuse that fold with its reason)."""
+
+
 def bn_affine(
     scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
 ) -> Tuple[np.ndarray, np.ndarray]:

@@ -192,6 +192,7 @@ def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> F
 def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
     from .fold import fuse as fuse_model
     from .modelio import external_files
+    from .numerics import DeferredOverflow
     from .paths import check_model_output, special_kind
 
     if target is not None and not opts.in_place:
@@ -200,12 +201,23 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     if opts.verify is not False and special_kind(model) is not None:  # a pipe (/dev/stdin, <(cmd)): read once
         raise BnfoldError("is a pipe or device, not a file: verification reads the model a second time, which a "
                           "pipe cannot give; save it to a file first (or fold it with fuse --no-verify)", model)
-    result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
-    if target is not None:  # now that its external data files are known (the model as loaded)
-        reads = [model] + sorted(external_files(result._model, result.base_dir))
-        check_model_output(target, reads, in_place=opts.in_place)
-    data = result.to_dict()
-    data["output"] = data["verification"] = None
+    reads: List[Path] = [model]
+
+    def fold(defer_range_checks: bool):
+        nonlocal reads
+        result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize,
+                            defer_range_checks=defer_range_checks)
+        if target is not None:  # now that its external data files are known (the model as loaded)
+            reads = [model] + sorted(external_files(result._model, result.base_dir))
+            check_model_output(target, reads, in_place=opts.in_place)
+        return result
+
+    def stage(result):
+        try:
+            return result.stage(staging, external_data=result.source_external_data or None)
+        except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
+            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
+
     scratch = None
     try:
         if target is None:  # check: the candidate lives in a private folder and goes away
@@ -213,10 +225,14 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
             staging = scratch / model.name
         else:
             staging = target
-        try:
-            staging_cm = result.stage(staging, external_data=result.source_external_data or None)
-        except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
-            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
+        try:  # the fold is written at once, so a fold into external data is checked to fit as it is written
+            result = fold(defer_range_checks=special_kind(model) is None)  # (a pipe cannot be read twice)
+            staging_cm = stage(result)
+        except DeferredOverflow:  # one does not fit: fold again checking first, which refuses it with its reason
+            result = fold(defer_range_checks=False)
+            staging_cm = stage(result)
+        data = result.to_dict()
+        data["output"] = data["verification"] = None
         with staging_cm as staged:
             result.release_model()  # written: free it before ONNX Runtime loads both models
             report = None

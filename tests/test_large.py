@@ -197,3 +197,67 @@ def test_untouched_external_tensor_is_copied_byte_for_byte(tmp_path, monkeypatch
     original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert _weights(tmp_path / "out.onnx")["U"].tobytes() == original["U"].tobytes()
     assert_equivalent(model, onnx.load(str(tmp_path / "out.onnx")))
+
+
+def _overflowing_external_model(tmp_path):
+    """float16 weights in external data: Conv(U) -> BN that folds, then Conv(W) -> BN whose
+    fold overflows float16 (3 x 5e4) and that has nothing after it to fold into."""
+    from conftest import bn_params, build
+
+    p, q = bn_params(64, 1, "a"), bn_params(64, 2, "b")
+    p["av"][:] = 1e-6
+    p["as"][:] = 50.0
+    p["am"][:] = p["ab"][:] = 0.0  # the bias (0) fits: only the weight overflows
+    arrays = {k: v.astype(np.float16) for k, v in {**p, **q}.items()}
+    rng = np.random.default_rng(4)
+    model = build("""<ir_version: 8, opset_import: ["" : 15]>
+    g (float16[N,64,6,6] x) => (float16[N,64,6,6] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, U)
+        d = BatchNormalization (c, bs, bb, bm, bv)
+        e = Conv <pads = [1, 1, 1, 1]> (d, W)
+        y = BatchNormalization <epsilon = 1e-6> (e, as, ab, am, av)
+    }""", W=np.full((64, 64, 3, 3), 3.0, np.float16), U=rng.normal(size=(64, 64, 3, 3)).astype(np.float16),
+        **arrays)
+    external = onnx.ModelProto()
+    external.CopyFrom(model)
+    onnx.save_model(external, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
+                    size_threshold=1024)
+    return model
+
+
+def test_fuse_defers_the_range_check_of_external_weights_to_the_write(tmp_path):
+    """With defer_range_checks the overflowing fold is recorded as folded (its weight was not read
+    to check it) and writing it raises DeferredOverflow; without, it is kept, with its reason."""
+    from bnfold import Reason, fuse
+    from bnfold.numerics import DeferredOverflow
+
+    _overflowing_external_model(tmp_path)
+    optimistic = fuse(tmp_path / "m.onnx", defer_range_checks=True)
+    assert len(optimistic.folded) == 2
+    with pytest.raises(DeferredOverflow):
+        optimistic.save(tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.onnx"]  # nothing left behind
+    checked = fuse(tmp_path / "m.onnx")
+    assert [r.reason for r in checked.kept] == [Reason.OVERFLOW]
+
+
+def test_an_overflowing_fold_into_external_data_is_kept_with_its_reason(tmp_path):
+    """fuse writes with range checks deferred; an overflow found while writing means folding
+    again with the checks: the BN is kept (OVERFLOW), the other folded, values as numpy's."""
+    import json
+
+    model = _overflowing_external_model(tmp_path)
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"),
+                                    "--report", str(report), "--no-verify"])
+    assert res.exit_code == 0, res.output
+    records = json.loads(report.read_text())["records"]
+    assert [(r["folded"], r["reason"]) for r in records] == [(True, None), (False, "OVERFLOW")], records
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    got = _weights(tmp_path / "out.onnx")
+    np.testing.assert_array_equal(got["W"], w["W"])  # untouched
+    scale = w["bs"].astype(np.float64) / np.sqrt(w["bv"].astype(np.float64) + 1e-5)
+    expected = (w["U"].astype(np.float64) * scale[:, None, None, None]).astype(np.float16)
+    folded = next(v for k, v in got.items() if v.shape == (64, 64, 3, 3) and k != "W")
+    np.testing.assert_array_equal(folded, expected)
+    assert bn_count(onnx.load(str(tmp_path / "out.onnx"))) == 1

@@ -26,19 +26,34 @@ from .tensors import external_offset, external_path, read_tensor
 BLOCK_BYTES = 1 << 24  # source bytes per block of a ScaledTensor
 
 
+def scale_checked(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, checked: bool = True,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``numerics.scale_round`` of a folded weight. ``checked`` says the fold's range was checked
+    when it was planned; when it was not (``fuse(defer_range_checks=True)``), an overflow here is
+    a :class:`~bnfold.numerics.DeferredOverflow`: the fold's records are wrong, not the writer."""
+    from ..numerics import DeferredOverflow, FoldOverflow, scale_round
+
+    try:
+        return scale_round(w, factor, dtype, "the folded weight", out=out)
+    except FoldOverflow as e:
+        if checked:
+            raise
+        raise DeferredOverflow(str(e)) from e
+
+
 class ScaledTensor:
-    """A folded weight not yet computed: ``round(source * factor)`` in ``dtype``."""
+    """A folded weight not yet computed: ``round(source * factor)`` in ``dtype``. ``checked``:
+    whether the fold was checked to fit ``dtype`` (see :func:`scale_checked`)."""
 
     def __init__(self, source: TensorProto, base_dir: Optional[PathLike], factor: np.ndarray,
-                 dtype: np.dtype) -> None:
+                 dtype: np.dtype, checked: bool = True) -> None:
         self.source, self.base_dir, self.factor, self.dtype = source, base_dir, factor, np.dtype(dtype)
+        self.checked = checked
         self.shape = tuple(source.dims)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
     def materialize(self) -> np.ndarray:
-        from ..numerics import scale_round
-
-        return scale_round(read_tensor(self.source, self.base_dir), self.factor, self.dtype, "the folded weight")
+        return scale_checked(read_tensor(self.source, self.base_dir), self.factor, self.dtype, self.checked)
 
     def block_rows(self, block_bytes: Optional[int] = None) -> int:
         """Leading-axis rows per block of :meth:`blocks`."""
@@ -62,8 +77,6 @@ class ScaledTensor:
         produced: a writer that keeps at most that many in flight touches the same memory
         throughout, where fresh arrays cost a page fault and a zeroed page per 4 KiB (a quarter of
         a 3 GB fold's time)."""
-        from ..numerics import scale_round
-
         shape = self.shape
         if len(shape) == 0 or 0 in shape:
             yield self.materialize()
@@ -83,7 +96,7 @@ class ScaledTensor:
                 f_block = self.factor[i:i + n] if per_row else self.factor
                 block_shape = (n,) + tuple(shape[1:])
                 out = outs[k % len(outs)][:n * row].reshape(block_shape) if outs else None
-                yield scale_round(view.reshape(block_shape), f_block, self.dtype, "the folded weight", out=out)
+                yield scale_checked(view.reshape(block_shape), f_block, self.dtype, self.checked, out=out)
 
 
 PendingValue = Union[np.ndarray, ScaledTensor, Callable[[], np.ndarray]]
