@@ -19,6 +19,13 @@ def make(path, layers=3, channels=64):
                     str(layers), "--channels", str(channels)], check=True, capture_output=True)
 
 
+def save_external(model, path):
+    """Save ``model`` to ``path`` with every tensor over 1 KiB in ``m.bin`` beside it."""
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # save_model moves the weights out of the proto it is given
+    onnx.save_model(external, str(path), save_as_external_data=True, location="m.bin", size_threshold=1024)
+
+
 def snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -112,10 +119,7 @@ def test_chained_folds_on_external_weights(tmp_path):
         y = Conv (f, W2)
     }""", W=rand(64, 64, 3, 3), W2=rand(64, 64, 1, 1, seed=3), **bn_params(64, 1, "a"), **bn_params(64, 2, "b"),
         **bn_params(64, 4, "c"))
-    external = onnx.ModelProto()
-    external.CopyFrom(model)  # save_model moves the weights out of the proto it is given
-    onnx.save_model(external, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
-                    size_threshold=1024)
+    save_external(model, tmp_path / "m.onnx")
     res = CliRunner().invoke(main, ["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx")])
     assert res.exit_code == 0, res.output
     folded = onnx.load(str(tmp_path / "out.onnx"))
@@ -134,10 +138,7 @@ def _external_model(tmp_path):
         d = BatchNormalization (c, s, b, m, v)
         y = Conv <pads = [1, 1, 1, 1]> (d, U)
     }""", W=rand(64, 64, 3, 3), U=rand(64, 64, 3, 3, seed=5), **bn_params(64, 1))
-    external = onnx.ModelProto()
-    external.CopyFrom(model)
-    onnx.save_model(external, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
-                    size_threshold=1024)
+    save_external(model, tmp_path / "m.onnx")
     return model
 
 
@@ -218,10 +219,7 @@ def _overflowing_external_model(tmp_path):
         y = BatchNormalization <epsilon = 1e-6> (e, as, ab, am, av)
     }""", W=np.full((64, 64, 3, 3), 3.0, np.float16), U=rng.normal(size=(64, 64, 3, 3)).astype(np.float16),
         **arrays)
-    external = onnx.ModelProto()
-    external.CopyFrom(model)
-    onnx.save_model(external, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
-                    size_threshold=1024)
+    save_external(model, tmp_path / "m.onnx")
     return model
 
 
