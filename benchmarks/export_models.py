@@ -118,7 +118,7 @@ def calibrate(model, shape, seed: int = 0) -> None:
     model.eval()
 
 
-def export_one(model, exporter: str, dtype: str, side: int, path: Path) -> None:
+def export_one(model, exporter: str, dtype: str, side: int, path: Path, dynamic_batch: bool = False) -> None:
     import copy
 
     import torch
@@ -131,7 +131,8 @@ def export_one(model, exporter: str, dtype: str, side: int, path: Path) -> None:
     tmp = path.with_suffix(".part.onnx")
     if exporter == "torchscript":
         torch.onnx.export(m, (x,), str(tmp), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          opset_version=17, input_names=["input"], output_names=["logits"])
+                          opset_version=17, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None)
     else:
         prog = torch.onnx.export(m, (x,), dynamo=True, optimize=False, input_names=["input"],
                                  output_names=["logits"], verify=False, report=False)
@@ -177,7 +178,7 @@ def describe(path: Path) -> dict:
 
 
 def run_arch(source: str, name: str, side: int, out: Path, exporters=EXPORTERS, dtypes=DTYPES,
-             flat: bool = False) -> list[dict]:
+             flat: bool = False, dynamic_batch: bool = False) -> list[dict]:
     """All exporter x dtype variants of one architecture (runs in its own process)."""
     import torch
 
@@ -194,7 +195,7 @@ def run_arch(source: str, name: str, side: int, out: Path, exporters=EXPORTERS, 
                  "path": str(path.relative_to(out)), "external": False, "side": side}
             t = time.perf_counter()
             try:
-                export_one(model, exporter, dtype, side, path)
+                export_one(model, exporter, dtype, side, path, dynamic_batch)
                 e["export_s"] = round(time.perf_counter() - t + setup_s / 4, 2)
                 e.update(describe(path))
                 if not e["finite"]:
@@ -240,6 +241,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, help="input height and width for every architecture [default: per ARCHS]")
     ap.add_argument("--flat", action="store_true",
                     help="write OUT/<arch>.onnx (one exporter and dtype only; no external-data copies)")
+    ap.add_argument("--dynamic-batch", action="store_true",
+                    help="a dynamic batch axis (torchscript exporter only), as benchmarks/calibration.py needs")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: export one architecture, print JSON
     args = ap.parse_args()
     out = args.out.resolve()
@@ -247,9 +250,11 @@ def main() -> None:
     if not set(exporters) <= set(EXPORTERS) or not set(dtypes) <= set(DTYPES) or (
             args.flat and len(exporters) * len(dtypes) != 1):
         sys.exit(f"--exporters from {EXPORTERS}, --dtypes from {DTYPES}; --flat takes one of each")
+    if args.dynamic_batch and exporters != ["torchscript"]:
+        sys.exit("--dynamic-batch needs --exporters torchscript")
     if args.one:
         source, name, side = next(a for a in ARCHS if a[1] == args.one)
-        entries = run_arch(source, name, args.side or side, out, exporters, dtypes, args.flat)
+        entries = run_arch(source, name, args.side or side, out, exporters, dtypes, args.flat, args.dynamic_batch)
         (out / "parts").mkdir(parents=True, exist_ok=True)
         (out / "parts" / f"{name}.json").write_text(json.dumps(entries, indent=1))
         return
@@ -269,6 +274,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--out", str(out), "--one", name, "--exporters", args.exporters,
                    "--dtypes", args.dtypes]
             cmd += (["--side", str(args.side)] if args.side else []) + (["--flat"] if args.flat else [])
+            cmd += ["--dynamic-batch"] if args.dynamic_batch else []
             p = subprocess.run(cmd,
                                timeout=args.timeout, capture_output=True, text=True)
             sys.stdout.write("".join(line for line in p.stdout.splitlines(True)
