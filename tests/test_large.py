@@ -259,3 +259,28 @@ def test_an_overflowing_fold_into_external_data_is_kept_with_its_reason(tmp_path
     folded = next(v for k, v in got.items() if v.shape == (64, 64, 3, 3) and k != "W")
     np.testing.assert_array_equal(folded, expected)
     assert bn_count(onnx.load(str(tmp_path / "out.onnx"))) == 1
+
+
+@pytest.mark.parametrize("ending", ["done", "error"])
+def test_a_stopped_consumer_never_leaves_the_prefetch_worker_waiting(ending):
+    """The writer stops reading (Ctrl-C, a write error) while the queue is full and the worker
+    has one last item to hand over (the end, or an error): closing must not wait forever (a user
+    trial saw Ctrl-C hang a 3 GB fold until a second Ctrl-C)."""
+    import threading
+    import time
+
+    from bnfold.modelio.external import _prefetched
+
+    def blocks():
+        yield np.zeros(1)
+        yield np.ones(1)
+        if ending == "error":
+            raise OSError("disk full")
+
+    gen = _prefetched(blocks(), 1)
+    assert next(gen)[0] == 0
+    time.sleep(0.3)  # the worker fills the queue with the second block and waits to hand over the last item
+    closer = threading.Thread(target=gen.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive(), "closing the prefetching generator hangs"

@@ -7,6 +7,7 @@ is held whole in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import queue
@@ -89,8 +90,9 @@ def write_external_data(model: ModelProto, data_file: BinaryIO, data_name: str,
                 # compute the next blocks while this one is written, into PREFETCH + 2 reused buffers:
                 # the one being written, PREFETCH queued, one being computed
                 views = buffers.views(rep.dtype, rep.block_nbytes())
-                for block in _prefetched(rep.blocks(outs=views), PREFETCH):
-                    offset += buffers.write(data_file, block)
+                with contextlib.closing(_prefetched(rep.blocks(outs=views), PREFETCH)) as blocks:
+                    for block in blocks:  # (closed on any error, Ctrl-C included: the worker stops at once)
+                        offset += buffers.write(data_file, block)
             elif rep is not None:
                 offset += write_array(data_file, rep)
             elif external:
@@ -201,20 +203,24 @@ def _prefetched(blocks: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray
     done = object()
     stop = threading.Event()
 
+    def offer(item: object) -> bool:
+        """Queue ``item`` unless the consumer has stopped (then the queue may stay full)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for b in blocks:
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(b):
                     return
-            q.put(done)
+            offer(done)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            offer(e)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
