@@ -14,7 +14,7 @@ import queue
 import sys
 import threading
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Union
+from typing import BinaryIO, Dict, Generator, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 from onnx import ModelProto, TensorProto
@@ -196,7 +196,7 @@ class _BlockBuffers:
         self._maps, self._fds, self._plain, self.nbytes = [], {}, [], 0
 
 
-def _prefetched(blocks: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
+def _prefetched(blocks: Iterator[np.ndarray], depth: int) -> Generator[np.ndarray, None, None]:
     """Iterate ``blocks`` computed in a worker thread, at most ``depth`` ahead (numpy and
     file writes release the GIL, so computing and writing overlap)."""
     q: queue.Queue[Union[np.ndarray, BaseException, object]] = queue.Queue(maxsize=depth)
