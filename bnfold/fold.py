@@ -107,7 +107,8 @@ class FuseResult:
                  before: ModelStats, after: ModelStats, source: Optional[str] = None,
                  source_external_data: bool = False, merges: Optional[list] = None,
                  base_dir: Optional[str] = None, unmerged: Optional[List[Refusal]] = None,
-                 decomposed: Optional[List[BNRecord]] = None, source_identity: Optional[str] = None) -> None:
+                 decomposed: Optional[List[BNRecord]] = None, source_identity: Optional[str] = None,
+                 data_identities: Optional[Dict[str, str]] = None) -> None:
         self._model = model
         self._released = False
         self._replacements = replacements
@@ -119,6 +120,8 @@ class FuseResult:
         """Whether the source file kept its weights in external data."""
         self.source_identity = source_identity
         """The source file's identity as it was read (:func:`bnfold.modelio.tensors.file_identity`)."""
+        self.data_identities = data_identities or {}
+        """Each external data file of the source (its path) and its identity when the model was loaded."""
         self._external_unloaded = source_external_data  # untouched tensors still on disk
         self.base_dir = base_dir
         self.merges = merges or []
@@ -170,14 +173,23 @@ class FuseResult:
                                base_dir=self.base_dir, avoid=avoid, source=self.source)
 
     def source_unchanged(self) -> bool:
-        """Whether the source file is still the one that was read (True when there is none to
-        compare: a model given in memory, a pipe)."""
-        if self.source is None or self.source_identity is None:
-            return True
-        try:
-            return file_identity(os.stat(self.source)) == self.source_identity
-        except OSError:  # removed
-            return False
+        """Whether the source file and its external data files are still the ones that were read
+        (True when there is none to compare: a model given in memory, a pipe)."""
+        return self.changed_input() is None
+
+    def changed_input(self) -> Optional[str]:
+        """The first input file (the source model, then its external data files) that is no longer
+        the one read: replaced, rewritten or removed since; None if none is."""
+        files = dict(self.data_identities)
+        if self.source is not None and self.source_identity is not None:
+            files = {self.source: self.source_identity, **files}
+        for path, identity in files.items():
+            try:
+                if file_identity(os.stat(path)) != identity:
+                    return path
+            except OSError:  # removed
+                return path
+        return None
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
@@ -257,6 +269,7 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     are final.
     """
     source = identity = None
+    data_identities: Dict[str, str] = {}
     external = False
     if isinstance(model_or_path, ModelProto):
         model = model_or_path if inplace else copy.deepcopy(model_or_path)
@@ -266,6 +279,8 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         source = os.fspath(model_or_path)
         # external data stays on disk: only the tensors a fold touches are read
         model, external, identity = load_source(source, load_external=False, leave_weights=True)
+        if identity is not None:  # before any weight is read
+            data_identities = _identities(external_files(model, os.path.dirname(os.path.abspath(source))))
     before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir,
@@ -287,7 +302,19 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
         index.finish()
         _stamp(model, records, merges)
     return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
-                      unmerged, decomposed, source_identity=identity)
+                      unmerged, decomposed, source_identity=identity, data_identities=data_identities)
+
+
+def _identities(files) -> Dict[str, str]:
+    """Each file that exists and its :func:`~bnfold.modelio.tensors.file_identity` (a missing one
+    is reported when it is read)."""
+    out = {}
+    for f in sorted(files):
+        try:
+            out[str(f)] = file_identity(os.stat(f))
+        except OSError:
+            pass
+    return out
 
 
 @contextlib.contextmanager

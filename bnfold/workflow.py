@@ -178,7 +178,7 @@ def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> F
         outcome = _run_one(model, target, opts, warnings)
     except BnfoldError as e:
         if isinstance(e, SourceChangedError) and target is not None:  # fuse: say no output replaced anything
-            e = SourceChangedError(model, nothing_written=True)
+            e = SourceChangedError(e.path or model, nothing_written=True)
         outcome = _outcome(model, Status.UNUSABLE, exit_code=e.exit_code, error=str(e), warnings=warnings)
     except KeyboardInterrupt:
         raise
@@ -279,8 +279,9 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
 
 
 def _check_unchanged(model: Path, result) -> None:
-    if not result.source_unchanged():
-        raise SourceChangedError(model)
+    changed = result.changed_input()
+    if changed is not None:  # the model as given, or the external data file that changed
+        raise SourceChangedError(model if changed == result.source else changed)
 
 
 def _data_left_behind(read: Sequence[Path], target: Path) -> List[Path]:

@@ -531,3 +531,45 @@ def test_a_model_changed_during_verification_is_refused_and_never_overwritten(tm
     if how != "removed":
         assert onnx.load(str(path)).doc_string == "the newer export"  # the new model stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if how == "removed" else ["m.onnx"])
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten", "removed"])
+@pytest.mark.parametrize("mode", [["--in-place"], ["-o", "OUT"], ["CHECK"]])
+def test_external_data_changed_during_verification_is_refused_and_never_overwritten(tmp_path, monkeypatch, how,
+                                                                                     mode):
+    """The same for the model's external data file (a user trial replaced it mid-run: the fold of
+    the old weights was written, exit 0, and --in-place pointed the model at it): the error names
+    the data file, nothing is written, the new data stays."""
+    from bnfold import workflow
+
+    path, data = tmp_path / "m.onnx", tmp_path / "m.data"
+    onnx.save_model(onnx.load(str(MODELS / "resnet_mini.onnx")), str(path), save_as_external_data=True,
+                    location="m.data", size_threshold=1024)
+    new_bytes = (np.frombuffer(data.read_bytes(), np.float32) * np.float32(1.5)).tobytes()
+    verify_staged = workflow._verify_staged
+
+    def change_then_verify(*args, **kwargs):
+        if how == "replaced":
+            (tmp_path / "new.data").write_bytes(new_bytes)
+            os.replace(tmp_path / "new.data", data)
+        elif how == "rewritten":
+            with open(data, "r+b") as f:
+                f.write(new_bytes)
+            st = data.stat()
+            os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        else:
+            data.unlink()
+        return verify_staged(*args, **kwargs)
+
+    monkeypatch.setattr(workflow, "_verify_staged", change_then_verify)
+    args = ["check", path] if mode == ["CHECK"] else ["fuse", path] + [tmp_path / "out.onnx" if a == "OUT" else a
+                                                                      for a in mode]
+    res = run(*args)
+    assert res.exit_code == 2 and "changed while bnfold read it" in res.output and str(data) in res.output, res.output
+    assert "not equivalent" not in res.output
+    assert ("nothing was written" in res.output) == (mode != ["CHECK"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if how == "removed" else ["m.data", "m.onnx"])
+    if how != "removed":
+        assert data.read_bytes() == new_bytes  # the new data stays
+    assert "m.data" in {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                        for e in t.external_data}  # and the model still reads it
