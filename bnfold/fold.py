@@ -251,7 +251,7 @@ def count(model: ModelProto) -> ModelStats:
 
 
 def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_overridable: bool = False,
-         reparameterize: bool = False, inplace: bool = False, defer_range_checks: bool = False) -> FuseResult:
+         reparameterize: bool = False, inplace: bool = False) -> FuseResult:
     """Fold every foldable inference-mode BatchNormalization of a model.
 
     ``model_or_path`` is a ``ModelProto`` (copied unless ``inplace``) or a path.
@@ -260,14 +260,25 @@ def fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ove
     parallel linear branches (RepVGG, MobileOne) into single Convs (see
     :mod:`bnfold.reparam`). Returns the folded model and a record per BN; nothing is
     written to disk.
-
-    ``defer_range_checks`` is for a caller that writes the result at once (the workflow does):
-    a fold into a weight in an external data file is not checked to fit the weight's dtype
-    before it is recorded, sparing a read of the weight; writing it then raises
-    :class:`~bnfold.numerics.DeferredOverflow` if one does not fit, and the caller folds
-    again without deferring, which refuses that fold with its reason. Without it the records
-    are final.
     """
+    return _fuse(model_or_path, allow_overridable=allow_overridable, reparameterize=reparameterize,
+                 inplace=inplace, defer_range_checks=False)
+
+
+def fuse_to_write(path: Union[str, "os.PathLike[str]"], *, allow_overridable: bool = False,
+                  reparameterize: bool = False) -> FuseResult:
+    """:func:`fuse` for a caller that writes the result at once (the workflow; not part of the
+    public API): a fold into a weight in an external data file is recorded without reading the
+    weight to check that the fold fits its dtype; the write computes it, and raises
+    :class:`~bnfold.numerics.DeferredOverflow` if it does not fit, on which the caller folds
+    again with :func:`fuse`, which refuses that fold with its reason. One read of such weights
+    instead of two."""
+    return _fuse(path, allow_overridable=allow_overridable, reparameterize=reparameterize, inplace=False,
+                 defer_range_checks=True)
+
+
+def _fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_overridable: bool,
+          reparameterize: bool, inplace: bool, defer_range_checks: bool) -> FuseResult:
     source = identity = None
     data_identities: Dict[str, str] = {}
     external = False

@@ -365,7 +365,7 @@ class ModelIndex:
         self.model = model
         self.base_dir = base_dir  # where external data lives
         # folds of weights in external data files are not checked to fit their dtype until written
-        # (fuse(defer_range_checks=True)): one read of those weights instead of two
+        # (fold.fuse_to_write): one read of those weights instead of two
         self.defer_range_checks = defer_range_checks
         self.allow_overridable = allow_overridable
         self.default_opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)

@@ -28,7 +28,7 @@ class FoldOverflow(ValueError):
 
 
 class DeferredOverflow(Exception):
-    """A fold whose range check was left to the write (``fuse(defer_range_checks=True)``) does
+    """A fold whose range check was left to the write (``fold.fuse_to_write``) does
     not fit its dtype after all: the fold's records are wrong, and the caller folds again with
     the checks made up front (which refuse that fold with its reason)."""
 

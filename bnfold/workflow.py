@@ -191,6 +191,7 @@ def run_one(model: PathLike, target: Optional[PathLike], opts: FuseOptions) -> F
 
 def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: List[str]) -> FuseOutcome:
     from .fold import fuse as fuse_model
+    from .fold import fuse_to_write
     from .modelio import external_files
     from .numerics import DeferredOverflow
     from .paths import check_model_output, special_kind
@@ -205,8 +206,8 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
 
     def fold(defer_range_checks: bool):
         nonlocal reads
-        result = fuse_model(model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize,
-                            defer_range_checks=defer_range_checks)
+        result = (fuse_to_write if defer_range_checks else fuse_model)(
+            model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
         if target is not None:  # now that its external data files are known (the model as loaded)
             reads = [model] + sorted(external_files(result._model, result.base_dir))
             check_model_output(target, reads, in_place=opts.in_place)

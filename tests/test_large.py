@@ -224,13 +224,14 @@ def _overflowing_external_model(tmp_path):
 
 
 def test_fuse_defers_the_range_check_of_external_weights_to_the_write(tmp_path):
-    """With defer_range_checks the overflowing fold is recorded as folded (its weight was not read
-    to check it) and writing it raises DeferredOverflow; without, it is kept, with its reason."""
+    """fuse_to_write records the overflowing fold as folded (its weight was not read to check it)
+    and writing it raises DeferredOverflow; fuse keeps it, with its reason."""
     from bnfold import Reason, fuse
+    from bnfold.fold import fuse_to_write
     from bnfold.numerics import DeferredOverflow
 
     _overflowing_external_model(tmp_path)
-    optimistic = fuse(tmp_path / "m.onnx", defer_range_checks=True)
+    optimistic = fuse_to_write(tmp_path / "m.onnx")
     assert len(optimistic.folded) == 2
     with pytest.raises(DeferredOverflow):
         optimistic.save(tmp_path / "out.onnx")

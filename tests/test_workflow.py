@@ -278,14 +278,14 @@ def test_interrupt_says_what_was_written_and_leaves_no_temporaries(tmp_path, mon
     src.mkdir()
     for n in ("a", "b", "c"):
         shutil.copy(MODELS / "mlp_bn1d.onnx", src / f"{n}.onnx")
-    real = fold.fuse
+    real = fold._fuse  # what fuse and fuse_to_write both call
 
     def interrupted(path, **kw):
         if os.fspath(path).endswith("b.onnx"):
             raise KeyboardInterrupt
         return real(path, **kw)
 
-    monkeypatch.setattr(fold, "fuse", interrupted)
+    monkeypatch.setattr(fold, "_fuse", interrupted)
     out = tmp_path / "out"
     res = run("fuse", src, "--out-dir", out, "--no-verify", "--report", tmp_path / "r.json")
     assert res.exit_code == 130

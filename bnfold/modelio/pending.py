@@ -29,7 +29,7 @@ BLOCK_BYTES = 1 << 24  # source bytes per block of a ScaledTensor
 def scale_checked(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, checked: bool = True,
                   out: Optional[np.ndarray] = None) -> np.ndarray:
     """``numerics.scale_round`` of a folded weight. ``checked`` says the fold's range was checked
-    when it was planned; when it was not (``fuse(defer_range_checks=True)``), an overflow here is
+    when it was planned; when it was not (``fold.fuse_to_write``), an overflow here is
     a :class:`~bnfold.numerics.DeferredOverflow`: the fold's records are wrong, not the writer."""
     from ..numerics import DeferredOverflow, FoldOverflow, scale_round
 
