@@ -398,11 +398,14 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
             raise ValueError(text)  # parse_assignments names the option and the item
         return tol
 
-    return dict(providers=providers, samples=samples, seed=seed,
-                dims=parse_assignments(dims, "--dim", int), shapes=parse_assignments(shapes, "--shape", parse_shape),
-                inputs=inputs_path, rtol=rtol, atol=atol,
-                output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol), localize=localize,
-                exact_budget_s=exact_budget)
+    try:  # a malformed option value is a usage error, pointing at --help like click's own
+        parsed = dict(dims=parse_assignments(dims, "--dim", int),
+                      shapes=parse_assignments(shapes, "--shape", parse_shape),
+                      output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol))
+    except BnfoldError as e:
+        raise click.UsageError(e.message) from None
+    return dict(providers=providers, samples=samples, seed=seed, inputs=inputs_path, rtol=rtol, atol=atol,
+                localize=localize, exact_budget_s=exact_budget, **parsed)
 
 
 def _g(x: float) -> str:

@@ -219,6 +219,11 @@ def usage_cases():
     yield None, ["no-such-command"], "no such command 'no-such-command'"
     yield None, ["--no-such-option"], "no such option"
     yield "fuse", ["fuse", "a.onnx", "--jobs", "0"], "invalid value for '-j' / '--jobs'"
+    for cmd, args in (("fuse", ["a.onnx"]), ("check", ["a.onnx"]), ("verify", ["a.onnx", "b.onnx"])):
+        yield cmd, [cmd, *args, "--dim", "N=abc"], "--dim 'N=abc' has an invalid value"
+        yield cmd, [cmd, *args, "--dim", "abc"], "--dim 'abc' is not of the form NAME=VALUE"
+        yield cmd, [cmd, *args, "--shape", "x=1xq"], "--shape 'x=1xq' has an invalid value"
+        yield cmd, [cmd, *args, "--output-tol", "y=abc"], "--output-tol 'y=abc' has an invalid value"
 
 
 @pytest.mark.parametrize("cmd,argv,problem", list(usage_cases()))
