@@ -10,7 +10,7 @@ Nothing here knows about ONNX graphs.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -109,10 +109,43 @@ def scale_round(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str,
         out = np.empty(w.shape, dtype=dtype)
     rows = max(1, _BLOCK // max(1, w[0].size))
     per_row = factor.shape[0] != 1
+    fast = _cast_flags_overflow(np.dtype(dtype))
+    tmp = np.empty((rows,) + w.shape[1:], FLOAT64) if fast else None
     for i in range(0, w.shape[0], rows):
         f = factor[i:i + rows] if per_row else factor
+        if tmp is not None:
+            # the float64 product into one reused buffer, rounded straight into ``out``; the CPU's
+            # overflow flag (numpy raises on it here) says when the careful path below is needed
+            t = tmp[:min(rows, w.shape[0] - i)]
+            try:
+                with np.errstate(over="raise", invalid="ignore"):
+                    np.multiply(w[i:i + rows], f, out=t)
+                    np.copyto(out[i:i + rows], t, casting="same_kind")
+                continue
+            except FloatingPointError:
+                pass
         out[i:i + rows] = round_to(scale(w[i:i + rows], f), dtype, what)
     return out
+
+
+_CAST_FLAGS: Dict[np.dtype, bool] = {}
+
+
+def _cast_flags_overflow(dtype: np.dtype) -> bool:
+    """Whether numpy raises FloatingPointError, under ``errstate(over="raise")``, when a float64
+    too large for ``dtype`` is cast to it (numpy >= 1.24 checks the flag for float32 and float16;
+    older numpy or other dtypes may not): only then may :func:`scale_round` skip the finiteness
+    pass of :func:`round_to`."""
+    if dtype not in _CAST_FLAGS:
+        flags = False
+        if dtype in (np.dtype(np.float32), np.dtype(np.float16)):
+            try:
+                with np.errstate(over="raise", invalid="ignore"):
+                    np.copyto(np.empty(1, dtype), np.array([1e300]), casting="same_kind")
+            except FloatingPointError:
+                flags = True
+        _CAST_FLAGS[dtype] = flags
+    return _CAST_FLAGS[dtype]
 
 
 def check_scale_fits(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, what: str) -> None:

@@ -170,3 +170,35 @@ def test_scale_round_into_a_given_buffer(shape):
     got = numerics.scale_round(w, factor, np.float32, "w", out=out)
     assert got is out
     np.testing.assert_array_equal(out, (w.astype(np.float64) * factor).astype(np.float32))
+
+
+@pytest.mark.parametrize("flags", [True, False])  # the overflow flag's fast path, and the careful path
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", ["normal", "specials", "overflow"])
+def test_scale_round_block_paths_agree_with_numpy(monkeypatch, flags, dtype, case):
+    """Large weights (block by block): the values are numpy's float64 product rounded once, NaN and
+    inf stay what they are, and a finite value that overflows raises, on both paths."""
+    monkeypatch.setattr(numerics, "_CAST_FLAGS", {np.dtype(dtype): flags})
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(300, 70, 3, 3)).astype(dtype)
+    s = rng.uniform(0.1, 3.0, size=300)
+    if case != "normal":
+        w[7, 3, 1, 1], w[150, 0, 0, 0], w[299, 69, 2, 2] = np.nan, np.inf, -np.inf
+    if case == "overflow":
+        w[200, 5, 0, 0] = np.finfo(dtype).max
+        s[200] = 1.5
+    factor = numerics.axis_factor(s, 0, 4)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = (w.astype(np.float64) * factor).astype(dtype)
+    if case == "overflow":
+        with pytest.raises(numerics.FoldOverflow):
+            numerics.scale_round(w, factor, dtype, "w")
+        return
+    got = numerics.scale_round(w, factor, dtype, "w")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_overflow_flag_is_probed_not_assumed():
+    numerics._CAST_FLAGS.clear()
+    assert numerics._cast_flags_overflow(np.dtype(np.float32)) in (True, False)
+    assert numerics._cast_flags_overflow(np.dtype(np.float64)) is False  # not a rounding target it knows
