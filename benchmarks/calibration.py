@@ -5,7 +5,7 @@ is shared, so plain, default and insert runs are interleaved in rounds and each 
 median of the per-round ratios; the steady-state cost leaves out loading, writing the probe
 model, creating the session and the first batch.
 
-    python benchmarks/calibration.py [--corpus /work/corpus] [--samples 256] [--batch-size 32]
+    python benchmarks/calibration.py [--corpus DIR] [--samples 256] [--batch-size 32] [--seed 0]
 
 Models: the real networks of the corpus (``benchmarks/export_models.py``: timm/torchvision
 exports with BN kept, random weights, trained-like statistics), torchscript float32 with a
@@ -60,10 +60,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--no-exact", action="store_true", help="Skip the (slow) exact method.")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the data draw (the exact method's second draw uses seed + 1)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="Rounds of plain / default / insert runs, interleaved; the median per-round ratio counts.")
     args = ap.parse_args()
-    print(f"onnxruntime {ort.__version__}, {args.samples} samples, batch {args.batch_size}, CPU, {args.rounds} rounds")
+    print(f"onnxruntime {ort.__version__}, {args.samples} samples (seed {args.seed}), batch {args.batch_size}, CPU, "
+          f"{args.rounds} rounds")
     print(f"load average: {os.getloadavg()[0]:.1f}; samples/s from each method's fastest run; cost = median over "
           "rounds of time / the same round's plain time (end to end; steady state: setup and first batch excluded; "
           "plain excludes its session creation); exact: one run, against the plain runs just before and after it")
@@ -78,7 +81,7 @@ def main() -> None:
             print(f"{arch} | {path}: fixed batch dimension {inp.type.tensor_type.shape.dim[0].dim_value}, skipped")
             continue
         shape = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim[1:])
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(args.seed)
         data = [{inp.name: rng.normal(size=(args.batch_size,) + shape).astype(np.float32)}
                 for _ in range(args.samples // args.batch_size)]
         n = len(data) * args.batch_size
@@ -116,7 +119,7 @@ def main() -> None:
                           f"{exact.calibration.passes} passes)")
             diffs = difference(fast.model, exact.model)
             # the exact method's own spread: the same method on another draw of as many samples
-            rng1 = np.random.default_rng(1)
+            rng1 = np.random.default_rng(args.seed + 1)
             other = [{inp.name: rng1.normal(size=(args.batch_size,) + shape).astype(np.float32)}
                      for _ in range(args.samples // args.batch_size)]
             spread = difference(recalibrate(model, other, batch_size=args.batch_size, exact=True).model,
