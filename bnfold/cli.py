@@ -1042,17 +1042,18 @@ def calibration_options(fn):
         click.option("--exact", is_flag=True,
                      help="Measure each BN with every BN upstream of it at its final statistics: one pass over "
                           "the data per dependency wave (17 for resnet18, 52 for mobilenetv2), each over the part "
-                          "of the model it needs; measured at batch 32 on 64x64 input: 10x plain inference on "
-                          "resnet18, 26-42x on resnet50, efficientnet-b0 and mobilenetv2. By default: one pass in "
-                          "which every BN normalises with its current batch statistics (torch's update_bn, AdaBN), "
-                          "1.1-3.3x plain once started. The two differ by upstream batch noise: means by up to 1.8% "
-                          "of sigma and variances by 4.2% on resnet18; 5.7-6.8% and 22-38% on resnet50, "
-                          "mobilenetv2 and efficientnet-b0 (mobilenetv2: 3.3% and 10% at batch 128; 0.9% and 4.2% "
-                          "at 224x224, where late feature maps have 7x7 positions, not 2x2); the exact method on "
-                          "another 256 samples moves them 2-5x as far. Worth its "
-                          "cost for deep or depthwise-separable networks whose last feature maps hold few values "
-                          "per channel per batch, for small batches, or to get the statistics the final model "
-                          "itself would measure. insert --mode preserve is exact either way."),
+                          "of the model it needs: 10x plain inference on resnet18, 28-50x on resnet50, "
+                          "mobilenetv2 and efficientnet-b0 (batch 32). By default: one pass in which every BN "
+                          "normalises with its current batch statistics (torch's update_bn, AdaBN): 1.3-1.8x plain "
+                          "inference on resnet18 and resnet50, 2.3-4.3x on mobilenetv2 and efficientnet-b0. The "
+                          "two differ by upstream batch noise, which grows as the last feature maps shrink: at "
+                          "224x224 input the default is within 1.0% of sigma in means and 3.7% in variances on all "
+                          "four; at 64x64 (2x2 last feature maps) within 1.5% and 3.9% on resnet18, up to 11% and "
+                          "62% on the others; the exact method on another 256 samples moves them at least as far. "
+                          "Worth its cost for deep or depthwise-separable networks on small inputs (few values per "
+                          "channel per batch in the last feature maps), for small batches, or to get the "
+                          "statistics the final model itself would measure. insert --mode preserve is exact "
+                          "either way."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
         click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
         click.option("-v", "--verbose", count=True, help="List skipped ops too."),
