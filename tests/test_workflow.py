@@ -494,6 +494,34 @@ def test_require_folded_policy_is_explained_in_check_help():
 
 # -- the input changing while bnfold works on it -----------------------------------------------
 
+def change_file(how, path, new_bytes):
+    """A new version of ``path`` lands: ``replaced`` (a new file renamed over it), ``rewritten`` (the same
+    file written again, a later modification time), or ``removed``."""
+    if how == "replaced":
+        path.with_name("new.tmp").write_bytes(new_bytes)
+        os.replace(path.with_name("new.tmp"), path)
+    elif how == "rewritten":
+        with open(path, "r+b") as f:
+            f.write(new_bytes)
+            f.truncate()
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    else:
+        path.unlink()
+
+
+def refused_as_changed(tmp_path, model, mode, changed):
+    """Run fuse ``mode`` (OUT: tmp_path/out.onnx) or check on ``model``: exit 2 naming ``changed``, the
+    changed-input error (not 'not equivalent'), 'nothing was written' for fuse (check never writes)."""
+    args = ["check", model] if mode == ["CHECK"] else ["fuse", model] + [tmp_path / "out.onnx" if a == "OUT" else a
+                                                                        for a in mode]
+    res = run(*args)
+    assert res.exit_code == 2 and "changed while bnfold read it" in res.output and str(changed) in res.output, \
+        res.output
+    assert "not equivalent" not in res.output
+    assert ("nothing was written" in res.output) == (mode != ["CHECK"])
+
+
 @pytest.mark.parametrize("how", ["replaced", "rewritten", "removed"])
 @pytest.mark.parametrize("mode", [["--in-place"], ["-o", "OUT"], ["CHECK"]])
 def test_a_model_changed_during_verification_is_refused_and_never_overwritten(tmp_path, monkeypatch, how, mode):
@@ -509,24 +537,11 @@ def test_a_model_changed_during_verification_is_refused_and_never_overwritten(tm
     verify_staged = workflow._verify_staged
 
     def change_then_verify(*args, **kwargs):
-        if how == "replaced":
-            onnx.save(newer, str(tmp_path / "new.onnx"))
-            os.replace(tmp_path / "new.onnx", path)
-        elif how == "rewritten":
-            onnx.save(newer, str(path))
-            st = path.stat()
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        else:
-            path.unlink()
+        change_file(how, path, newer.SerializeToString())
         return verify_staged(*args, **kwargs)
 
     monkeypatch.setattr(workflow, "_verify_staged", change_then_verify)
-    args = ["check", path] if mode == ["CHECK"] else ["fuse", path] + [tmp_path / "out.onnx" if a == "OUT" else a
-                                                                      for a in mode]
-    res = run(*args)
-    assert res.exit_code == 2 and "changed while bnfold read it" in res.output and str(path) in res.output, res.output
-    assert "not equivalent" not in res.output
-    assert ("nothing was written" in res.output) == (mode != ["CHECK"])  # check never writes a model
+    refused_as_changed(tmp_path, path, mode, path)
     assert not (tmp_path / "out.onnx").exists()
     if how != "removed":
         assert onnx.load(str(path)).doc_string == "the newer export"  # the new model stays
@@ -549,25 +564,11 @@ def test_external_data_changed_during_verification_is_refused_and_never_overwrit
     verify_staged = workflow._verify_staged
 
     def change_then_verify(*args, **kwargs):
-        if how == "replaced":
-            (tmp_path / "new.data").write_bytes(new_bytes)
-            os.replace(tmp_path / "new.data", data)
-        elif how == "rewritten":
-            with open(data, "r+b") as f:
-                f.write(new_bytes)
-            st = data.stat()
-            os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        else:
-            data.unlink()
+        change_file(how, data, new_bytes)
         return verify_staged(*args, **kwargs)
 
     monkeypatch.setattr(workflow, "_verify_staged", change_then_verify)
-    args = ["check", path] if mode == ["CHECK"] else ["fuse", path] + [tmp_path / "out.onnx" if a == "OUT" else a
-                                                                      for a in mode]
-    res = run(*args)
-    assert res.exit_code == 2 and "changed while bnfold read it" in res.output and str(data) in res.output, res.output
-    assert "not equivalent" not in res.output
-    assert ("nothing was written" in res.output) == (mode != ["CHECK"])
+    refused_as_changed(tmp_path, path, mode, data)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["m.onnx"] if how == "removed" else ["m.data", "m.onnx"])
     if how != "removed":
         assert data.read_bytes() == new_bytes  # the new data stays
