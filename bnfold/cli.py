@@ -3,7 +3,7 @@ and renders its results. The only module that imports click or prints.
 
 Exit codes (the policy lives in :mod:`bnfold.workflow`): 0 success, 1 verification or
 policy failed, 2 bad usage or unusable input (one line on stderr naming the file and
-the problem), 3 internal error (a bug: please report it), 130 interrupted.
+the problem), 3 internal error (a bug: please report it), 130 interrupted, 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import click
 
@@ -190,6 +190,7 @@ class _Bnfold(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         if args is not None:  # called from Python (a test runner): exit as usual
             return self._main(args, prog_name, complete_var, **extra)
+        _terminate_as_interrupt()
         try:
             try:
                 self._main(args, prog_name, complete_var, **extra)
@@ -229,6 +230,25 @@ class _Bnfold(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+EXIT_TERMINATED = 128 + 15  # the status a shell shows for a process that SIGTERM ended
+_TERMINATED: List[bool] = []
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``kill``, ``timeout``, a cancelled CI job) stops the ``bnfold`` command the way Ctrl-C
+    does, so that staged outputs are removed and nothing partial is left; it exits 143."""
+    import signal
+
+    def terminated(signum: int, frame: Any) -> None:
+        _TERMINATED.append(True)
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, terminated)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM here
+        pass
+
+
 def _end_process(code: object) -> None:
     """End this ``bnfold`` process with ``code`` (as ``sys.exit`` would take it), without the
     interpreter's teardown when nothing is left for it to do: freeing every module and the
@@ -236,6 +256,8 @@ def _end_process(code: object) -> None:
     the ONNX Runtime worker stopped first; with another thread, a child process, a pending
     finalizer or multiprocessing in use, the ordinary exit runs its handlers instead."""
     status = code if isinstance(code, int) else 0 if code is None else 1
+    if _TERMINATED and status == EXIT_INTERRUPTED:
+        status = EXIT_TERMINATED
     if not isinstance(code, (int, type(None))):
         print(code, file=sys.stderr)
     runner = sys.modules.get("bnfold.runner")
@@ -307,7 +329,8 @@ def main() -> None:
     bnfold recalibrate model.onnx   re-estimate BN statistics from new data
 
     Exit codes: 0 success, 1 verification or policy failed, 2 bad usage or unusable
-    input, 3 internal error (a bug in bnfold: please report it), 130 interrupted.
+    input, 3 internal error (a bug in bnfold: please report it), 130 interrupted (Ctrl-C), 143
+    terminated (SIGTERM).
     """
 
 

@@ -391,3 +391,28 @@ def test_ctrl_c_says_no_model_was_written_only_where_one_could_have_been(command
     args = {"verify": [model, model], "inspect": [model], "fuse": [model, "--no-verify"]}[command]
     res = run(command, *args)
     assert res.exit_code == 130 and res.stderr == says, res.output
+
+
+def test_sigterm_stops_like_ctrl_c_leaves_nothing_and_exits_143(tmp_path):
+    """`timeout`, `kill` and a cancelled CI job send SIGTERM: the staged output must go (a trial found
+    3.9 GB of staging folders left by three such runs), the exit status is 143."""
+    script = "\n".join([
+        "import os, signal, sys",
+        "from bnfold.modelio import stream",
+        "real = stream.write_model",
+        "def write_then_terminated(model, f, *a, **k):",
+        "    f.write(b'partial')",
+        "    os.kill(os.getpid(), signal.SIGTERM)",
+        "    return real(model, f, *a, **k)",
+        "stream.write_model = write_then_terminated",
+        "from bnfold.cli import main",
+        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify']",
+        "main()",
+    ])
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out / "m.onnx")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert list(out.iterdir()) == []  # no output, no staging folder
