@@ -215,9 +215,13 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
 
     def stage(result):
         try:
-            return result.stage(staging, external_data=result.source_external_data or None)
-        except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
-            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
+            try:
+                return result.stage(staging, external_data=result.source_external_data or None)
+            except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
+                raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
+        except BnfoldError:
+            _check_unchanged(model, result)  # an input removed or cut short mid-write explains it better
+            raise
 
     scratch = None
     try:

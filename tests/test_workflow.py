@@ -574,3 +574,23 @@ def test_external_data_changed_during_verification_is_refused_and_never_overwrit
         assert data.read_bytes() == new_bytes  # the new data stays
     assert "m.data" in {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
                         for e in t.external_data}  # and the model still reads it
+
+
+@pytest.mark.parametrize("mode", [["-o", "OUT"], ["--in-place"], ["CHECK"]])
+def test_external_data_removed_before_the_write_is_named_as_changed(tmp_path, monkeypatch, mode):
+    """Removed between load and write, the data file made the write fail: the error named the output
+    ("could not be written (No such file or directory)") or check's private folder; it names the data file."""
+    from bnfold import fold
+
+    path, data = tmp_path / "m.onnx", tmp_path / "m.data"
+    onnx.save_model(onnx.load(str(MODELS / "resnet_mini.onnx")), str(path), save_as_external_data=True,
+                    location="m.data", size_threshold=1024)
+    real_stage = fold.FuseResult.stage
+
+    def remove_then_stage(self, *args, **kwargs):
+        data.unlink(missing_ok=True)
+        return real_stage(self, *args, **kwargs)
+
+    monkeypatch.setattr(fold.FuseResult, "stage", remove_then_stage)
+    refused_as_changed(tmp_path, path, mode, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
