@@ -1,6 +1,8 @@
 """Reading and writing models: streamed serialization round-trips, writes are atomic."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -275,3 +277,27 @@ def test_splitting_falls_back_to_a_whole_parse_for_unusual_layouts():
     assert split_weights(memoryview(data), 1 << 30) is None  # nothing that large
     with pytest.raises((ValueError, IndexError)):
         split_weights(memoryview(b"\xff\xff\xff"), 1)
+
+
+def test_a_second_ctrl_c_during_clean_up_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """The first Ctrl-C stops the write; a second one while the staging folder is removed must not
+    leave it behind (a trial found empty hidden folders after double Ctrl-C)."""
+    import signal
+
+    from bnfold.modelio import stream, write
+
+    real_rmtree = write.shutil.rmtree
+
+    def interrupted_write(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def second_ctrl_c_then_remove(path, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(stream, "write_model", interrupted_write)
+    monkeypatch.setattr(write.shutil, "rmtree", second_ctrl_c_then_remove)
+    model = onnx.load(str(MODELS / "resnet_mini.onnx"))
+    with pytest.raises(KeyboardInterrupt):
+        write.stage_model(model, tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -118,7 +118,7 @@ class StagedModel:
             self.discard()
 
     def discard(self) -> None:
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        remove_folder(self.tmpdir)
 
     def __enter__(self) -> StagedModel:
         return self
@@ -126,6 +126,33 @@ class StagedModel:
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
         self.discard()
+
+
+def remove_folder(path: PathLike) -> None:
+    """Remove a staging folder and everything in it, with Ctrl-C and SIGTERM held until it is gone
+    (a second Ctrl-C during the clean-up of the first had left empty staging folders behind); a
+    signal that arrived meanwhile is raised again right after. Held by swapping the Python-level
+    handlers (blocking the signal in one thread would not do: another thread may receive it, and
+    Python runs the handler in the main thread all the same); elsewhere than in the main thread
+    nothing is held."""
+    import signal
+    import threading
+
+    wanted = [s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None]
+    current = {s: signal.getsignal(s) for s in wanted}
+    if threading.current_thread() is not threading.main_thread() or None in current.values():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    caught: list = []
+    for s in wanted:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        for s, handler in current.items():
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None,
@@ -178,7 +205,7 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
         if model_mode is not None:
             modes[p.name] = model_mode
     except BaseException as e:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        remove_folder(tmpdir)
         if isinstance(e, OSError):
             raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", p) from None
         if isinstance(e, MalformedModelError):  # the input's tensor data does not match its dims
