@@ -243,7 +243,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
             report = None
             try:
                 if opts.verify is not False and result.folded:
-                    report = _verify_staged(model, Path(staged.path), opts, warnings)
+                    report = _verify_staged(model, Path(staged.path), opts, warnings, writes=target is not None)
                     if report is not None:
                         report.candidate = str(target) if target is not None else f"{model} (folded in memory)"
                         data["verification"] = report.to_dict()
@@ -335,7 +335,7 @@ def sigint_held() -> Iterator[List[int]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[str]):
+def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[str], writes: bool = True):
     from .verification import verify
 
     try:
@@ -347,6 +347,8 @@ def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[
         warnings.append(f"not verified: {e}")
         return None
     except BnfoldError as e:
+        if not writes:  # check: writes nothing and has no --no-verify
+            raise
         err = BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)", e.path)
         err.exit_code = e.exit_code
         raise err from None

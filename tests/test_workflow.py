@@ -594,3 +594,15 @@ def test_external_data_removed_before_the_write_is_named_as_changed(tmp_path, mo
     monkeypatch.setattr(fold.FuseResult, "stage", remove_then_stage)
     refused_as_changed(tmp_path, path, mode, data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_an_unusable_verification_option_is_worded_for_the_command(tmp_path):
+    """fuse says nothing was written and how to skip verification; check writes nothing and has no
+    --no-verify, so it does not offer it (a trial found it did)."""
+    path = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "resnet_mini.onnx", path)
+    res = run("check", path, "--dim", "NOPE=1")
+    assert res.exit_code == 2 and "NOPE" in res.output and "--no-verify" not in res.output, res.output
+    res = run("fuse", path, "-o", tmp_path / "out.onnx", "--dim", "NOPE=1")
+    assert res.exit_code == 2 and "nothing written (--no-verify skips verification)" in res.output, res.output
+    assert not (tmp_path / "out.onnx").exists()
