@@ -1126,10 +1126,10 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
                                source=model)
     except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
         raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", target) from None
-    from .workflow import sigint_held
+    from .modelio.write import signals_held
 
     with staging as staged:
-        with sigint_held() as interrupted:  # the model and its data file are replaced together or not at all
+        with signals_held() as interrupted:  # the model and its data file are replaced together or not at all
             staged.commit()
     if interrupted:
         _fail(f"interrupted; {target} was written, complete, before it stopped", EXIT_INTERRUPTED)

@@ -28,7 +28,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import BnfoldError, MissingDependencyError, PathLike, SourceChangedError
@@ -193,6 +193,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     from .fold import fuse as fuse_model
     from .fold import fuse_to_write
     from .modelio import external_files
+    from .modelio.write import signals_held
     from .numerics import DeferredOverflow
     from .paths import check_model_output, special_kind
 
@@ -261,7 +262,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                 return _outcome(model, Status.NOT_EQUIVALENT, error=error, warnings=warnings, report=data)
             if target is None:
                 return _policy(model, data, opts, warnings)
-            with sigint_held() as interrupted:
+            with signals_held() as interrupted:
                 staged.commit()
                 data["output"] = str(target)
                 if failed:
@@ -310,29 +311,6 @@ class InterruptedAfterWrite(KeyboardInterrupt):
     def __init__(self, outcome: FuseOutcome) -> None:
         super().__init__()
         self.outcome = outcome
-
-
-@contextlib.contextmanager
-def sigint_held() -> Iterator[List[int]]:
-    """Hold Ctrl-C while files are renamed into place, so that an output (model and data file)
-    is never half replaced. Yields a list that is non-empty if an interrupt arrived. Only the
-    main thread can handle signals; elsewhere, and where Ctrl-C is ignored, nothing changes."""
-    import signal
-    import threading
-
-    caught: List[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous in (signal.SIG_IGN, None):
-        yield caught
-        return
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[str], writes: bool = True):

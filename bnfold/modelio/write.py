@@ -7,15 +7,18 @@ data file's mode; files with no input to follow get the default (``0666`` less t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Type
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Type
 
 from onnx import ModelProto
 
@@ -128,29 +131,39 @@ class StagedModel:
         self.discard()
 
 
-def remove_folder(path: PathLike) -> None:
-    """Remove a staging folder and everything in it, with Ctrl-C and SIGTERM held until it is gone
-    (a second Ctrl-C during the clean-up of the first had left empty staging folders behind); a
-    signal that arrived meanwhile is raised again right after. Held by swapping the Python-level
-    handlers (blocking the signal in one thread would not do: another thread may receive it, and
-    Python runs the handler in the main thread all the same); elsewhere than in the main thread
-    nothing is held."""
-    import signal
-    import threading
-
-    wanted = [s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None]
-    current = {s: signal.getsignal(s) for s in wanted}
-    if threading.current_thread() is not threading.main_thread() or None in current.values():
-        shutil.rmtree(path, ignore_errors=True)
+@contextlib.contextmanager
+def signals_held() -> Iterator[List[int]]:
+    """Hold Ctrl-C (and SIGTERM where a Python handler takes it: the ``bnfold`` command turns it into
+    Ctrl-C; its default action is left alone) while files are renamed into place or a staging
+    folder is removed, so that neither is left half done. Yields a list of the signals that
+    arrived meanwhile (empty if none): the caller acts on them after. Done by swapping the
+    Python-level handlers (blocking a signal in one thread would not do: another thread may
+    receive it, and Python runs the handler in the main thread all the same); only the main
+    thread can; elsewhere, and for a signal that is ignored, nothing changes."""
+    caught: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
         return
-    caught: list = []
-    for s in wanted:
-        signal.signal(s, lambda signum, frame: caught.append(signum))
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler in (None, signal.SIG_IGN) or (sig == signal.SIGTERM and handler == signal.SIG_DFL):
+            continue
+        previous[sig] = handler
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
-        shutil.rmtree(path, ignore_errors=True)
+        yield caught
     finally:
-        for s, handler in current.items():
-            signal.signal(s, handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def remove_folder(path: PathLike) -> None:
+    """Remove a staging folder and everything in it with signals held (a second Ctrl-C during the
+    clean-up of the first had left empty staging folders behind); one that arrived meanwhile is
+    raised again right after."""
+    with signals_held() as caught:
+        shutil.rmtree(path, ignore_errors=True)
     if caught:
         signal.raise_signal(caught[0])
 
