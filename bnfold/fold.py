@@ -46,7 +46,7 @@ from .graph import FLOAT_TENSOR_TYPES, Constant, ModelIndex, Scope, attr, has_at
 from .hosts import (ACTIVATIONS, CONV, LAYOUT_OPS, PASS_THROUGH, HostRule, backward_rule, forward_rule, host_names,
                     name_base)
 from .modelio.pending import PendingValue, as_array, scale_checked
-from .modelio.tensors import (external_files, file_identity, in_model_file, iter_tensors, read_tensor,
+from .modelio.tensors import (external_files, in_model_file, iter_tensors, path_identity, read_tensor,
                               set_tensor_data, tensor_nbytes)
 from .reasons import Reason, Refusal
 
@@ -183,13 +183,7 @@ class FuseResult:
         files = dict(self.data_identities)
         if self.source is not None and self.source_identity is not None:
             files = {self.source: self.source_identity, **files}
-        for path, identity in files.items():
-            try:
-                if file_identity(os.stat(path)) != identity:
-                    return path
-            except OSError:  # removed
-                return path
-        return None
+        return next((path for path, identity in files.items() if path_identity(path) != identity), None)
 
     def save(self, path: Union[str, "os.PathLike[str]"], *, external_data: Optional[bool] = None) -> None:
         """Write the folded model to ``path`` atomically."""
@@ -290,10 +284,11 @@ def _fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ov
         source = os.fspath(model_or_path)
         # external data stays on disk: only the tensors a fold touches are read
         model, external, identity = load_source(source, load_external=False, leave_weights=True)
-        if identity is not None:  # before any weight is read
-            data_identities = _identities(external_files(model, os.path.dirname(os.path.abspath(source))))
-    before = count(model)
     base_dir = os.path.dirname(os.path.abspath(source)) if source else None
+    if identity is not None:  # before any weight is read (one that does not exist is reported when read)
+        data_identities = {str(f): i for f in sorted(external_files(model, base_dir))
+                           if (i := path_identity(f)) is not None}
+    before = count(model)
     index = ModelIndex(model, allow_overridable=allow_overridable, base_dir=base_dir,
                        defer_range_checks=defer_range_checks)
     with _source_named(source):
@@ -314,18 +309,6 @@ def _fuse(model_or_path: Union[ModelProto, str, "os.PathLike[str]"], *, allow_ov
         _stamp(model, records, merges)
     return FuseResult(model, replacements, records, before, count(model), source, external, merges, base_dir,
                       unmerged, decomposed, source_identity=identity, data_identities=data_identities)
-
-
-def _identities(files) -> Dict[str, str]:
-    """Each file that exists and its :func:`~bnfold.modelio.tensors.file_identity` (a missing one
-    is reported when it is read)."""
-    out = {}
-    for f in sorted(files):
-        try:
-            out[str(f)] = file_identity(os.stat(f))
-        except OSError:
-            pass
-    return out
 
 
 @contextlib.contextmanager

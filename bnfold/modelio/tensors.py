@@ -106,6 +106,14 @@ def file_identity(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def path_identity(path: PathLike) -> Optional[str]:
+    """:func:`file_identity` of the file at ``path`` now; None if there is none (removed)."""
+    try:
+        return file_identity(os.stat(path))
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def open_tensor_file(t: TensorProto, base_dir: Optional[PathLike]) -> Iterator[io.BufferedReader]:
     """The file holding ``t``'s external bytes, open for reading. For a weight left in the
