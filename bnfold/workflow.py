@@ -216,12 +216,11 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
 
     def stage(result):
         try:
-            try:
-                return result.stage(staging, external_data=result.source_external_data or None)
-            except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
-                raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
-        except BnfoldError:
+            return result.stage(staging, external_data=result.source_external_data or None)
+        except (OSError, BnfoldError) as e:
             _check_unchanged(model, result)  # an input removed or cut short mid-write explains it better
+            if isinstance(e, OSError):  # the private folder beside the output could not be made (e.g. /proc)
+                raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
             raise
 
     scratch = None
