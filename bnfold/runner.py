@@ -688,6 +688,9 @@ def _serve_fd(fd: int, parent: int) -> None:
 def _serve(sock: socket.socket, parent: int) -> None:
     """Answer requests until the parent closes the socket or dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # a forked worker inherits the bnfold command's SIGTERM handler (SIGTERM as Ctrl-C, for the
+    # parent's clean-up); the worker has nothing to clean up: SIGTERM ends it quietly, as by default
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import faulthandler
 
     faulthandler.disable()  # inherited from a parent (pytest, PYTHONFAULTHANDLER): a crash is reported there

@@ -369,3 +369,26 @@ def test_isolation_off_runs_in_this_process(monkeypatch):
     np.testing.assert_array_equal(r.run(feeds)[r.output_names[0]], ort_run(path, feeds)[0])
     assert r.run_reduce(feeds, None, _Sums()) == pytest.approx(
         {r.output_names[0]: float(ort_run(path, feeds)[0].astype(np.float64).sum())}, rel=1e-12)
+
+
+def test_the_worker_ends_quietly_on_sigterm_under_the_commands_handler(tmp_path):
+    """The bnfold command turns SIGTERM into Ctrl-C; a forked worker inherits that handler, and
+    `timeout` signals the whole group: the worker must die of SIGTERM, not print a traceback of a
+    KeyboardInterrupt (a careless try found it did)."""
+    code = "\n".join([
+        "import os, signal, sys, time",
+        f"sys.path[:0] = [{str(ROOT)!r}]",
+        "def terminated(signum, frame):",
+        "    raise KeyboardInterrupt",
+        "signal.signal(signal.SIGTERM, terminated)",
+        "from bnfold import runner",
+        f"runner.open_runner({str(MODELS / 'mlp_bn1d.onnx')!r}, runner.CPU)",
+        "w = runner._worker()",
+        "time.sleep(0.3)",
+        "os.kill(w.pid, signal.SIGTERM)",
+        "print(w._reap(10))",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(-signal.SIGTERM), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
