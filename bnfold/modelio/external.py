@@ -8,7 +8,6 @@ is held whole in memory.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import queue
 import sys
@@ -92,14 +91,14 @@ def write_external_data(model: ModelProto, data_file: BinaryIO, data_name: str,
                 views = buffers.views(rep.dtype, rep.block_nbytes())
                 with contextlib.closing(_prefetched(rep.blocks(outs=views), PREFETCH)) as blocks:
                     for block in blocks:  # (closed on any error, Ctrl-C included: the worker stops at once)
-                        offset += buffers.write(data_file, block)
+                        offset += write_array(data_file, block)
             elif rep is not None:
                 offset += write_array(data_file, rep)
             elif external:
                 offset += copy_external(t, base_dir, data_file)
             else:
                 raw = t.raw_data
-                data_file.write(raw)
+                write_bytes(data_file, raw)
                 offset += len(raw)
             for f in ("raw_data", "external_data") + VALUE_FIELDS:
                 t.ClearField(f)
@@ -112,88 +111,26 @@ PREFETCH = 2  # blocks computed ahead of the writer
 
 
 class _BlockBuffers:
-    """``count`` reused output buffers for streamed blocks, and how a block in one reaches the
-    output file. Where the system has ``memfd_create`` and ``sendfile`` (Linux) each buffer is a
-    shared-memory file and a block goes out with ``os.sendfile``, a copy inside the kernel like
-    ``cp``'s; elsewhere, or if the kernel refuses, plain arrays and ``write()``. On the 2-core
-    virtual machine of the benchmarks ``write()`` of 3 GB from a process's memory took 0.9-7.4 s
-    (median 2.2 s over 6 runs), ``sendfile`` from a memfd 1.3-3.9 s (median 1.5 s), and
-    ``copy_file_range`` (the call ``cp`` makes) 0.9-1.5 s."""
+    """``count`` reused output buffers for streamed blocks (fresh arrays per block had cost a zeroed
+    page per 4 KiB, a quarter of a 3 GB fold)."""
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.nbytes = 0
-        self._maps: List[mmap.mmap] = []
-        self._fds: Dict[int, int] = {}  # buffer address -> its memfd
-        self._plain: List[np.ndarray] = []
+        self._buffers: List[np.ndarray] = []
 
     def __enter__(self) -> "_BlockBuffers":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._buffers = []
 
     def views(self, dtype: np.dtype, nbytes: int) -> List[np.ndarray]:
         """``count`` flat arrays of ``dtype`` holding at least ``nbytes`` each."""
-        if nbytes > self.nbytes:
-            self.close()
-            self._allocate(max(nbytes, ALIGN))
-        n = self.nbytes // np.dtype(dtype).itemsize
-        if self._plain:
-            return [b.view(dtype)[:n] for b in self._plain]
-        return [np.frombuffer(m, dtype=dtype, count=n) for m in self._maps]
-
-    def _allocate(self, nbytes: int) -> None:
-        """All ``count`` buffers of one kind: shared memory where it can be made, else plain arrays."""
-        self.nbytes = nbytes
-        if hasattr(os, "memfd_create") and hasattr(os, "sendfile"):
-            try:
-                for _ in range(self.count):
-                    fd = os.memfd_create("bnfold-block")
-                    try:
-                        os.ftruncate(fd, nbytes)
-                        m = mmap.mmap(fd, nbytes)
-                    except OSError:
-                        os.close(fd)
-                        raise
-                    self._maps.append(m)
-                    self._fds[np.frombuffer(m, np.uint8).ctypes.data] = fd
-                return
-            except OSError:
-                self.close()
-                self.nbytes = nbytes
-        self._plain = [np.empty(nbytes, np.uint8) for _ in range(self.count)]
-
-    def write(self, f: BinaryIO, block: np.ndarray) -> int:
-        """Append ``block`` (a view at the start of one of the buffers) to ``f``."""
-        fd = self._fds.get(block.ctypes.data) if sys.byteorder == "little" else None
-        if fd is None or not block.flags.c_contiguous:
-            return write_array(f, block)
-        f.flush()
-        out = f.fileno()
-        done = 0
-        try:
-            while done < block.nbytes:
-                sent = os.sendfile(out, fd, done, block.nbytes - done)
-                if sent == 0:
-                    break
-                done += sent
-        except OSError:
-            pass
-        f.seek(os.lseek(out, 0, os.SEEK_CUR))  # the file object learns where sendfile left the file
-        if done < block.nbytes:  # the kernel refused (or stopped): the rest by write()
-            f.write(block.reshape(-1).view(np.uint8)[done:].data)
-        return int(block.nbytes)
-
-    def close(self) -> None:
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view is still alive: the map goes with it
-                pass
-        for fd in self._fds.values():
-            os.close(fd)
-        self._maps, self._fds, self._plain, self.nbytes = [], {}, [], 0
+        if not self._buffers or nbytes > self._buffers[0].nbytes:
+            self._buffers = []  # the old ones go first: at most ``count`` buffers at any time
+            self._buffers = [np.empty(max(nbytes, ALIGN), np.uint8) for _ in range(self.count)]
+        n = self._buffers[0].nbytes // np.dtype(dtype).itemsize
+        return [b.view(dtype)[:n] for b in self._buffers]
 
 
 def _prefetched(blocks: Iterator[np.ndarray], depth: int) -> Generator[np.ndarray, None, None]:
@@ -238,12 +175,26 @@ def _prefetched(blocks: Iterator[np.ndarray], depth: int) -> Generator[np.ndarra
         worker.join()
 
 
+# Bytes per write() call. On the benchmark machine's kernel (Linux 6.18, ext4) one write() of 16 MiB into
+# a new file took 5-10x the time of the same bytes in 64-256 KiB writes (3 GB: 7-16 s against 0.8-1.0 s,
+# rounds alternating; 1 MiB writes were sometimes fast, sometimes 8 s), and sendfile from shared memory
+# 1.1-1.4 s: the page cache is filled fastest a piece at a time, as cp's kernel copy does.
+WRITE_CHUNK = 1 << 18
+
+
+def write_bytes(f: BinaryIO, data: Union[bytes, memoryview]) -> None:
+    """Write ``data`` to ``f`` in pieces of :data:`WRITE_CHUNK` bytes (no copy: memoryview slices)."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), WRITE_CHUNK):
+        f.write(view[start:start + WRITE_CHUNK])
+
+
 def write_array(f: BinaryIO, value: np.ndarray) -> int:
     """Write ``value``'s bytes (little-endian, C order) to ``f``; return how many."""
     arr = np.ascontiguousarray(value)
     if sys.byteorder != "little":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    f.write(arr.data.cast("B"))
+    write_bytes(f, arr.reshape(-1).view(np.uint8).data)
     return int(arr.nbytes)
 
 
@@ -261,7 +212,7 @@ def copy_external(t: TensorProto, base_dir: Optional[PathLike], out: BinaryIO) -
             chunk = src.read(min(left, 1 << 24))
             if not chunk:
                 raise MalformedModelError(f"external data of tensor '{t.name}' ends early")
-            out.write(chunk)
+            write_bytes(out, chunk)
             left -= len(chunk)
     return length
 

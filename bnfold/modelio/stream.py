@@ -175,7 +175,7 @@ def write_model(model: ModelProto, f: BinaryIO, replacements: Optional[Mapping[s
     """Serialize ``model`` to the binary file ``f``, streaming the main graph's initializers
     (those named in ``replacements`` with their new values; those left in the model file
     at load copied from it, ``base_dir`` being its folder)."""
-    from .external import copy_external
+    from .external import copy_external, write_bytes
 
     f.write(copy_except(model, "graph").SerializeToString())
     graph = model.graph
@@ -205,7 +205,7 @@ def write_model(model: ModelProto, f: BinaryIO, replacements: Optional[Mapping[s
         if len(data) != n:
             raise MalformedModelError(f"tensor '{t.name}' holds {len(data)} bytes, its dims call for {n}")
         f.write(_key(_RAW_DATA) + _varint(n))
-        f.write(data)
+        write_bytes(f, data)
 
 
 def serialize(model: ModelProto) -> bytes:
