@@ -23,7 +23,7 @@ from ..errors import MalformedModelError, PathLike
 from .tensors import external_offset, external_path, read_tensor
 
 
-BLOCK_BYTES = 1 << 24  # source bytes per block of a ScaledTensor
+BLOCK_BYTES = 1 << 20  # source bytes per block of a ScaledTensor (see docs/DESIGN.md: 1 MiB stays in cache)
 
 
 def scale_checked(w: np.ndarray, factor: np.ndarray, dtype: np.dtype, checked: bool = True,
