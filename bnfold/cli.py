@@ -30,7 +30,7 @@ from .errors import BnfoldError
 from .hosts import RULES
 from .paths import SKIPPED_FOLDER_NAMES
 # no onnx import: --help stays fast
-from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_UNUSABLE, EXPORT_REASONS
+from .workflow import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNUSABLE, EXPORT_REASONS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -230,7 +230,6 @@ class _Bnfold(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-EXIT_TERMINATED = 128 + 15  # the status a shell shows for a process that SIGTERM ended
 _TERMINATED: List[bool] = []
 
 
@@ -750,6 +749,7 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
     (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
     from .workflow import Status
 
+    report.terminated = bool(_TERMINATED)  # its exit code, in every report, is the process's
     outcomes = report.outcomes
     dicts = [o.to_dict() for o in outcomes]
     # one model: its fuse report (none when it could not be processed); several: {"models": [...]}

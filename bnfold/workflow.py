@@ -13,6 +13,7 @@ fails. A :class:`Report` aggregates outcomes and owns the exit code, in one plac
 2     bad usage or unusable input (one line naming the file and the problem)
 3     internal error: a bug in bnfold (nothing was written for that model)
 130   interrupted (Ctrl-C); the report says what was written and what was not
+143   terminated (SIGTERM, which the ``bnfold`` command takes as Ctrl-C): as 130
 ====  ========================================================================
 
 Nothing here prints: the CLI renders outcomes.
@@ -38,6 +39,7 @@ EXIT_FAILED = 1
 EXIT_UNUSABLE = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + 15  # the status a shell shows for a process that SIGTERM ended
 
 
 class Status(str, enum.Enum):
@@ -638,6 +640,8 @@ class Report:
 
     outcomes: List[FuseOutcome] = field(default_factory=list)
     interrupted: bool = False
+    terminated: bool = False
+    """The interruption was SIGTERM's (the ``bnfold`` command takes it as Ctrl-C and says so here)."""
 
     def add(self, outcome: FuseOutcome) -> None:
         self.outcomes.append(outcome)
@@ -646,10 +650,10 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        """130 when interrupted; otherwise the worst outcome: 3 internal error > 2 unusable >
-        1 failed > 0."""
+        """130 when interrupted (143 by SIGTERM); otherwise the worst outcome: 3 internal error >
+        2 unusable > 1 failed > 0."""
         if self.interrupted:
-            return EXIT_INTERRUPTED
+            return EXIT_TERMINATED if self.terminated else EXIT_INTERRUPTED
         return max((o.exit_code for o in self.outcomes), default=EXIT_OK)
 
     @property

@@ -416,3 +416,36 @@ def test_sigterm_stops_like_ctrl_c_leaves_nothing_and_exits_143(tmp_path):
     assert proc.returncode == 143, proc.stderr
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert list(out.iterdir()) == []  # no output, no staging folder
+
+
+def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path):
+    """A batch that SIGTERM stops ends with 143: its summary line and its JSON report must say 143
+    too (they said 130, the Ctrl-C status, while the process ended with 143)."""
+    script = "\n".join([
+        "import os, signal, sys",
+        "from bnfold.modelio import stream",
+        "real = stream.write_model",
+        "calls = []",
+        "def second_terminated(model, f, *a, **k):",
+        "    calls.append(1)",
+        "    if len(calls) == 2:",
+        "        os.kill(os.getpid(), signal.SIGTERM)",
+        "    return real(model, f, *a, **k)",
+        "stream.write_model = second_terminated",
+        "from bnfold.cli import main",
+        "sys.argv = ['bnfold', 'fuse', sys.argv[1], sys.argv[2], '--out-dir', sys.argv[3], '--no-verify',",
+        "            '--report', sys.argv[4]]",
+        "main()",
+    ])
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.onnx", "b.onnx"):
+        shutil.copy(MODELS / "resnet_mini.onnx", src / name)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-c", script, str(src / "a.onnx"), str(src / "b.onnx"), str(out),
+                           str(report)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stdout.rstrip().endswith("; exit 143"), proc.stdout
+    doc = json.loads(report.read_text())
+    assert doc["exit_code"] == 143 and doc["interrupted"] is True, doc
+    assert [m["status"] for m in doc["models"]] == ["written", "interrupted"], doc
