@@ -381,7 +381,7 @@ def verify_options(fn):
                      help="Value of a symbolic dimension (repeatable). Unnamed dynamic dims default to "
                           "2 for axis 0 and 32 elsewhere."),
         click.option("--shape", "shapes", multiple=True, metavar="INPUT=1x3x224x224",
-                     help="Whole shape of one input (repeatable)."),
+                     help="Whole shape of one input, dimensions separated by 'x' (repeatable)."),
         click.option("--inputs", "inputs_path", type=_Path(path_type=Path),
                      help="Real inputs: .npz with one array per input name, or .npy for a single-input model."),
         click.option("--rtol", type=_Finite(0),
@@ -409,7 +409,7 @@ def verify_options(fn):
 
 def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, atol, output_tols, localize,
                    exact_budget=EXACT_BUDGET_S) -> dict:
-    from .inputs import parse_assignments, parse_shape
+    from .inputs import SHAPE_FORM, parse_assignments, parse_shape
 
     def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
         import math
@@ -421,9 +421,10 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
         return tol
 
     try:  # a malformed option value is a usage error, pointing at --help like click's own
-        parsed = dict(dims=parse_assignments(dims, "--dim", int),
-                      shapes=parse_assignments(shapes, "--shape", parse_shape),
-                      output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol))
+        parsed = dict(dims=parse_assignments(dims, "--dim", int, "an integer"),
+                      shapes=parse_assignments(shapes, "--shape", parse_shape, SHAPE_FORM),
+                      output_tolerances=parse_assignments(output_tols, "--output-tol", parse_tol,
+                                                          "RTOL:ATOL, each a number >= 0 or empty"))
     except BnfoldError as e:
         raise click.UsageError(e.message) from None
     return dict(providers=providers, samples=samples, seed=seed, inputs=inputs_path, rtol=rtol, atol=atol,

@@ -178,8 +178,9 @@ def _fitted(path: Path, spec: InputSpec, arr: np.ndarray, symbols: Dict[str, Tup
     return arr
 
 
-def parse_assignments(values, what: str, parse) -> Dict[str, object]:
-    """``["a=1", "b=2"]`` into a dict, with a clear error for malformed items."""
+def parse_assignments(values, what: str, parse, form: str = "") -> Dict[str, object]:
+    """``["a=1", "b=2"]`` into a dict, with a clear error for malformed items (``form``: what a
+    valid value looks like, said when one is not)."""
     out = {}
     for item in values or ():
         name, sep, value = item.rpartition("=")
@@ -188,12 +189,19 @@ def parse_assignments(values, what: str, parse) -> Dict[str, object]:
         try:
             out[name] = parse(value)
         except ValueError:
-            raise BnfoldError(f"{what} '{item}' has an invalid value") from None
+            raise BnfoldError(f"{what} '{item}' has an invalid value" + (f" (expected {form})" if form else "")) \
+                from None
     return out
 
 
+SHAPE_FORM = "dimensions separated by 'x', as 1x3x224x224"
+
+
 def parse_shape(text: str) -> Tuple[int, ...]:
-    dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
-    if not dims or any(d < 0 for d in dims):
+    """``"1x3x224x224"`` (or ``"1,3,224,224"``) into a tuple; ValueError for anything else: an empty
+    dimension (``1xx3``, a trailing ``x``), both separators, a sign, a non-integer."""
+    sep = "," if "," in text else "x"
+    pieces = text.lower().split(sep)
+    if not all(p.strip().isdigit() and p.isascii() for p in pieces):  # refuses "", "-1", "+2", the other separator
         raise ValueError(text)
-    return dims
+    return tuple(int(p) for p in pieces)

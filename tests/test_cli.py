@@ -223,6 +223,9 @@ def usage_cases():
         yield cmd, [cmd, *args, "--dim", "N=abc"], "--dim 'N=abc' has an invalid value"
         yield cmd, [cmd, *args, "--dim", "abc"], "--dim 'abc' is not of the form NAME=VALUE"
         yield cmd, [cmd, *args, "--shape", "x=1xq"], "--shape 'x=1xq' has an invalid value"
+        for stray in ("1xx3", "1x3x", "1x3,4", "-1x3"):  # were read as 1x3 (empty pieces dropped), 1x3x4, ...
+            yield cmd, [cmd, *args, "--shape", f"x={stray}"], \
+                f"--shape 'x={stray}' has an invalid value (expected dimensions separated by 'x'"
         yield cmd, [cmd, *args, "--output-tol", "y=abc"], "--output-tol 'y=abc' has an invalid value"
 
 
