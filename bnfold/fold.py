@@ -196,6 +196,14 @@ class FuseResult:
         self._replacements = {}
 
     @property
+    def skeleton(self) -> ModelProto:
+        """The folded model's protobuf as it stands, for reading only: its graph's inputs, outputs and
+        nodes, without the folded weights (pending until written) or the external ones (on disk)."""
+        if self._released:
+            raise ValueError("the model was released (release_model) after saving")
+        return self._model
+
+    @property
     def folded(self) -> List[BNRecord]:
         return [r for r in self.records if r.folded]
 

@@ -57,7 +57,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -530,6 +530,33 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
     model lacks, the two models' inputs differ, nothing would be compared, the providers asked for
     are not usable, or a tolerance is not a finite number >= 0.
     """
+    _check_arguments(samples, inputs, rtol, atol, output_tolerances)
+    with _as_paths([reference, candidate], external_data_dir) as (ref_path, cand_path):
+        return _verify(ref_path, cand_path, providers=providers, samples=2 if samples is None else samples,
+                       seed=seed, dims=dict(dims or {}), shapes=dict(shapes or {}), inputs=inputs, rtol=rtol,
+                       atol=atol, output_tolerances=dict(output_tolerances or {}), localize=localize,
+                       validated=validated, exact_budget_s=exact_budget_s)
+
+
+def check_options(model: onnx.ModelProto, *, samples: Optional[int] = None,
+                  dims: Optional[Mapping[str, int]] = None, shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+                  inputs: Optional[os.PathLike] = None, rtol: Optional[float] = None, atol: Optional[float] = None,
+                  output_tolerances: Optional[Mapping[str, ToleranceLike]] = None, **runtime: Any) -> None:
+    """The checks :func:`verify` makes of its options, against ``model`` alone and without running it
+    (``runtime``: the options only a run uses, accepted and not checked). For a caller with nothing
+    to verify (a fold that changed nothing): an option naming an input or output the model lacks, or an
+    ``inputs`` file that does not fit it, is still an error, not silently unused."""
+    _check_arguments(samples, inputs, rtol, atol, output_tolerances)
+    specs = inputs_mod.input_specs(model)
+    _check_options(specs, [o.name for o in model.graph.output], dict(dims or {}), dict(shapes or {}),
+                   dict(output_tolerances or {}))
+    if inputs is not None:
+        inputs_mod.load_feeds(inputs, specs)
+
+
+def _check_arguments(samples: Optional[int], inputs: Optional[os.PathLike], rtol: Optional[float],
+                     atol: Optional[float], output_tolerances: Optional[Mapping[str, ToleranceLike]]) -> None:
+    """The option checks that need no model."""
     if inputs is not None and samples is not None:
         raise BnfoldError("--samples does not apply with --inputs: the file's arrays are the one sample compared")
     if samples is not None and samples < 1:
@@ -540,11 +567,6 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
         t = tol if isinstance(tol, Tolerance) else Tolerance(*tol)
         _check_tolerance(f"--output-tol {name}: rtol", t.rtol)
         _check_tolerance(f"--output-tol {name}: atol", t.atol)
-    with _as_paths([reference, candidate], external_data_dir) as (ref_path, cand_path):
-        return _verify(ref_path, cand_path, providers=providers, samples=2 if samples is None else samples,
-                       seed=seed, dims=dict(dims or {}), shapes=dict(shapes or {}), inputs=inputs, rtol=rtol,
-                       atol=atol, output_tolerances=dict(output_tolerances or {}), localize=localize,
-                       validated=validated, exact_budget_s=exact_budget_s)
 
 
 def _check_tolerance(what: str, value: Optional[float]) -> None:

@@ -29,7 +29,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import BnfoldError, MissingDependencyError, PathLike, SourceChangedError
@@ -212,7 +212,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         result = (fuse_to_write if defer_range_checks else fuse_model)(
             model, allow_overridable=opts.allow_overridable, reparameterize=opts.reparameterize)
         if target is not None:  # now that its external data files are known (the model as loaded)
-            reads = [model] + sorted(external_files(result._model, result.base_dir))
+            reads = [model] + sorted(external_files(result.skeleton, result.base_dir))
             check_model_output(target, reads, in_place=opts.in_place)
         return result
 
@@ -238,6 +238,8 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         except DeferredOverflow:  # one does not fit: fold again checking first, which refuses it with its reason
             result = fold(defer_range_checks=False)
             staging_cm = stage(result)
+        if opts.verify is not False and not result.folded:
+            _check_verify_options(result.skeleton, opts, writes=target is not None)
         data = result.to_dict()
         data["output"] = data["verification"] = None
         with staging_cm as staged:
@@ -318,15 +320,35 @@ def _verify_staged(model: Path, staged: Path, opts: FuseOptions, warnings: List[
     from .verification import verify
 
     try:
-        # the model was just loaded (and so checked), and the candidate written here
-        return verify(model, staged, validated=True, **opts.verify_kwargs)
+        with _verification_errors(writes):
+            # the model was just loaded (and so checked), and the candidate written here
+            return verify(model, staged, validated=True, **opts.verify_kwargs)
     except MissingDependencyError as e:
         if opts.verify:
             raise
         warnings.append(f"not verified: {e}")
         return None
+
+
+def _check_verify_options(model, opts: FuseOptions, writes: bool) -> None:
+    """Nothing was folded, so nothing is verified: the verification options are still checked
+    against the model (a --shape naming no input must not pass unnoticed)."""
+    from .verification import check_options
+
+    with _verification_errors(writes):
+        check_options(model, **opts.verify_kwargs)
+
+
+@contextlib.contextmanager
+def _verification_errors(writes: bool) -> Iterator[None]:
+    """A verification error of a command that writes says that nothing was and how to skip it
+    (check writes nothing and has no --no-verify: its errors pass as they are)."""
+    try:
+        yield
+    except MissingDependencyError:
+        raise
     except BnfoldError as e:
-        if not writes:  # check: writes nothing and has no --no-verify
+        if not writes:
             raise
         err = BnfoldError(f"{e.message}; nothing written (--no-verify skips verification)", e.path)
         err.exit_code = e.exit_code

@@ -438,7 +438,7 @@ def test_quiet_with_verbose_is_a_usage_error(model, args):
 
 def test_readme_lists_every_exit_code():
     text = (ROOT / "README.md").read_text()
-    for code in ("0", "1", "2", "3", "130"):
+    for code in ("0", "1", "2", "3", "130", "143"):
         assert f"\n| {code} |" in text
 
 
@@ -606,3 +606,27 @@ def test_an_unusable_verification_option_is_worded_for_the_command(tmp_path):
     res = run("fuse", path, "-o", tmp_path / "out.onnx", "--dim", "NOPE=1")
     assert res.exit_code == 2 and "nothing written (--no-verify skips verification)" in res.output, res.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("option", [["--shape", "nope=2x4"], ["--shape", "x=2x4x1"], ["--dim", "N=3"],
+                                    ["--output-tol", "z=0:1"], ["--inputs", "missing.npz"]])
+def test_verification_options_are_checked_when_nothing_was_folded(tmp_path, option):
+    """A model with no BN to fold has nothing to verify, so the options naming its inputs and outputs were
+    never looked at: a --shape for an input it lacks passed silently (exit 0). They are checked against
+    the model all the same (shape [2, 4] with no named dimension, output y)."""
+    path = no_bn_model(tmp_path / "m.onnx")
+    res = run("fuse", path, "-o", tmp_path / "out.onnx", *option)
+    assert res.exit_code == 2 and "nothing written (--no-verify skips verification)" in res.stderr, res.output
+    assert not (tmp_path / "out.onnx").exists()
+    res = run("check", path, *option)
+    assert res.exit_code == 2 and option[1].split("=")[0] in res.stderr, res.output
+    assert run("fuse", path, "-o", tmp_path / "out.onnx", *option, "--no-verify").exit_code == 0
+
+
+def test_verification_options_that_fit_pass_when_nothing_was_folded(tmp_path):
+    path = no_bn_model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 4), np.float32))
+    for option in (["--shape", "x=2x4"], ["--shape", "x=2,4"], ["--output-tol", "y=0:1"],
+                   ["--inputs", tmp_path / "in.npz"]):
+        res = run("fuse", path, "-o", tmp_path / "out.onnx", *option)
+        assert res.exit_code == 0, (option, res.output)
