@@ -214,6 +214,8 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         if target is not None:  # now that its external data files are known (the model as loaded)
             reads = [model] + sorted(external_files(result.skeleton, result.base_dir))
             check_model_output(target, reads, in_place=opts.in_place)
+        if opts.verify is not False and not result.folded:  # before anything is staged
+            _check_verify_options(result.skeleton, opts, writes=target is not None)
         return result
 
     def stage(result):
@@ -238,8 +240,6 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
         except DeferredOverflow:  # one does not fit: fold again checking first, which refuses it with its reason
             result = fold(defer_range_checks=False)
             staging_cm = stage(result)
-        if opts.verify is not False and not result.folded:
-            _check_verify_options(result.skeleton, opts, writes=target is not None)
         data = result.to_dict()
         data["output"] = data["verification"] = None
         with staging_cm as staged:

@@ -617,7 +617,9 @@ def test_verification_options_are_checked_when_nothing_was_folded(tmp_path, opti
     path = no_bn_model(tmp_path / "m.onnx")
     res = run("fuse", path, "-o", tmp_path / "out.onnx", *option)
     assert res.exit_code == 2 and "nothing written (--no-verify skips verification)" in res.stderr, res.output
-    assert not (tmp_path / "out.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no output, no staging folder
+    res = run("fuse", path, "--out-dir", tmp_path / "new", *option)
+    assert res.exit_code == 2 and not (tmp_path / "new").exists(), res.output  # the folder it made goes too
     res = run("check", path, *option)
     assert res.exit_code == 2 and option[1].split("=")[0] in res.stderr, res.output
     assert run("fuse", path, "-o", tmp_path / "out.onnx", *option, "--no-verify").exit_code == 0
