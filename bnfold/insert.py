@@ -315,7 +315,7 @@ def insert(model_or_path, *, ops: Sequence[str] = DEFAULT_OPS, node: Optional[st
                 scale = np.sqrt(var + eps) if mode == "preserve" else np.ones_like(var)
                 bias = mean if mode == "preserve" else np.zeros_like(mean)
                 for i, v in ((1, scale), (2, bias), (3, mean), (4, var)):
-                    _set_param(model, bn.input[i], v.astype(dtype))
+                    _set_param(model, bn.input[i], _param_value(v, dtype, bn, i, path))
 
             # preserve keeps every activation as it was: one pass measures all BNs
             summary = _calibrate(model, path, [b for b, _ in added],
@@ -377,12 +377,26 @@ def recalibrate(model_or_path, calibration: Data, *, batch_size: Optional[int] =
     index.apply_pending()  # calibration reads the model back
 
     def set_stats(bn: NodeProto, mean: np.ndarray, var: np.ndarray, dtype: np.dtype) -> None:
-        _set_param(model, bn.input[3], mean.astype(dtype))
-        _set_param(model, bn.input[4], var.astype(dtype))
+        _set_param(model, bn.input[3], _param_value(mean, dtype, bn, 3, path))
+        _set_param(model, bn.input[4], _param_value(var, dtype, bn, 4, path))
 
     summary = _calibrate(model, path, bns, dtypes, calibration, batch_size, estimator, momentum, set_stats,
                          sequential=True, progress=progress, exact=exact)
     return RecalibrateResult(model, [n.name for n in bns], skipped, summary, external)
+
+
+_PARAM_NAMES = {1: "scale", 2: "bias", 3: "running mean", 4: "running variance"}
+
+
+def _param_value(value: np.ndarray, dtype: np.dtype, bn: NodeProto, i: int, path: Optional[str]) -> np.ndarray:
+    """A measured BN parameter (float64) rounded once to its dtype; refused when it does not fit (a
+    variance of 1e60 from calibration data of scale 1e30 was written as inf into float32, exit 0)."""
+    from .numerics import FoldOverflow, round_to
+
+    try:
+        return round_to(value, dtype, f"the {_PARAM_NAMES[i]} of BatchNormalization '{bn.name}'")
+    except FoldOverflow as e:
+        raise BnfoldError(f"{e}: the calibration data's values are too large for this model", path) from None
 
 
 def _set_param(model: ModelProto, name: str, value: np.ndarray) -> None:

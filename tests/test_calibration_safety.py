@@ -47,6 +47,18 @@ def work(tmp_path):
 
 # -- (3) non-finite data and activations -------------------------------------------------------
 
+@pytest.mark.parametrize("args", [["insert", "--mode", "normalize", "--exact"], ["recalibrate", "--exact"]])
+def test_statistics_too_large_for_the_parameter_dtype_are_refused(work, args):
+    """Data of scale 1e30 is finite in float32, its variance (1e60) is not: it was written as inf
+    (every output 0) with exit 0 and a numpy RuntimeWarning (found by a new-user trial)."""
+    np.savez(work / "huge.npz", input=rand(16, 3, 32, 32, seed=3) * np.float32(1e30))
+    before = snapshot(work)
+    command, *options = args
+    res = cli(command, work / "m.onnx", "--calibration", work / "huge.npz", "-o", work / "out.onnx", *options)
+    refused(res, "of BatchNormalization '", "beyond the range of float32", "m.onnx")
+    assert snapshot(work) == before
+
+
 @pytest.mark.parametrize("command", ["insert", "recalibrate"])
 def test_nan_in_calibration_data_is_refused_naming_file_array_and_sample(work, command):
     x = rand(16, 3, 32, 32, seed=3)
