@@ -1127,12 +1127,14 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
                                source=model)
     except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
         raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", target) from None
-    from .modelio.write import signals_held
+    from .modelio.write import deliver, signals_held
 
     with staging as staged:
         with signals_held() as interrupted:  # the model and its data file are replaced together or not at all
             staged.commit()
     if interrupted:
+        with contextlib.suppress(KeyboardInterrupt):
+            deliver(interrupted)  # its handler runs now: SIGTERM is told from Ctrl-C (exit 143)
         _fail(f"interrupted; {target} was written, complete, before it stopped", EXIT_INTERRUPTED)
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)

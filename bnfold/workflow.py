@@ -195,7 +195,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     from .fold import fuse as fuse_model
     from .fold import fuse_to_write
     from .modelio import external_files
-    from .modelio.write import signals_held
+    from .modelio.write import deliver, signals_held
     from .numerics import DeferredOverflow
     from .paths import check_model_output, special_kind
 
@@ -280,6 +280,8 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                     warnings.append(f"{left}: the external data {model} read before --in-place is read by no "
                                     "model in its folder now; delete it if nothing else uses it")
             if interrupted:
+                with contextlib.suppress(KeyboardInterrupt):
+                    deliver(interrupted)  # its handler runs now: SIGTERM is told from Ctrl-C
                 raise InterruptedAfterWrite(outcome)
             return outcome
     finally:

@@ -421,6 +421,31 @@ def test_sigterm_stops_like_ctrl_c_leaves_nothing_and_exits_143(tmp_path):
     assert list(out.iterdir()) == []  # no output, no staging folder
 
 
+@pytest.mark.parametrize("command", ["fuse", "insert"])
+def test_sigterm_while_the_output_is_renamed_into_place_exits_143_with_it_complete(tmp_path, command):
+    """The signal is held while the output is renamed into place, then acted on: it was taken for
+    Ctrl-C (exit 130) because the held signal's own handler never ran (new-user trial, every time)."""
+    script = "\n".join([
+        "import os, signal, sys",
+        "from bnfold.modelio import write",
+        "real = write.StagedModel.commit",
+        "def terminated_commit(self):",
+        "    os.kill(os.getpid(), signal.SIGTERM)",
+        "    real(self)",
+        "write.StagedModel.commit = terminated_commit",
+        "from bnfold.cli import main",
+        "sys.argv = ['bnfold', sys.argv[3], sys.argv[1], '-o', sys.argv[2]] + sys.argv[4:]",
+        "main()",
+    ])
+    out = tmp_path / "m.onnx"
+    extra = ["--no-verify"] if command == "fuse" else []
+    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out), command,
+                           *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr and str(out) in proc.stderr, proc.stderr
+    onnx.checker.check_model(str(out))  # written, complete
+
+
 def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path):
     """A batch that SIGTERM stops ends with 143: its summary line and its JSON report must say 143
     too (they said 130, the Ctrl-C status, while the process ended with 143)."""

@@ -158,14 +158,21 @@ def signals_held() -> Iterator[List[int]]:
             signal.signal(sig, handler)
 
 
+def deliver(caught: List[int]) -> None:
+    """Raise again the first signal :func:`signals_held` held, now that the handlers are back, so that
+    the real one runs: Ctrl-C's raises KeyboardInterrupt; the command's SIGTERM handler also records
+    that it was SIGTERM (exit 143), which the held signal alone would not tell."""
+    if caught:
+        signal.raise_signal(caught[0])
+
+
 def remove_folder(path: PathLike) -> None:
     """Remove a staging folder and everything in it with signals held (a second Ctrl-C during the
     clean-up of the first had left empty staging folders behind); one that arrived meanwhile is
     raised again right after."""
     with signals_held() as caught:
         shutil.rmtree(path, ignore_errors=True)
-    if caught:
-        signal.raise_signal(caught[0])
+    deliver(caught)
 
 
 def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bool] = None,
