@@ -376,7 +376,8 @@ def verify_options(fn):
         click.option("--samples", type=click.IntRange(1), default=None,
                      help="Random input sets to compare on [default: 2]; not with --inputs (its arrays are the "
                           "one sample)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs."),
+        click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+                     help="Seed for the random inputs (an integer >= 0)."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
                      help="Value of a symbolic dimension (repeatable). Unnamed dynamic dims default to "
                           "2 for axis 0 and 32 elsewhere."),

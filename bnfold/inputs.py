@@ -10,6 +10,7 @@ seeded per sample.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from .errors import BnfoldError
 
 DEFAULT_BATCH = 2
 DEFAULT_DIM = 32
+# Random inputs larger than this are refused before numpy is asked for them (a typo in --shape asked
+# for terabytes: MemoryError, exit 3): far above any real model's input, far below a machine's memory.
+MAX_RANDOM_BYTES = 2**32
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ def random_feeds(specs: List[InputSpec], shapes: Mapping[str, Tuple[int, ...]], 
     for spec in specs:
         shape = shapes[spec.name]
         dt = spec.dtype
+        nbytes = math.prod(shape) * dt.itemsize
+        if nbytes > MAX_RANDOM_BYTES:
+            raise BnfoldError(f"input '{spec.name}' of shape {'x'.join(map(str, shape))} would take "
+                              f"{nbytes / 2**30:.3g} GiB of random data; give smaller dimensions (--dim, --shape) "
+                              "or real inputs (--inputs)")
         if dt.kind == "f" or dt.name == "bfloat16":
             arr = rng.standard_normal(shape).astype(dt)
         elif dt.kind == "b":

@@ -531,6 +531,8 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
     are not usable, or a tolerance is not a finite number >= 0.
     """
     _check_arguments(samples, inputs, rtol, atol, output_tolerances)
+    if seed < 0:
+        raise BnfoldError(f"--seed {seed}: a seed is an integer >= 0")
     with _as_paths([reference, candidate], external_data_dir) as (ref_path, cand_path):
         return _verify(ref_path, cand_path, providers=providers, samples=2 if samples is None else samples,
                        seed=seed, dims=dict(dims or {}), shapes=dict(shapes or {}), inputs=inputs, rtol=rtol,

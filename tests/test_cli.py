@@ -227,6 +227,7 @@ def usage_cases():
             yield cmd, [cmd, *args, "--shape", f"x={stray}"], \
                 f"--shape 'x={stray}' has an invalid value (expected dimensions separated by 'x'"
         yield cmd, [cmd, *args, "--output-tol", "y=abc"], "--output-tol 'y=abc' has an invalid value"
+        yield cmd, [cmd, *args, "--seed", "-5"], "invalid value for '--seed'"  # was exit 3 (numpy's ValueError)
 
 
 @pytest.mark.parametrize("cmd,argv,problem", list(usage_cases()))

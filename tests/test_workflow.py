@@ -632,3 +632,11 @@ def test_verification_options_that_fit_pass_when_nothing_was_folded(tmp_path):
                    ["--inputs", tmp_path / "in.npz"]):
         res = run("fuse", path, "-o", tmp_path / "out.onnx", *option)
         assert res.exit_code == 0, (option, res.output)
+
+
+@pytest.mark.parametrize("option", [["--shape", "input=100000000x3x32x32"], ["--dim", "N=99999999999999999999"]])
+def test_random_inputs_too_large_to_make_are_refused_not_a_bug(tmp_path, option):
+    """A typo asking for terabytes of random input was numpy's MemoryError or ValueError: exit 3, "a bug"."""
+    res = run("check", MODELS / "resnet_mini.onnx", *option)
+    assert res.exit_code == 2 and "GiB of random data" in res.stderr and "internal error" not in res.output, \
+        res.output
