@@ -742,7 +742,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         write_bytes_atomic(path, data)
     except OSError as e:
-        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", path) from None
+        raise BnfoldError(f"could not be written ({e.strerror or e}); an earlier file there is left as it was",
+                          path) from None
 
 
 def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
@@ -759,12 +760,20 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
         doc = outcomes[0].report if outcomes and outcomes[0].exit_code not in (EXIT_UNUSABLE,) else None
     else:
         doc = report.to_dict()
+    unwritten: List[BnfoldError] = []  # a report that cannot be written fails the run after it is told
+
+    def write_report(path: Path, data: bytes) -> None:
+        try:
+            _write_atomic(path, data)
+        except BnfoldError as e:
+            unwritten.append(e)
+
     if report_path is not None and doc is not None:
-        _write_atomic(report_path, (json.dumps(doc, indent=2) + "\n").encode())
+        write_report(report_path, (json.dumps(doc, indent=2) + "\n").encode())
     if junit_path is not None:
         from .reports import junit_for_outcomes
 
-        _write_atomic(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
+        write_report(junit_path, junit_for_outcomes(command, dicts, time.perf_counter() - t0).encode())
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary and command != "inspect":  # the CI commands
         from .reports import github_summary
@@ -802,6 +811,11 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
                 click.echo(f"::error file={o.model}::{line}")
     if report.interrupted:
         click.echo(f"bnfold: {_interrupt_line(report, command)}", err=True)
+    for e in unwritten:  # the models' outcomes stand: a report's failure must not read as if nothing was written
+        done = f"{len(report.written)} output(s) written" if command != "check" else "its checks stand"
+        click.echo(f"bnfold: error: {e} (the run itself finished: {done})", err=True)
+    if unwritten:
+        sys.exit(max(report.exit_code, EXIT_UNUSABLE))
     if report.exit_code:
         sys.exit(report.exit_code)
 

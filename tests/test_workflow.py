@@ -640,3 +640,21 @@ def test_random_inputs_too_large_to_make_are_refused_not_a_bug(tmp_path, option)
     res = run("check", MODELS / "resnet_mini.onnx", *option)
     assert res.exit_code == 2 and "GiB of random data" in res.stderr and "internal error" not in res.output, \
         res.output
+
+
+@pytest.mark.parametrize("report_option", ["--report", "--junit"])
+def test_a_report_that_cannot_be_written_does_not_deny_the_outputs_that_were(model, tmp_path, monkeypatch,
+                                                                             report_option):
+    """A full disk under the report: exit 2 naming it, and the message must not say "nothing was changed"
+    while the model was written (new-user trial, on a full tmpfs)."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # only report files are synced
+    res = run("fuse", model, "-o", tmp_path / "out.onnx", report_option, tmp_path / "r.txt", "-q")
+    assert res.exit_code == 2, res.output
+    assert "r.txt: could not be written (No space left on device)" in res.stderr, res.stderr
+    assert "nothing was changed" not in res.stderr and "1 output(s) written" in res.stderr, res.stderr
+    assert (tmp_path / "out.onnx").exists() and not (tmp_path / "r.txt").exists()

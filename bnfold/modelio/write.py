@@ -77,7 +77,8 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", p) from None
+            raise BnfoldError(f"could not be written ({e.strerror or e}); an earlier file there is left as it was",
+                              p) from None
         raise
 
 
