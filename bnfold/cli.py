@@ -190,7 +190,7 @@ class _Bnfold(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         if args is not None:  # called from Python (a test runner): exit as usual
             return self._main(args, prog_name, complete_var, **extra)
-        _terminate_as_interrupt()
+        _take_signals()
         try:
             try:
                 self._main(args, prog_name, complete_var, **extra)
@@ -233,6 +233,22 @@ class _Bnfold(click.Group):
 _TERMINATED: List[bool] = []
 
 
+def _take_signals() -> None:
+    """The command's signal handling, from here on: Ctrl-C raises KeyboardInterrupt again (where the
+    entry point, ``bnfold.__main__``, left it at its default action) and SIGTERM is taken as Ctrl-C
+    (:func:`_terminate_as_interrupt`). The libraries every command uses are imported before that, so
+    that a signal during those imports ends the process quietly, not with a traceback or an abort
+    inside onnx's native module initialisation (a new-user trial saw exits 134 and 139 there)."""
+    import signal
+
+    if not {"--help", "-h", "--version"} & set(sys.argv[1:]) and len(sys.argv) > 1:
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _terminate_as_interrupt()
+
+
 def _terminate_as_interrupt() -> None:
     """SIGTERM (``kill``, ``timeout``, a cancelled CI job) stops the ``bnfold`` command the way Ctrl-C
     does, so that staged outputs are removed and nothing partial is left; it exits 143."""
@@ -254,6 +270,10 @@ def _end_process(code: object) -> None:
     model's objects one by one took 0.06 s of a 0.5 s fold. Standard streams are flushed and
     the ONNX Runtime worker stopped first; with another thread, a child process, a pending
     finalizer or multiprocessing in use, the ordinary exit runs its handlers instead."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the status is decided: a late signal must not interrupt
+        signal.signal(sig, signal.SIG_IGN)       # the ending with a traceback (seen in shutdown_worker)
     status = code if isinstance(code, int) else 0 if code is None else 1
     if _TERMINATED and status == EXIT_INTERRUPTED:
         status = EXIT_TERMINATED
@@ -749,10 +769,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
             verbose: int, quiet: bool, single: bool, t0: float) -> None:
     """Reports (JSON, JUnit, GitHub step summary), rendering, annotations and the exit code
-    (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path."""
+    (:attr:`bnfold.workflow.Report.exit_code`). Reports are written in every exit path. The run is
+    over: Ctrl-C or SIGTERM now is held and dropped, so that the reports, the message and the exit
+    status all tell the run as it happened (a trial saw a report "passed" with exit 130, a JUnit file
+    missing, and "no model was written" beside a written model)."""
+    from .modelio.write import signals_held
+
+    with signals_held():
+        _finish_run(command, report, report_path, junit_path, as_json, verbose, quiet, single, t0)
+
+
+def _finish_run(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
+                verbose: int, quiet: bool, single: bool, t0: float) -> None:
     from .workflow import Status
 
-    report.terminated = bool(_TERMINATED)  # its exit code, in every report, is the process's
+    report.terminated = report.terminated or bool(_TERMINATED)  # its exit code, in every report, is the process's
     outcomes = report.outcomes
     dicts = [o.to_dict() for o in outcomes]
     # one model: its fuse report (none when it could not be processed); several: {"models": [...]}
@@ -823,18 +854,20 @@ def _finish(command: str, report, report_path: Optional[Path], junit_path: Optio
 @contextlib.contextmanager
 def _junit_on_refusal(command: str, junit_path: Optional[Path]):
     """When a run is refused before any model runs (a usage error, a missing folder, clashing
-    outputs), still write the JUnit file CI reads: one ``<error>`` case saying why."""
+    outputs) or interrupted then, still write the JUnit file CI reads: one ``<error>`` case saying why."""
     from .paths import same_file
 
     try:
         yield
-    except (BnfoldError, click.UsageError) as e:
+    except (BnfoldError, click.UsageError, KeyboardInterrupt) as e:
         refused_itself = isinstance(e, BnfoldError) and e.path is not None and junit_path is not None \
             and same_file(e.path, junit_path)
         if junit_path is not None and not refused_itself:
             from .reports import junit_for_outcomes
 
-            case = {"model": str(getattr(e, "path", None) or "bnfold"), "status": "unusable", "error": str(e)}
+            case = ({"model": "bnfold", "status": "interrupted", "error": "interrupted before any model ran"}
+                    if isinstance(e, KeyboardInterrupt) else
+                    {"model": str(getattr(e, "path", None) or "bnfold"), "status": "unusable", "error": str(e)})
             try:
                 _write_atomic(junit_path, junit_for_outcomes(command, [case]).encode())
             except BnfoldError:

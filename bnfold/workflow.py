@@ -464,10 +464,13 @@ def _interruptible_job(model: PathLike, target: Optional[PathLike], opts: FuseOp
 def _batch_worker(conn: Any, stop: Any) -> None:
     """A batch worker process: run ``(index, model, target, opts)`` tasks from ``conn`` and send
     ``(index, outcome, interrupted)`` back, until None or end of file. Between jobs it ignores
-    Ctrl-C (the terminal sends it to every process; the parent decides)."""
+    Ctrl-C (the terminal sends it to every process; the parent decides), and SIGTERM throughout."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (``timeout`` signals the whole group) is the parent's to act on: it stops the running jobs
+    # with SIGINT, as for Ctrl-C; the handler inherited from the command would raise here, mid-message
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         try:
             task = conn.recv()
@@ -482,14 +485,16 @@ def _batch_worker(conn: Any, stop: Any) -> None:
 
 class _SigintFlag:
     """Ctrl-C in the batch's parent as a flag and a wake-up (a pipe to wait on), never as an
-    exception: an exception could land mid-message from a worker. Where Ctrl-C cannot be
-    handled (another thread) or is ignored (a background job), nothing changes."""
+    exception: an exception could land mid-message from a worker. SIGTERM too where a Python
+    handler takes it (the ``bnfold`` command turns it into Ctrl-C): ``terminated`` then says so.
+    Where Ctrl-C cannot be handled (another thread) or is ignored (a background job), nothing changes."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.terminated = False
         self.fd: Optional[int] = None
         self._w: Optional[int] = None
-        self._previous: Any = None
+        self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "_SigintFlag":
         import signal
@@ -497,17 +502,24 @@ class _SigintFlag:
 
         if threading.current_thread() is not threading.main_thread():
             return self
-        previous = signal.getsignal(signal.SIGINT)
-        if previous in (signal.SIG_IGN, None):
+        # each on its own: a background job of a script has Ctrl-C ignored and SIGTERM still handled
+        taken = [sig for sig, previous in ((s, signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM))
+                 if previous not in (signal.SIG_IGN, None) and not (sig == signal.SIGTERM and
+                                                                     previous == signal.SIG_DFL)]
+        if not taken:
             return self
         self.fd, self._w = os.pipe()
         os.set_blocking(self._w, False)
-        self._previous = previous
-        signal.signal(signal.SIGINT, self._handle)
+        for sig in taken:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
         self.count += 1
+        self.terminated = self.terminated or signum == signal.SIGTERM
         try:
             assert self._w is not None
             os.write(self._w, b"!")
@@ -518,7 +530,8 @@ class _SigintFlag:
         import signal
 
         if self.fd is not None and self._w is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
             os.close(self.fd)
             os.close(self._w)
             self.fd = None
@@ -578,6 +591,7 @@ def _run_parallel(jobs: Sequence[Job], opts: FuseOptions, n_jobs: int, record: C
                     with contextlib.suppress(BlockingIOError):
                         os.read(flag.fd, 64)
                     stop_all()
+                    report.terminated = report.terminated or flag.terminated
                     if flag.count > 1:  # insisted: stop waiting for the running models to wind up
                         for proc, _ in busy.values():
                             proc.kill()

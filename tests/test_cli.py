@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -445,6 +447,105 @@ def test_sigterm_while_the_output_is_renamed_into_place_exits_143_with_it_comple
     assert proc.returncode == 143, proc.stderr
     assert "Traceback" not in proc.stderr and str(out) in proc.stderr, proc.stderr
     onnx.checker.check_model(str(out))  # written, complete
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_command_imports_its_libraries_ends_it_quietly(tmp_path, sig):
+    """Before the command has its handlers nothing has started: Ctrl-C or SIGTERM then ends the process
+    as the signal does, not with a KeyboardInterrupt traceback from an import (or an abort inside onnx's
+    native module initialisation: exits 134 and 139 in a trial). After, Ctrl-C is handled again."""
+    script = "\n".join([
+        "import builtins, os, signal, sys",
+        "real = builtins.__import__",
+        "def importing(name, *a, **k):",
+        "    if name == 'onnx':",
+        f"        os.kill(os.getpid(), signal.{sig})",
+        "    return real(name, *a, **k)",
+        "builtins.__import__ = importing",
+        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify']",
+        "from bnfold.__main__ import run",
+        "run()",
+    ])
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -getattr(signal, sig), proc.stderr
+    assert proc.stderr == "" and not out.exists(), proc.stderr
+    handled = "\n".join(["import signal, sys", "sys.argv = ['bnfold', 'fuse', '--help']",
+                         "from bnfold import cli", "from bnfold.__main__ import run",
+                         "signal.signal(signal.SIGINT, signal.SIG_DFL)", "cli._take_signals()",
+                         "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"])
+    proc = subprocess.run([sys.executable, "-c", handled], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_once_the_run_is_over_leaves_its_reports_and_status_as_the_run_was(tmp_path, sig):
+    """The run is over when its reports are written: a signal then is held and dropped. A trial saw a
+    report saying "passed" with exit 130, a JUnit file missing, and "no model was written" beside a
+    written model, and tracebacks from the process's ending."""
+    script = "\n".join([
+        "import os, signal, sys",
+        "from bnfold import cli",
+        "real = cli._write_atomic",
+        "def signalled(path, data):",
+        f"    os.kill(os.getpid(), signal.{sig})",
+        "    return real(path, data)",
+        "cli._write_atomic = signalled",
+        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify', '--report', sys.argv[3],",
+        "            '--junit', sys.argv[4]]",
+        "cli.main()",
+    ])
+    out, report, junit = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "j.xml"
+    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out), str(report),
+                           str(junit)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert out.exists() and junit.exists() and json.loads(report.read_text())["after"]["bn_count"] == 0
+
+
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_parallel_batch_stopped_by_sigterm_reports_exactly_what_it_wrote(tmp_path, to):
+    """-j 2, SIGTERM to the parent only (Ctrl-C ignored, as in a script's background job) or to the whole
+    group (`timeout`): the running jobs are stopped, and the report's "written" models are exactly the
+    files on disk (a trial saw written files reported "not started", and a worker's traceback)."""
+    import signal
+    import time
+
+    script = "\n".join([
+        "import sys, time",
+        "from bnfold import workflow",
+        "real = workflow.run_one",
+        "def slow(*a, **k):",
+        "    time.sleep(0.4)",
+        "    return real(*a, **k)",
+        "workflow.run_one = slow",
+        "from bnfold.cli import main",
+        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '--out-dir', sys.argv[2], '-j', '2', '--no-verify',",
+        "            '--report', sys.argv[3]]",
+        "main()",
+    ])
+    src, out, report = tmp_path / "src", tmp_path / "out", tmp_path / "r.json"
+    src.mkdir()
+    for k in range(8):
+        shutil.copy(MODELS / "mlp_bn1d.onnx", src / f"m{k}.onnx")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out), str(report)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(p.suffix == ".onnx" for p in out.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if to == "parent":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    doc = json.loads(report.read_text())
+    assert doc["exit_code"] == 143 and doc["interrupted"], doc
+    written = sorted(os.path.basename(m["output"]) for m in doc["models"] if m["status"] == "written")
+    assert written == sorted(p.name for p in out.iterdir()), (doc, list(out.iterdir()))  # no hidden staging
+    assert 1 <= len(written) < 8, doc
 
 
 def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path):

@@ -658,3 +658,20 @@ def test_a_report_that_cannot_be_written_does_not_deny_the_outputs_that_were(mod
     assert "r.txt: could not be written (No space left on device)" in res.stderr, res.stderr
     assert "nothing was changed" not in res.stderr and "1 output(s) written" in res.stderr, res.stderr
     assert (tmp_path / "out.onnx").exists() and not (tmp_path / "r.txt").exists()
+
+
+def test_junit_is_written_when_the_run_is_interrupted_before_any_model_ran(model, tmp_path, monkeypatch):
+    """The README promises the JUnit file in every exit path: Ctrl-C (or SIGTERM) while the models are
+    being found left none (new-user trial, at 0.2-0.3 s)."""
+    import bnfold.cli as cli
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_collect", stopped)
+    junit = tmp_path / "j.xml"
+    res = run("fuse", model, "--junit", junit)
+    assert res.exit_code == 130, res.output
+    root = ET.parse(junit).getroot()
+    assert problems(junit.read_text()) == []
+    assert "interrupted before any model ran" in ET.tostring(root, encoding="unicode")
