@@ -61,6 +61,10 @@ class _Finite(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(rv, param, ctx)
 
+    def _describe_range(self) -> str:
+        # no bounds: nothing for --help to show (click wrote "x<=None"; the help text says the range)
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -435,7 +439,9 @@ def _verify_kwargs(providers, samples, seed, dims, shapes, inputs_path, rtol, at
     def parse_tol(text: str) -> tuple:  # (rtol, atol); verify() makes the Tolerance
         import math
 
-        r, _, a = text.partition(":")
+        r, colon, a = text.partition(":")
+        if not colon:  # "1e-3" alone: rtol or atol? the form says which
+            raise ValueError(text)
         tol = float(r) if r else None, float(a) if a else None
         if any(t is not None and not (math.isfinite(t) and t >= 0) for t in tol):
             raise ValueError(text)  # parse_assignments names the option and the item
@@ -733,6 +739,10 @@ def _refuse_reports_over_inputs(paths: Sequence[Optional[Path]], models: Sequenc
         return
     reads = files_read(list(models) + list(outputs))
     for i, p in enumerate(given):
+        for out in outputs:  # before the check of the files read, which would call an output one of those
+            if same_file(p, out):
+                raise BnfoldError(f"report path is the output {out}: the report would replace the folded model; "
+                                  "choose another name", p)
         check_output(p, reads, what="report")
         for out in outputs:
             if p.name.startswith(out.name + ".") and p.name.endswith(".data") and same_file(p.parent, out.parent):
@@ -884,6 +894,18 @@ def _append_step_summary(path: Path, text: str) -> None:
         raise BnfoldError(f"cannot append the step summary ({e.strerror or e})", path) from None
 
 
+def _warn_unused(options: dict, why: str, quiet: bool) -> None:
+    """Say which of ``options`` were given on the command line although ``why`` makes them do nothing
+    (no silent no-ops: a --shape typo under --no-verify passed unnoticed)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in options and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+    if given and not quiet:
+        click.echo(f"bnfold: warning: {', '.join(given)}: no effect with {why} (nothing is verified)", err=True)
+
+
 def _options(allow_overridable: bool, reparameterize: bool, verify_opts: dict, **kw):
     from .workflow import FuseOptions
 
@@ -978,6 +1000,8 @@ def fuse(models, output: Optional[Path], out_dir: Optional[Path], in_place: bool
                     raise BnfoldError(f"output folder cannot be created ({e.strerror or e})",
                                       target.parent) from None
             _probe_reports_in([report_path, junit_path], out_dir)
+    if do_verify is False:
+        _warn_unused(verify_opts, "--no-verify", quiet)
     opts = _options(allow_overridable, reparameterize, verify_opts, in_place=in_place, verify=do_verify,
                     force=force)
     single = len(models) == 1 and len(pairs) == 1 and not models[0].is_dir()

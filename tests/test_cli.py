@@ -230,6 +230,9 @@ def usage_cases():
                 f"--shape 'x={stray}' has an invalid value (expected dimensions separated by 'x'"
         yield cmd, [cmd, *args, "--output-tol", "y=abc"], "--output-tol 'y=abc' has an invalid value"
         yield cmd, [cmd, *args, "--seed", "-5"], "invalid value for '--seed'"  # was exit 3 (numpy's ValueError)
+        yield cmd, [cmd, *args, "--dim", "N=4", "--dim", "N=5"], "--dim N is given twice"  # the last one won
+        yield cmd, [cmd, *args, "--shape", "x=1x3", "--shape", "x=1x4"], "--shape x is given twice"
+        yield cmd, [cmd, *args, "--output-tol", "y=1e-3"], "--output-tol 'y=1e-3' has an invalid value"  # rtol?
 
 
 @pytest.mark.parametrize("cmd,argv,problem", list(usage_cases()))
@@ -579,3 +582,13 @@ def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path)
     doc = json.loads(report.read_text())
     assert doc["exit_code"] == 143 and doc["interrupted"] is True, doc
     assert [m["status"] for m in doc["models"]] == ["written", "interrupted"], doc
+
+
+def test_verification_options_under_no_verify_are_named_as_doing_nothing(tmp_path):
+    """No silent no-ops: --shape (with a typo) under --no-verify passed unnoticed."""
+    res = run("fuse", MODELS / "resnet_mini.onnx", "-o", tmp_path / "o.onnx", "--no-verify", "--shape", "inptu=1x3",
+              "--seed", "3")
+    assert res.exit_code == 0, res.output
+    assert "bnfold: warning: --seed, --shape: no effect with --no-verify" in res.stderr, res.stderr
+    res = run("fuse", MODELS / "resnet_mini.onnx", "-o", tmp_path / "p.onnx", "--no-verify")
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.stderr
