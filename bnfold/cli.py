@@ -793,12 +793,16 @@ def _finish_run(command: str, report, report_path: Optional[Path], junit_path: O
                 verbose: int, quiet: bool, single: bool, t0: float) -> None:
     from .workflow import Status
 
-    report.terminated = report.terminated or bool(_TERMINATED)  # its exit code, in every report, is the process's
+    if _TERMINATED:  # its exit codes, in every report, are the process's
+        report.mark_terminated()
     outcomes = report.outcomes
     dicts = [o.to_dict() for o in outcomes]
-    # one model: its fuse report (none when it could not be processed); several: {"models": [...]}
+    # one model: its fuse report, or its outcome where it has none (unusable, interrupted: a report of an
+    # earlier run must not stay in its place); several: {"models": [...]}
     if single:
         doc = outcomes[0].report if outcomes and outcomes[0].exit_code not in (EXIT_UNUSABLE,) else None
+        if doc is None and dicts:
+            doc = dicts[0]
     else:
         doc = report.to_dict()
     unwritten: List[BnfoldError] = []  # a report that cannot be written fails the run after it is told
@@ -820,11 +824,7 @@ def _finish_run(command: str, report, report_path: Optional[Path], junit_path: O
         from .reports import github_summary
 
         _append_step_summary(Path(summary), github_summary(command, dicts))
-    if as_json and doc is None and single and dicts:
-        # a model that could not be read has no report: its outcome (as a batch lists it), so that a
-        # pipeline reading stdout as JSON gets the status and the error, not an empty string
-        click.echo(json.dumps(dicts[0], indent=2))
-    elif as_json and doc is not None:
+    if as_json and doc is not None:
         click.echo(json.dumps(doc, indent=2))
     elif not quiet and not as_json:
         if single:

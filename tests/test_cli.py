@@ -506,7 +506,7 @@ def test_a_signal_once_the_run_is_over_leaves_its_reports_and_status_as_the_run_
     assert out.exists() and junit.exists() and json.loads(report.read_text())["after"]["bn_count"] == 0
 
 
-@pytest.mark.parametrize("to", ["parent", "group"])
+@pytest.mark.parametrize("to", ["parent", "group", "parent then group"])
 def test_parallel_batch_stopped_by_sigterm_reports_exactly_what_it_wrote(tmp_path, to):
     """-j 2, SIGTERM to the parent only (Ctrl-C ignored, as in a script's background job) or to the whole
     group (`timeout`): the running jobs are stopped, and the report's "written" models are exactly the
@@ -537,9 +537,9 @@ def test_parallel_batch_stopped_by_sigterm_reports_exactly_what_it_wrote(tmp_pat
     deadline = time.monotonic() + 60
     while not (out.is_dir() and any(p.suffix == ".onnx" for p in out.iterdir())) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if to == "parent":
+    if to != "group":
         proc.send_signal(signal.SIGTERM)
-    else:
+    if to != "parent":  # `timeout` signals bnfold, then its whole group: one request, not an insisting second
         os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
@@ -549,6 +549,8 @@ def test_parallel_batch_stopped_by_sigterm_reports_exactly_what_it_wrote(tmp_pat
     written = sorted(os.path.basename(m["output"]) for m in doc["models"] if m["status"] == "written")
     assert written == sorted(p.name for p in out.iterdir()), (doc, list(out.iterdir()))  # no hidden staging
     assert 1 <= len(written) < 8, doc
+    assert {m["exit_code"] for m in doc["models"] if m["status"] == "interrupted"} == {143}, doc  # said 130
+    assert not any("second interrupt" in (m.get("error") or "") for m in doc["models"]), doc
 
 
 def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path):
@@ -582,6 +584,7 @@ def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path)
     doc = json.loads(report.read_text())
     assert doc["exit_code"] == 143 and doc["interrupted"] is True, doc
     assert [m["status"] for m in doc["models"]] == ["written", "interrupted"], doc
+    assert doc["models"][1]["exit_code"] == 143, doc  # each interrupted model's code too (said 130)
 
 
 def test_verification_options_under_no_verify_are_named_as_doing_nothing(tmp_path):
@@ -592,3 +595,27 @@ def test_verification_options_under_no_verify_are_named_as_doing_nothing(tmp_pat
     assert "bnfold: warning: --seed, --shape: no effect with --no-verify" in res.stderr, res.stderr
     res = run("fuse", MODELS / "resnet_mini.onnx", "-o", tmp_path / "p.onnx", "--no-verify")
     assert res.exit_code == 0 and "warning" not in res.stderr, res.stderr
+
+
+def test_an_interrupted_single_model_run_replaces_an_earlier_report(tmp_path):
+    """A single model interrupted mid-run has no fold report: its outcome is written instead, so that the
+    --report of an earlier run (a success) never stays beside a run that exited 143 (trial)."""
+    script = "\n".join([
+        "import os, signal, sys",
+        "from bnfold.modelio import stream",
+        "real = stream.write_model",
+        "def terminated(model, f, *a, **k):",
+        "    os.kill(os.getpid(), signal.SIGTERM)",
+        "    return real(model, f, *a, **k)",
+        "stream.write_model = terminated",
+        "from bnfold.cli import main",
+        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify', '--report', sys.argv[3]]",
+        "main()",
+    ])
+    report = tmp_path / "r.json"
+    report.write_text('{"stale": true}')
+    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(tmp_path / "o.onnx"),
+                           str(report)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    doc = json.loads(report.read_text())
+    assert doc["status"] == "interrupted" and doc["exit_code"] == 143, doc
