@@ -141,13 +141,15 @@ def junit_for_outcomes(command: str, outcomes: Iterable[dict], time_s: float = 0
 
 def junit_for_verify(report: Optional[dict], *, candidate: str, error: Optional[Tuple[str, str]] = None) -> str:
     """JUnit XML for ``verify``: one case per comparison and output (classname: the candidate's
-    path); when it could not run, one ``<error>`` case (``error`` = (type, message))."""
+    path); when it could not run, one ``<error>`` case (``error`` = (type, message)), or ``<skipped>``
+    when it was interrupted (type ``Interrupted``), as fuse and check mark an interrupted model."""
     if report is not None:
         cases = _verify_cases(candidate, report)
         time_s = (report.get("timing") or {}).get("total_s", 0.0)
     else:
         kind, message = error or ("Error", "could not run")
-        cases = [_Case(candidate, "verify").mark("error", kind, message)]
+        case = _Case(candidate, "verify")
+        cases = [case.mark("skipped", "", message) if kind == "Interrupted" else case.mark("error", kind, message)]
         time_s = 0.0
     return _document("bnfold verify", cases, time_s)
 

@@ -675,3 +675,17 @@ def test_junit_is_written_when_the_run_is_interrupted_before_any_model_ran(model
     root = ET.parse(junit).getroot()
     assert problems(junit.read_text()) == []
     assert "interrupted before any model ran" in ET.tostring(root, encoding="unicode")
+
+
+def test_an_interrupted_verify_is_a_skipped_junit_case_as_in_fuse_and_check(model, tmp_path, monkeypatch):
+    import bnfold.verification
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bnfold.verification, "verify", stopped)
+    junit = tmp_path / "j.xml"
+    res = run("verify", model, model, "--junit", junit)
+    assert res.exit_code == 130, res.output
+    text = junit.read_text()
+    assert problems(text) == [] and "<skipped" in text and "<error" not in text, text
