@@ -775,8 +775,9 @@ def _update(stats: ChannelStats, mean: np.ndarray, var: np.ndarray, m: int, tens
                           "sample count that leaves no final batch of one; a model whose batch dimension is fixed "
                           "at 1 cannot give it 2 values: leave that op out, insert --exclude REGEX)", where)
     if not (np.isfinite(mean).all() and np.isfinite(var).all()):
-        raise BnfoldError(f"tensor '{tensor}' is not finite (inf or NaN) on calibration batch {k}, from "
-                          f"{', '.join(batch.sources)}: its statistics would be meaningless", where)
+        raise BnfoldError(f"tensor '{tensor}' gives statistics that are not finite (inf or NaN) on calibration "
+                          f"batch {k}, from {', '.join(batch.sources)}: its values, or their squares, pass the range "
+                          "of the model's dtype", where)
     stats.update_moments(mean, var, m)
 
 
