@@ -766,14 +766,10 @@ def _probe_reports_in(paths: Sequence[Optional[Path]], folder: Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """A report file, written atomically; any OS refusal (a folder where nothing can be created,
-    e.g. under /proc) is one line naming the file."""
+    e.g. under /proc) is one line naming the file (a BnfoldError from the writer)."""
     from .modelio import write_bytes_atomic
 
-    try:
-        write_bytes_atomic(path, data)
-    except OSError as e:
-        raise BnfoldError(f"could not be written ({e.strerror or e}); an earlier file there is left as it was",
-                          path) from None
+    write_bytes_atomic(path, data)
 
 
 def _finish(command: str, report, report_path: Optional[Path], junit_path: Optional[Path], as_json: bool,
@@ -864,7 +860,8 @@ def _finish_run(command: str, report, report_path: Optional[Path], junit_path: O
 @contextlib.contextmanager
 def _junit_on_refusal(command: str, junit_path: Optional[Path]):
     """When a run is refused before any model runs (a usage error, a missing folder, clashing
-    outputs) or interrupted then, still write the JUnit file CI reads: one ``<error>`` case saying why."""
+    outputs) or interrupted then, still write the JUnit file CI reads: one case saying why (``<error>``;
+    ``<skipped>`` when interrupted, as for an interrupted model)."""
     from .paths import same_file
 
     try:
@@ -1194,19 +1191,15 @@ def _calibrated(model: Path, output: Optional[Path], tag: str, quiet: bool, run,
             result = run(progress)
         finally:
             click.echo("\r\033[K", nl=False, err=True)
-    try:
-        staging = stage_model(result.model, target, external_data=result.source_external_data or None, avoid=reads,
-                               source=model)
-    except OSError as e:  # the private folder beside the output could not be made (e.g. under /proc)
-        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", target) from None
+    staging = stage_model(result.model, target, external_data=result.source_external_data or None, avoid=reads,
+                          source=model)
     from .modelio.write import deliver, signals_held
 
     with staging as staged:
         with signals_held() as interrupted:  # the model and its data file are replaced together or not at all
             staged.commit()
     if interrupted:
-        with contextlib.suppress(KeyboardInterrupt):
-            deliver(interrupted)  # its handler runs now: SIGTERM is told from Ctrl-C (exit 143)
+        deliver(interrupted, raising=False)  # its handler runs now: SIGTERM is told from Ctrl-C (exit 143)
         _fail(f"interrupted; {target} was written, complete, before it stopped", EXIT_INTERRUPTED)
     data = result.to_dict()
     data["source"], data["output"] = str(model), str(target)

@@ -191,15 +191,14 @@ def parse_assignments(values, what: str, parse, form: str = "") -> Dict[str, obj
     """``["a=1", "b=2"]`` into a dict, with a clear error for malformed items (``form``: what a
     valid value looks like, said when one is not)."""
     out = {}
-    values_by_name: Dict[str, str] = {}
+    given: Dict[str, str] = {}  # name -> the item that set it
     for item in values or ():
         name, sep, value = item.rpartition("=")
         if not sep or not name:
             raise BnfoldError(f"{what} '{item}' is not of the form NAME=VALUE")
-        if name in out:
-            raise BnfoldError(f"{what} {name} is given twice ('{name}={values_by_name[name]}' and '{item}'): "
-                              "give it once")
-        values_by_name[name] = value
+        if name in given:
+            raise BnfoldError(f"{what} {name} is given twice ('{given[name]}' and '{item}'): give it once")
+        given[name] = item
         try:
             out[name] = parse(value)
         except ValueError:

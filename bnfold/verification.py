@@ -530,9 +530,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
     model lacks, the two models' inputs differ, nothing would be compared, the providers asked for
     are not usable, or a tolerance is not a finite number >= 0.
     """
-    _check_arguments(samples, inputs, rtol, atol, output_tolerances)
-    if seed < 0:
-        raise BnfoldError(f"--seed {seed}: a seed is an integer >= 0")
+    _check_arguments(samples, seed, inputs, rtol, atol, output_tolerances)
     with _as_paths([reference, candidate], external_data_dir) as (ref_path, cand_path):
         return _verify(ref_path, cand_path, providers=providers, samples=2 if samples is None else samples,
                        seed=seed, dims=dict(dims or {}), shapes=dict(shapes or {}), inputs=inputs, rtol=rtol,
@@ -540,7 +538,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, providers: str = "auto
                        validated=validated, exact_budget_s=exact_budget_s)
 
 
-def check_options(model: onnx.ModelProto, *, samples: Optional[int] = None,
+def check_options(model: onnx.ModelProto, *, samples: Optional[int] = None, seed: int = 0,
                   dims: Optional[Mapping[str, int]] = None, shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
                   inputs: Optional[os.PathLike] = None, rtol: Optional[float] = None, atol: Optional[float] = None,
                   output_tolerances: Optional[Mapping[str, ToleranceLike]] = None, **runtime: Any) -> None:
@@ -548,7 +546,7 @@ def check_options(model: onnx.ModelProto, *, samples: Optional[int] = None,
     (``runtime``: the options only a run uses, accepted and not checked). For a caller with nothing
     to verify (a fold that changed nothing): an option naming an input or output the model lacks, or an
     ``inputs`` file that does not fit it, is still an error, not silently unused."""
-    _check_arguments(samples, inputs, rtol, atol, output_tolerances)
+    _check_arguments(samples, seed, inputs, rtol, atol, output_tolerances)
     specs = inputs_mod.input_specs(model)
     _check_options(specs, [o.name for o in model.graph.output], dict(dims or {}), dict(shapes or {}),
                    dict(output_tolerances or {}))
@@ -556,9 +554,11 @@ def check_options(model: onnx.ModelProto, *, samples: Optional[int] = None,
         inputs_mod.load_feeds(inputs, specs)
 
 
-def _check_arguments(samples: Optional[int], inputs: Optional[os.PathLike], rtol: Optional[float],
+def _check_arguments(samples: Optional[int], seed: int, inputs: Optional[os.PathLike], rtol: Optional[float],
                      atol: Optional[float], output_tolerances: Optional[Mapping[str, ToleranceLike]]) -> None:
     """The option checks that need no model."""
+    if seed < 0:
+        raise BnfoldError(f"--seed {seed}: a seed is an integer >= 0")
     if inputs is not None and samples is not None:
         raise BnfoldError("--samples does not apply with --inputs: the file's arrays are the one sample compared")
     if samples is not None and samples < 1:

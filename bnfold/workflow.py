@@ -221,10 +221,8 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
     def stage(result):
         try:
             return result.stage(staging, external_data=result.source_external_data or None)
-        except (OSError, BnfoldError) as e:
+        except BnfoldError:
             _check_unchanged(model, result)  # an input removed or cut short mid-write explains it better
-            if isinstance(e, OSError):  # the private folder beside the output could not be made (e.g. /proc)
-                raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", staging) from None
             raise
 
     scratch = None
@@ -280,8 +278,7 @@ def _run_one(model: Path, target: Optional[Path], opts: FuseOptions, warnings: L
                     warnings.append(f"{left}: the external data {model} read before --in-place is read by no "
                                     "model in its folder now; delete it if nothing else uses it")
             if interrupted:
-                with contextlib.suppress(KeyboardInterrupt):
-                    deliver(interrupted)  # its handler runs now: SIGTERM is told from Ctrl-C
+                deliver(interrupted, raising=False)  # its handler runs now: SIGTERM is told from Ctrl-C
                 raise InterruptedAfterWrite(outcome)
             return outcome
     finally:
@@ -501,12 +498,12 @@ class _SigintFlag:
         import signal
         import threading
 
+        from .modelio.write import interrupting_signals
+
         if threading.current_thread() is not threading.main_thread():
             return self
         # each on its own: a background job of a script has Ctrl-C ignored and SIGTERM still handled
-        taken = [sig for sig, previous in ((s, signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM))
-                 if previous not in (signal.SIG_IGN, None) and not (sig == signal.SIGTERM and
-                                                                     previous == signal.SIG_DFL)]
+        taken = interrupting_signals()
         if not taken:
             return self
         self.fd, self._w = os.pipe()

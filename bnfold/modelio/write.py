@@ -63,7 +63,11 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (a replaced file keeps its mode)."""
     p = Path(path)
     _check_writable_folder(p)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as e:  # a folder where nothing can be created (e.g. under /proc)
+        raise BnfoldError(f"could not be written ({e.strerror or e}); an earlier file there is left as it was",
+                          p) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -132,6 +136,19 @@ class StagedModel:
         self.discard()
 
 
+def interrupting_signals() -> List[int]:
+    """The signals that interrupt this process with a Python handler now: Ctrl-C unless it is ignored
+    (a background job), SIGTERM where a handler takes it (the ``bnfold`` command turns it into Ctrl-C;
+    its default action, which ends the process, is left alone). Call from the main thread."""
+    taken: List[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler in (None, signal.SIG_IGN) or (sig == signal.SIGTERM and handler == signal.SIG_DFL):
+            continue
+        taken.append(sig)
+    return taken
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[List[int]]:
     """Hold Ctrl-C (and SIGTERM where a Python handler takes it: the ``bnfold`` command turns it into
@@ -146,11 +163,8 @@ def signals_held() -> Iterator[List[int]]:
         yield caught
         return
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler in (None, signal.SIG_IGN) or (sig == signal.SIGTERM and handler == signal.SIG_DFL):
-            continue
-        previous[sig] = handler
+    for sig in interrupting_signals():
+        previous[sig] = signal.getsignal(sig)
         signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield caught
@@ -159,12 +173,18 @@ def signals_held() -> Iterator[List[int]]:
             signal.signal(sig, handler)
 
 
-def deliver(caught: List[int]) -> None:
+def deliver(caught: List[int], *, raising: bool = True) -> None:
     """Raise again the first signal :func:`signals_held` held, now that the handlers are back, so that
     the real one runs: Ctrl-C's raises KeyboardInterrupt; the command's SIGTERM handler also records
-    that it was SIGTERM (exit 143), which the held signal alone would not tell."""
-    if caught:
+    that it was SIGTERM (exit 143), which the held signal alone would not tell. ``raising=False``:
+    for a caller that reports the interruption itself, the handler's KeyboardInterrupt is dropped."""
+    if not caught:
+        return
+    try:
         signal.raise_signal(caught[0])
+    except KeyboardInterrupt:
+        if raising:
+            raise
 
 
 def remove_folder(path: PathLike) -> None:
@@ -200,7 +220,10 @@ def stage_model(model: ModelProto, path: PathLike, *, external_data: Optional[bo
     data_modes = [m for m in (_mode_of(f) for f in sorted(external_files(model, base_dir))) if m is not None]
     # several data files: the bits they all allow (a private one stays private)
     data_mode = functools.reduce(operator.and_, data_modes) if data_modes else model_mode
-    tmpdir = tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        tmpdir = tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.")
+    except OSError as e:  # the private folder beside the output cannot be made (e.g. under /proc)
+        raise BnfoldError(f"could not be written ({e.strerror or e}); nothing was changed", p) from None
     modes: Dict[str, int] = {}
     try:
         if external_data:
