@@ -402,26 +402,41 @@ def test_ctrl_c_says_no_model_was_written_only_where_one_could_have_been(command
     assert res.exit_code == 130 and res.stderr == says, res.output
 
 
+def run_signalled(patch: str, sig: str, argv: list, on_call: int = 1, first: str = ""):
+    """Run ``bnfold ARGV`` in a fresh process in which the ``on_call``-th call of ``patch``
+    ("module:attribute", the attribute possibly "Class.method") first runs ``first`` (Python, with the
+    call's arguments as ``a``) and sends ``sig`` to the process itself, then proceeds."""
+    module, _, attr = patch.partition(":")
+    owner, _, name = attr.rpartition(".")
+    script = "\n".join([
+        "import importlib, os, signal, sys",
+        f"holder = importlib.import_module({module!r})",
+        *([f"holder = holder.{owner}"] if owner else []),
+        f"real = getattr(holder, {name!r})",
+        "calls = []",
+        "def signalled(*a, **k):",
+        "    calls.append(1)",
+        f"    if len(calls) == {on_call}:",
+        f"        {first or 'pass'}",
+        f"        os.kill(os.getpid(), signal.{sig})",
+        "    return real(*a, **k)",
+        f"setattr(holder, {name!r}, signalled)",
+        "from bnfold.cli import main",
+        "sys.argv = ['bnfold'] + sys.argv[1:]",
+        "main()",
+    ])
+    return subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_sigterm_stops_like_ctrl_c_leaves_nothing_and_exits_143(tmp_path):
     """`timeout`, `kill` and a cancelled CI job send SIGTERM: the staged output must go (a trial found
     3.9 GB of staging folders left by three such runs), the exit status is 143."""
-    script = "\n".join([
-        "import os, signal, sys",
-        "from bnfold.modelio import stream",
-        "real = stream.write_model",
-        "def write_then_terminated(model, f, *a, **k):",
-        "    f.write(b'partial')",
-        "    os.kill(os.getpid(), signal.SIGTERM)",
-        "    return real(model, f, *a, **k)",
-        "stream.write_model = write_then_terminated",
-        "from bnfold.cli import main",
-        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify']",
-        "main()",
-    ])
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out / "m.onnx")],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_signalled("bnfold.modelio.stream:write_model", "SIGTERM",  # after a partial write
+                         ["fuse", MODELS / "resnet_mini.onnx", "-o", out / "m.onnx", "--no-verify"],
+                         first="a[1].write(b'partial')")
     assert proc.returncode == 143, proc.stderr
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert list(out.iterdir()) == []  # no output, no staging folder
@@ -431,22 +446,10 @@ def test_sigterm_stops_like_ctrl_c_leaves_nothing_and_exits_143(tmp_path):
 def test_sigterm_while_the_output_is_renamed_into_place_exits_143_with_it_complete(tmp_path, command):
     """The signal is held while the output is renamed into place, then acted on: it was taken for
     Ctrl-C (exit 130) because the held signal's own handler never ran (new-user trial, every time)."""
-    script = "\n".join([
-        "import os, signal, sys",
-        "from bnfold.modelio import write",
-        "real = write.StagedModel.commit",
-        "def terminated_commit(self):",
-        "    os.kill(os.getpid(), signal.SIGTERM)",
-        "    real(self)",
-        "write.StagedModel.commit = terminated_commit",
-        "from bnfold.cli import main",
-        "sys.argv = ['bnfold', sys.argv[3], sys.argv[1], '-o', sys.argv[2]] + sys.argv[4:]",
-        "main()",
-    ])
     out = tmp_path / "m.onnx"
     extra = ["--no-verify"] if command == "fuse" else []
-    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out), command,
-                           *extra], capture_output=True, text=True, timeout=120)
+    proc = run_signalled("bnfold.modelio.write:StagedModel.commit", "SIGTERM",
+                         [command, MODELS / "resnet_mini.onnx", "-o", out, *extra])
     assert proc.returncode == 143, proc.stderr
     assert "Traceback" not in proc.stderr and str(out) in proc.stderr, proc.stderr
     onnx.checker.check_model(str(out))  # written, complete
@@ -487,21 +490,9 @@ def test_a_signal_once_the_run_is_over_leaves_its_reports_and_status_as_the_run_
     """The run is over when its reports are written: a signal then is held and dropped. A trial saw a
     report saying "passed" with exit 130, a JUnit file missing, and "no model was written" beside a
     written model, and tracebacks from the process's ending."""
-    script = "\n".join([
-        "import os, signal, sys",
-        "from bnfold import cli",
-        "real = cli._write_atomic",
-        "def signalled(path, data):",
-        f"    os.kill(os.getpid(), signal.{sig})",
-        "    return real(path, data)",
-        "cli._write_atomic = signalled",
-        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify', '--report', sys.argv[3],",
-        "            '--junit', sys.argv[4]]",
-        "cli.main()",
-    ])
     out, report, junit = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "j.xml"
-    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(out), str(report),
-                           str(junit)], capture_output=True, text=True, timeout=120)
+    proc = run_signalled("bnfold.cli:_write_atomic", sig, ["fuse", MODELS / "resnet_mini.onnx", "-o", out,
+                                                          "--no-verify", "--report", report, "--junit", junit])
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert out.exists() and junit.exists() and json.loads(report.read_text())["after"]["bn_count"] == 0
 
@@ -556,29 +547,14 @@ def test_parallel_batch_stopped_by_sigterm_reports_exactly_what_it_wrote(tmp_pat
 def test_batch_stopped_by_sigterm_reports_the_exit_status_it_ends_with(tmp_path):
     """A batch that SIGTERM stops ends with 143: its summary line and its JSON report must say 143
     too (they said 130, the Ctrl-C status, while the process ended with 143)."""
-    script = "\n".join([
-        "import os, signal, sys",
-        "from bnfold.modelio import stream",
-        "real = stream.write_model",
-        "calls = []",
-        "def second_terminated(model, f, *a, **k):",
-        "    calls.append(1)",
-        "    if len(calls) == 2:",
-        "        os.kill(os.getpid(), signal.SIGTERM)",
-        "    return real(model, f, *a, **k)",
-        "stream.write_model = second_terminated",
-        "from bnfold.cli import main",
-        "sys.argv = ['bnfold', 'fuse', sys.argv[1], sys.argv[2], '--out-dir', sys.argv[3], '--no-verify',",
-        "            '--report', sys.argv[4]]",
-        "main()",
-    ])
     src = tmp_path / "src"
     src.mkdir()
     for name in ("a.onnx", "b.onnx"):
         shutil.copy(MODELS / "resnet_mini.onnx", src / name)
     out, report = tmp_path / "out", tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-c", script, str(src / "a.onnx"), str(src / "b.onnx"), str(out),
-                           str(report)], capture_output=True, text=True, timeout=120)
+    proc = run_signalled("bnfold.modelio.stream:write_model", "SIGTERM",  # while the second model is written
+                         ["fuse", src / "a.onnx", src / "b.onnx", "--out-dir", out, "--no-verify", "--report", report],
+                         on_call=2)
     assert proc.returncode == 143, proc.stderr
     assert proc.stdout.rstrip().endswith("; exit 143"), proc.stdout
     doc = json.loads(report.read_text())
@@ -600,22 +576,11 @@ def test_verification_options_under_no_verify_are_named_as_doing_nothing(tmp_pat
 def test_an_interrupted_single_model_run_replaces_an_earlier_report(tmp_path):
     """A single model interrupted mid-run has no fold report: its outcome is written instead, so that the
     --report of an earlier run (a success) never stays beside a run that exited 143 (trial)."""
-    script = "\n".join([
-        "import os, signal, sys",
-        "from bnfold.modelio import stream",
-        "real = stream.write_model",
-        "def terminated(model, f, *a, **k):",
-        "    os.kill(os.getpid(), signal.SIGTERM)",
-        "    return real(model, f, *a, **k)",
-        "stream.write_model = terminated",
-        "from bnfold.cli import main",
-        "sys.argv = ['bnfold', 'fuse', sys.argv[1], '-o', sys.argv[2], '--no-verify', '--report', sys.argv[3]]",
-        "main()",
-    ])
     report = tmp_path / "r.json"
     report.write_text('{"stale": true}')
-    proc = subprocess.run([sys.executable, "-c", script, str(MODELS / "resnet_mini.onnx"), str(tmp_path / "o.onnx"),
-                           str(report)], capture_output=True, text=True, timeout=120)
+    proc = run_signalled("bnfold.modelio.stream:write_model", "SIGTERM",
+                         ["fuse", MODELS / "resnet_mini.onnx", "-o", tmp_path / "o.onnx", "--no-verify",
+                          "--report", report])
     assert proc.returncode == 143, proc.stderr
     doc = json.loads(report.read_text())
     assert doc["status"] == "interrupted" and doc["exit_code"] == 143, doc
